@@ -1,0 +1,497 @@
+"""The orchestrator: admission, placement, task and pool bookkeeping behind one interface.
+
+``handle(event, now) -> tuple[Command, ...]`` and ``next_deadline() -> float | None``: the I/O
+shell arms one timer for the deadline and calls ``handle(Tick(), now)`` when it fires; the
+simulator jumps its virtual clock there. Times are milliseconds on the driver's clock.
+
+Rules (on top of those of admission, placement and the task lifecycle)
+- Every ``TaskSubmitted`` gets exactly one ``Admitted`` or ``Rejected``; every admitted task
+  gets exactly one ``Finish``. Events for a finished or unknown task produce nothing, which is
+  how "no token after a cancel" holds: tokens are forwarded only as ``ForwardTokens``
+  commands, and none is issued once the task's ``Finish`` has been.
+- A lease (one slot) is taken at ``Dispatch`` and returned when the attempt ends, whatever the
+  cause; leases per pool always equal the attempts in flight there.
+- Before the first token a failed attempt (engine unreachable, stream broken, pool lost,
+  first-token timeout) is retried on another pool, at most ``max_attempts`` attempts in all;
+  the failed pool's circuit breaker counts the failure. After the first token a failure is
+  terminal (``error`` event with the upstream's code).
+- Deadlines: the task's own (``deadline_ms`` from submission; queued: ``DEADLINE_UNMET``,
+  running: ``DECODE_TIMEOUT``), the first-token timeout and the between-token timeout. A pool
+  not updated for ``pool_stale_ms`` stops receiving tasks until its next snapshot.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+from .admission import Admission, QueuePolicy, ServiceTimeEstimator
+from .commands import (
+    Admitted, CloseUpstream, Command, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected,
+)
+from .errors import InvariantViolation, UsageError
+from .events import (
+    DispatchFailed, Event, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed,
+    TaskCanceled, TaskSubmitted, Tick, TokensReceived,
+)
+from .placement import Explanation, NoPick, Pick, Placer, Strategy
+from .pool import CircuitBreaker
+from .task import Task, TaskPhase
+from .types import BreakerState, Outcome, Priority, TaskSpec
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrchestratorConfig:
+    admission_capacity: int = 100
+    admission_policy: QueuePolicy = QueuePolicy.REJECT
+    placement_strategy: Strategy = Strategy.VRAM_AWARE
+    max_attempts: int = 3
+    first_token_timeout_ms: float = 60_000.0
+    token_timeout_ms: float = 30_000.0
+    pool_stale_ms: float = 15_000.0
+    prior_service_ms: float = 2_000.0
+    service_ewma_alpha: float = 0.2
+    breaker_threshold: int = 3
+    breaker_window_ms: float = 30_000.0
+    breaker_cooldown_ms: float = 10_000.0
+    session_token_budget: int | None = None
+    max_sessions: int = 100_000
+    dispatch_scan: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise UsageError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("first_token_timeout_ms", "token_timeout_ms", "pool_stale_ms", "prior_service_ms"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dispatch_scan < 1:
+            raise UsageError("dispatch_scan must be >= 1")
+
+
+class _Session:
+    __slots__ = ("pool_id", "tokens_used", "tasks")
+
+    def __init__(self) -> None:
+        self.pool_id: str | None = None
+        self.tokens_used = 0
+        self.tasks = 0
+
+
+# Timer kinds on the heap.
+_DEADLINE, _FIRST_TOKEN, _BETWEEN_TOKENS, _POOL_STALE, _BREAKER = range(5)
+
+
+class Orchestrator:
+    def __init__(self, config: OrchestratorConfig | None = None, *, rng: random.Random | None = None) -> None:
+        self.config = config = config or OrchestratorConfig()
+        self.rng = rng if rng is not None else random.Random(0)
+        self.admission = Admission(
+            capacity=config.admission_capacity, policy=config.admission_policy,
+            estimator=ServiceTimeEstimator(alpha=config.service_ewma_alpha, prior_ms=config.prior_service_ms))
+        self.placer = Placer(config.placement_strategy, rng=self.rng)
+        self.tasks: dict[str, Task] = {}
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.in_flight: dict[str, set[str]] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.outcomes: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self._timers: list[tuple[float, int, int, str]] = []
+        self._seq = 0
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> tuple[Command, ...]:
+        out: list[Command] = []
+        kind = type(event)
+        if kind is TokensReceived:
+            self._on_tokens(event, now, out)  # type: ignore[arg-type]
+            return tuple(out)
+        if kind is TaskSubmitted:
+            self._on_submit(event.spec, now, out)  # type: ignore[attr-defined]
+        elif kind is StreamEnded:
+            self._on_end(event, now, out)  # type: ignore[arg-type]
+        elif kind is TaskCanceled:
+            self._on_cancel(event, now, out)  # type: ignore[arg-type]
+        elif kind is StreamFailed or kind is DispatchFailed:
+            self._on_attempt_failed(event.task_id, event.code, event.message, now, out)  # type: ignore[attr-defined]
+        elif kind is PoolUpdated:
+            self._on_pool_updated(event, now)  # type: ignore[arg-type]
+        elif kind is PoolLost:
+            self._on_pool_lost(event.pool_id, event.reason, now, out)  # type: ignore[attr-defined]
+        elif kind is PoolRemoved:
+            self._on_pool_lost(event.pool_id, "removed", now, out)  # type: ignore[attr-defined]
+            self.placer.remove(event.pool_id)  # type: ignore[attr-defined]
+            self.breakers.pop(event.pool_id, None)  # type: ignore[attr-defined]
+        elif kind is Tick:
+            self._on_tick(now, out)
+        else:
+            raise UsageError(f"the orchestrator does not handle {kind.__name__}")
+        self._pump(now, out)
+        return tuple(out)
+
+    def next_deadline(self) -> float | None:
+        timers = self._timers
+        while timers and not self._timer_live(timers[0]):
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def task(self, task_id: str) -> Task | None:
+        return self.tasks.get(task_id)
+
+    def explain(self, spec: TaskSpec) -> Explanation:
+        session = self.sessions.get(spec.session_id)
+        return self.placer.explain(spec, session.pool_id if session else None)
+
+    def queue_depth(self, priority: Priority | None = None) -> int:
+        return len(self.admission) if priority is None else self.admission.depth(priority)
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def _reject(self, out: list[Command], rejected: Rejected) -> None:
+        self.rejections[rejected.code] += 1
+        self.outcomes[Outcome.REJECTED.value] += 1
+        out.append(rejected)
+
+    def _on_submit(self, spec: TaskSpec, now: float, out: list[Command]) -> None:
+        if spec.task_id in self.tasks:
+            self._reject(out, Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
+                                       message=f"task_id {spec.task_id} is already in use"))
+            return
+        budget = self.config.session_token_budget
+        session = self.sessions.get(spec.session_id)
+        if budget is not None and (session.tokens_used if session else 0) + spec.max_tokens > budget:
+            used = session.tokens_used if session else 0
+            self._reject(out, Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
+                                       message=f"session token budget exceeded: {used} used + max_tokens "
+                                               f"{spec.max_tokens} > budget {budget}"))
+            return
+        refusal = self.placer.check_submission(spec)
+        if refusal is not None:
+            retry = self.admission.estimator.retry_after_ms(self.placer.slots()[1]) if refusal.http_status == 503 else None
+            self._reject(out, Rejected(task_id=spec.task_id, http_status=refusal.http_status, code=refusal.code,
+                                       message=refusal.message, retriable=refusal.http_status == 503,
+                                       retry_after_ms=retry, pool_id=spec.placement.pin_pool_id))
+            return
+        free, total = self.placer.slots(spec)
+        result = self.admission.submit(spec, free_slots=free, slots=total)
+        decision = result.decision
+        if isinstance(decision, Rejected):
+            self._reject(out, decision)
+            return
+        task = Task(spec, now, queue_position=decision.queue_position, predicted_start_ms=decision.predicted_start_ms)
+        self.tasks[spec.task_id] = task
+        self._session(spec.session_id).tasks += 1
+        self._arm(task.deadline_at, _DEADLINE, spec.task_id)
+        out.append(decision)
+        if result.evicted is not None:
+            victim = self.tasks[result.evicted]
+            self._finish(victim, Outcome.EVICTED, now, out, code="QUEUE_FULL_DROP_LRU",
+                         message=f"evicted from the full admission queue by task {spec.task_id} (policy drop-lru)",
+                         retriable=True, retry_after_ms=self.admission.estimator.retry_after_ms(total))
+
+    def _session(self, session_id: str) -> _Session:
+        sessions = self.sessions
+        s = sessions.get(session_id)
+        if s is None:
+            s = sessions[session_id] = _Session()
+            if len(sessions) > self.config.max_sessions:
+                sessions.popitem(last=False)
+        else:
+            sessions.move_to_end(session_id)
+        return s
+
+    def forget_session(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def _pump(self, now: float, out: list[Command]) -> None:
+        """Dispatch queued tasks while some pool has a free slot for them."""
+        admission = self.admission
+        queue = admission.queue
+        placer = self.placer
+        scan = self.config.dispatch_scan
+        while len(queue) and placer.free_total > 0:
+            dispatched = False
+            for rank in (0, 1):
+                for task_id in queue.head(rank, scan):
+                    task = self.tasks[task_id]
+                    session = self.sessions.get(task.spec.session_id)
+                    decision = placer.pick(task.spec, session.pool_id if session else None)
+                    if isinstance(decision, Pick):
+                        queue.remove(task_id)
+                        self._dispatch(task, decision, now, out)
+                        dispatched = True
+                        break
+                if dispatched:
+                    break
+            if not dispatched:
+                return
+
+    def _dispatch(self, task: Task, pick: Pick, now: float, out: list[Command]) -> None:
+        pool_id = pick.pool_id
+        task.go("dispatch" if task.phase is TaskPhase.QUEUED else "redispatch")
+        task.pool_id = pool_id
+        task.attempts += 1
+        task.tried_pools += (pool_id,)
+        task.dispatched_at = now
+        task.kv_warmth = pick.kv_warmth and task.kv_warmth
+        self.placer.acquire(pool_id)
+        self.in_flight.setdefault(pool_id, set()).add(task.task_id)
+        self._session(task.spec.session_id).pool_id = pool_id
+        self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task.task_id)
+        if task.first_dispatched_at is None:
+            task.first_dispatched_at = now
+            out.append(EmitEvent(task_id=task.task_id, kind="started", data={
+                "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms,
+                "pool_id": pool_id, "kv_warmth": task.kv_warmth,
+                "queued_ms": int(now - task.submitted_at)}))
+        out.append(Dispatch(task_id=task.task_id, pool_id=pool_id, attempt=task.attempts, kv_warmth=task.kv_warmth,
+                            engine_url=self.placer.snapshot(pool_id).engine_url))  # type: ignore[union-attr]
+
+    def _release(self, task: Task) -> None:
+        pool_id = task.pool_id
+        if pool_id is None:
+            return
+        flying = self.in_flight.get(pool_id)
+        if flying is not None:
+            flying.discard(task.task_id)
+        self.placer.release(pool_id)
+        task.pool_id = None
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def _on_tokens(self, event: TokensReceived, now: float, out: list[Command]) -> None:
+        task = self.tasks.get(event.task_id)
+        if task is None or event.count == 0:
+            return
+        if task.phase is TaskPhase.DISPATCHING:
+            task.go("first_token")
+            task.first_token_at = now
+            self._arm(now + self.config.token_timeout_ms, _BETWEEN_TOKENS, task.task_id)
+            breaker = self.breakers.get(task.pool_id)  # type: ignore[arg-type]
+            if breaker is not None and breaker.state is not BreakerState.CLOSED:
+                breaker.record_success()
+                self.placer.set_flags(task.pool_id, breaker_open=False)  # type: ignore[arg-type]
+        elif task.phase is not TaskPhase.STREAMING:
+            raise UsageError(f"tokens for task {task.task_id} in phase {task.phase.value}")
+        task.last_token_at = now
+        out.append(ForwardTokens(task_id=task.task_id, first_index=task.tokens_out, count=event.count))
+        task.tokens_out += event.count
+
+    def _on_end(self, event: StreamEnded, now: float, out: list[Command]) -> None:
+        task = self.tasks.get(event.task_id)
+        if task is None:
+            return
+        if task.dispatched_at is not None:
+            self.admission.estimator.record(task.spec.priority, now - task.dispatched_at)
+        decode_ms = event.decode_ms
+        if decode_ms is None:
+            decode_ms = now - (task.first_token_at if task.first_token_at is not None else now)
+        self._finish(task, Outcome.COMPLETED, now, out, data={
+            "tokens_out": task.tokens_out, "decode_ms": int(decode_ms), "decode_time_ms": int(decode_ms),
+            "kv_warmth": task.kv_warmth})
+
+    def _on_cancel(self, event: TaskCanceled, now: float, out: list[Command]) -> None:
+        task = self.tasks.get(event.task_id)
+        if task is None:
+            return
+        if task.phase is TaskPhase.QUEUED:
+            self.admission.queue.remove(task.task_id)
+        elif task.pool_id is not None:
+            out.append(CloseUpstream(task_id=task.task_id, pool_id=task.pool_id, reason=f"canceled: {event.reason}"))
+        self._finish(task, Outcome.CANCELED, now, out, data={
+            "tokens_out": task.tokens_out, "canceled": True, "reason": event.reason})
+
+    def _on_attempt_failed(self, task_id: str, code: str, message: str, now: float, out: list[Command]) -> None:
+        task = self.tasks.get(task_id)
+        if task is None or task.phase is TaskPhase.QUEUED:
+            return
+        failed_pool = task.pool_id
+        self._note_pool_failure(failed_pool, now)
+        if task.phase is TaskPhase.STREAMING:
+            self._finish(task, Outcome.FAILED, now, out, code=code or "WORKER_RESET",
+                         message=message or f"stream from pool {failed_pool} broke after {task.tokens_out} tokens",
+                         retriable=False)
+            return
+        self._retry(task, code, message, now, out)
+
+    def _retry(self, task: Task, code: str, message: str, now: float, out: list[Command]) -> None:
+        """Before the first token: try another pool, else wait in the queue, else give up."""
+        failed_pool = task.pool_id
+        self._release(task)
+        if task.attempts >= self.config.max_attempts:
+            self._finish(task, Outcome.FAILED, now, out, code="REPLICA_EXHAUSTED",
+                         message=f"{task.attempts} attempts failed before the first token; last on pool "
+                                 f"{failed_pool}: {code} {message}".rstrip(), retriable=True,
+                         retry_after_ms=self.admission.estimator.retry_after_ms(self.placer.slots()[1]))
+            return
+        task.kv_warmth = False
+        pick = self._pick_elsewhere(task)
+        if pick is not None:
+            self._dispatch(task, pick, now, out)
+            return
+        queue = self.admission.queue
+        if queue.is_full:
+            self._finish(task, Outcome.FAILED, now, out, code="REPLICA_EXHAUSTED",
+                         message=f"pool {failed_pool} failed before the first token ({code}) and no other pool "
+                                 "is free; the queue is full", retriable=True,
+                         retry_after_ms=self.admission.estimator.retry_after_ms(self.placer.slots()[1]))
+            return
+        task.go("retry")
+        queue.push(task.task_id, task.spec.priority.rank)
+
+    def _pick_elsewhere(self, task: Task) -> Pick | None:
+        spec = task.spec
+        if spec.placement.mode.value == "pin":
+            return None
+        decision = self.placer.pick(spec, None)
+        if isinstance(decision, Pick) and decision.pool_id not in task.tried_pools:
+            return decision
+        return None
+
+    def _note_pool_failure(self, pool_id: str | None, now: float) -> None:
+        if pool_id is None or pool_id not in self.placer:
+            return
+        breaker = self.breakers.get(pool_id)
+        if breaker is None:
+            c = self.config
+            breaker = self.breakers[pool_id] = CircuitBreaker(
+                threshold=c.breaker_threshold, window_ms=c.breaker_window_ms, cooldown_ms=c.breaker_cooldown_ms)
+        if breaker.record_failure(now) is BreakerState.OPEN:
+            self.placer.set_flags(pool_id, breaker_open=True)
+            self._arm(breaker.half_open_at(), _BREAKER, pool_id)  # type: ignore[arg-type]
+
+    def _finish(self, task: Task, outcome: Outcome, now: float, out: list[Command], *, data: dict | None = None,
+                code: str | None = None, message: str = "", retriable: bool = False,
+                retry_after_ms: int | None = None) -> None:
+        pool_id = task.pool_id
+        if pool_id is not None and outcome is not Outcome.COMPLETED and outcome is not Outcome.CANCELED:
+            out.append(CloseUpstream(task_id=task.task_id, pool_id=pool_id, reason=code or outcome.value))
+        self._release(task)
+        task.go("finish")
+        task.outcome = outcome
+        del self.tasks[task.task_id]
+        self.outcomes[outcome.value] += 1
+        session = self.sessions.get(task.spec.session_id)
+        if session is not None:
+            session.tokens_used += task.tokens_out
+        if code is None:
+            out.append(Finish(task_id=task.task_id, outcome=outcome, kind="end", data=data or {}, pool_id=pool_id))
+            return
+        err: dict = {"code": code, "message": message, "retriable": retriable}
+        if retry_after_ms is not None:
+            err["retry_after_ms"] = retry_after_ms
+        if pool_id is not None:
+            err["pool_id"] = pool_id
+        out.append(Finish(task_id=task.task_id, outcome=outcome, kind="error", data=err, pool_id=pool_id))
+
+    # -- pools --------------------------------------------------------------------------------
+
+    def _on_pool_updated(self, event: PoolUpdated, now: float) -> None:
+        snap = event.snapshot
+        self.placer.update(snap, now)
+        self._arm(now + self.config.pool_stale_ms, _POOL_STALE, snap.pool_id)
+
+    def _on_pool_lost(self, pool_id: str, reason: str, now: float, out: list[Command]) -> None:
+        if pool_id not in self.placer:
+            return
+        self.placer.set_flags(pool_id, lost=True)
+        for task_id in sorted(self.in_flight.get(pool_id, ())):
+            task = self.tasks[task_id]
+            if task.phase is TaskPhase.STREAMING:
+                self._finish(task, Outcome.FAILED, now, out, code="WORKER_RESET",
+                             message=f"pool {pool_id} lost mid-stream ({reason}) after {task.tokens_out} tokens")
+            else:
+                out.append(CloseUpstream(task_id=task_id, pool_id=pool_id, reason=f"pool lost: {reason}"))
+                self._retry(task, "WORKER_RESET", f"pool {pool_id} lost ({reason})", now, out)
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _arm(self, when: float, kind: int, key: str) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, key))
+
+    def _timer_live(self, timer: tuple[float, int, int, str]) -> bool:
+        _, _, kind, key = timer
+        if kind == _POOL_STALE:
+            return key in self.placer
+        if kind == _BREAKER:
+            return key in self.breakers
+        task = self.tasks.get(key)
+        if task is None:
+            return False
+        if kind == _FIRST_TOKEN:
+            return task.phase is TaskPhase.DISPATCHING
+        if kind == _BETWEEN_TOKENS:
+            return task.phase is TaskPhase.STREAMING
+        return True
+
+    def _on_tick(self, now: float, out: list[Command]) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)
+            if self._timer_live(timer):
+                self._fire(timer, now, out)
+
+    def _fire(self, timer: tuple[float, int, int, str], now: float, out: list[Command]) -> None:
+        _, _, kind, key = timer
+        if kind == _POOL_STALE:
+            since = self.placer.last_seen(key)
+            if now - since >= self.config.pool_stale_ms:
+                self.placer.set_flags(key, stale=True)
+            else:
+                self._arm(since + self.config.pool_stale_ms, _POOL_STALE, key)
+            return
+        if kind == _BREAKER:
+            breaker = self.breakers[key]
+            if breaker.poll(now) is BreakerState.HALF_OPEN:
+                self.placer.set_flags(key, breaker_open=False)
+            return
+        task = self.tasks[key]
+        if kind == _DEADLINE:
+            if task.phase is TaskPhase.QUEUED:
+                self.admission.queue.remove(key)
+                self._finish(task, Outcome.FAILED, now, out, code="DEADLINE_UNMET",
+                             message=f"not started within deadline_ms={task.spec.deadline_ms}")
+            else:
+                self._finish(task, Outcome.FAILED, now, out, code="DECODE_TIMEOUT",
+                             message=f"deadline_ms={task.spec.deadline_ms} passed after {task.tokens_out} tokens")
+        elif kind == _FIRST_TOKEN:
+            due = task.dispatched_at + self.config.first_token_timeout_ms  # type: ignore[operator]
+            if now < due:
+                self._arm(due, _FIRST_TOKEN, key)  # an older timer of an earlier attempt
+                return
+            out.append(CloseUpstream(task_id=key, pool_id=task.pool_id, reason="first-token timeout"))  # type: ignore[arg-type]
+            self._note_pool_failure(task.pool_id, now)
+            self._retry(task, "DECODE_TIMEOUT", "no first token within "
+                        f"{self.config.first_token_timeout_ms:.0f} ms", now, out)
+        elif kind == _BETWEEN_TOKENS:
+            due = task.last_token_at + self.config.token_timeout_ms  # type: ignore[operator]
+            if now < due:
+                self._arm(due, _BETWEEN_TOKENS, key)
+                return
+            self._finish(task, Outcome.FAILED, now, out, code="DECODE_TIMEOUT",
+                         message=f"no token for {self.config.token_timeout_ms:.0f} ms after {task.tokens_out} tokens")
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise InvariantViolation if the bookkeeping disagrees with itself (tests, simulator)."""
+        queued = {t for t, task in self.tasks.items() if task.phase is TaskPhase.QUEUED}
+        in_queue = set(self.admission.queue)
+        if queued != in_queue:
+            raise InvariantViolation(f"queued tasks {sorted(queued ^ in_queue)[:5]} disagree with the queue")
+        if len(in_queue) > self.admission.queue.capacity:
+            raise InvariantViolation("admission queue above its capacity")
+        for pool_id in self.placer.pool_ids():
+            running = {t for t, task in self.tasks.items() if task.pool_id == pool_id}
+            if self.placer.leases(pool_id) != len(running) or running != self.in_flight.get(pool_id, set()):
+                raise InvariantViolation(f"pool {pool_id}: {self.placer.leases(pool_id)} leases, "
+                                         f"{len(running)} tasks running")
+
+    def live_tasks(self) -> Iterable[Task]:
+        return self.tasks.values()

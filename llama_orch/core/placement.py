@@ -1,0 +1,453 @@
+"""Placement: which pool runs a task. Filter, then score, then pick.
+
+Rules
+- A pool is a candidate only if it is ready, live, not draining, not stale, its breaker is not
+  open, it has a free slot, and its engine, model and ctx limit fit the task (and its device
+  mask, when the task requires one; and it is strict-capable for ``determinism: strict``).
+- Scores: ``vram-aware`` (default) most free VRAM, then fewest active leases, then
+  ``replica_id``; ``least-loaded`` lowest lease ratio, then most free VRAM, then
+  ``replica_id``; ``round-robin`` the next candidate after the last pick in pool-id order;
+  ``random`` a candidate drawn from the seeded generator passed in.
+- ``pin`` never falls back. ``prefer`` picks the best preferred candidate, else (with
+  ``allow_fallback``) the best of the rest; ``avoid`` skips avoided pools unless nothing else
+  fits and ``allow_fallback`` is true. A session sticks to its last pool while that pool is a
+  candidate; when it is not, the pick reports ``kv_warmth=False``.
+- Free slots are counted from the orchestrator's own leases (taken at dispatch, returned at
+  the terminal event), so a stale snapshot cannot oversubscribe a pool.
+
+The hot path never scans all pools: each (engine, model) group keeps its available pools in a
+list sorted by the strategy's key, updated with bisect when a lease or snapshot changes, and a
+pick walks it from the best end until the first pool passes the task's filters (usually the
+first). ``explain`` builds the full record (every pool, why it was filtered, its score) on demand.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_left, bisect_right, insort
+from dataclasses import dataclass
+from enum import Enum
+from typing import Iterator
+
+from .errors import InvariantViolation, UsageError
+from .types import Determinism, PlacementMode, PoolSnapshot, TaskSpec
+
+
+class Strategy(Enum):
+    VRAM_AWARE = "vram-aware"
+    LEAST_LOADED = "least-loaded"
+    ROUND_ROBIN = "round-robin"
+    RANDOM = "random"
+
+
+def normalize_model_ref(ref: str) -> str:
+    """``/abs/x.gguf`` and ``file:/abs/x.gguf`` name the same model."""
+    if ref.startswith("/"):
+        return "file:" + ref
+    return ref
+
+
+class _Pool:
+    __slots__ = ("snapshot", "leases", "lost", "stale", "breaker_open", "key", "indexed_free", "group", "last_seen")
+
+    def __init__(self, snapshot: PoolSnapshot, now: float) -> None:
+        self.snapshot = snapshot
+        self.leases = 0
+        self.lost = False
+        self.stale = False
+        self.breaker_open = False
+        self.key: tuple | None = None  # the key under which it sits in its group's ranked list
+        self.indexed_free = 0
+        self.group: tuple[str, str] = (snapshot.engine, normalize_model_ref(snapshot.model_ref))
+        self.last_seen = now
+
+    @property
+    def usable(self) -> bool:
+        s = self.snapshot
+        return s.ready and s.live and not s.draining and not self.lost and not self.stale and not self.breaker_open
+
+    @property
+    def free(self) -> int:
+        return max(0, self.snapshot.slots_total - self.leases)
+
+
+class _Group:
+    __slots__ = ("ranked", "ids", "members")
+
+    def __init__(self) -> None:
+        self.ranked: list[tuple] = []     # (key..., pool_id) of usable pools with a free slot
+        self.ids: list[str] = []          # the same pools, sorted by id (round-robin, random)
+        self.members: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pick:
+    pool_id: str
+    kv_warmth: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoPick:
+    """No pool can take the task now. ``permanent`` means waiting will not help."""
+
+    code: str
+    message: str
+    http_status: int
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateRecord:
+    pool_id: str
+    eligible: bool
+    reasons: tuple[str, ...]
+    score: tuple | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Explanation:
+    task_id: str
+    strategy: str
+    candidates: tuple[CandidateRecord, ...]
+    picked: str | None
+    outcome: str
+
+    def as_dict(self) -> dict:
+        return {
+            "task_id": self.task_id,
+            "strategy": self.strategy,
+            "picked": self.picked,
+            "outcome": self.outcome,
+            "candidates": [
+                {"pool_id": c.pool_id, "eligible": c.eligible, "reasons": list(c.reasons),
+                 "score": list(c.score) if c.score is not None else None}
+                for c in self.candidates
+            ],
+        }
+
+
+class Placer:
+    """Pool table plus the strategy; answers ``pick`` in O(log n) for the common case."""
+
+    def __init__(self, strategy: Strategy = Strategy.VRAM_AWARE, *, rng: random.Random | None = None) -> None:
+        if not isinstance(strategy, Strategy):
+            raise UsageError(f"placement strategy must be a Strategy, got {strategy!r}")
+        self.strategy = strategy
+        self._rng = rng if rng is not None else random.Random(0)
+        self._pools: dict[str, _Pool] = {}
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._rr_last: dict[tuple[str, str], str] = {}
+        self.free_total = 0  # free slots over all usable pools, kept by _index/_unindex
+
+    # -- pool table ---------------------------------------------------------------------------
+
+    def __contains__(self, pool_id: str) -> bool:
+        return pool_id in self._pools
+
+    def pool_ids(self) -> list[str]:
+        return sorted(self._pools)
+
+    def snapshot(self, pool_id: str) -> PoolSnapshot | None:
+        p = self._pools.get(pool_id)
+        return p.snapshot if p else None
+
+    def leases(self, pool_id: str) -> int:
+        return self._pools[pool_id].leases
+
+    def is_usable(self, pool_id: str) -> bool:
+        p = self._pools.get(pool_id)
+        return p is not None and p.usable
+
+    def last_seen(self, pool_id: str) -> float:
+        return self._pools[pool_id].last_seen
+
+    def update(self, snapshot: PoolSnapshot, now: float) -> None:
+        p = self._pools.get(snapshot.pool_id)
+        if p is None:
+            p = _Pool(snapshot, now)
+            self._pools[snapshot.pool_id] = p
+        else:
+            self._unindex(p)
+            old_group = p.group
+            p.snapshot = snapshot
+            p.group = (snapshot.engine, normalize_model_ref(snapshot.model_ref))
+            if old_group != p.group:
+                self._groups[old_group].members.discard(snapshot.pool_id)
+            p.last_seen = now
+            p.lost = False
+            p.stale = False
+        self._groups.setdefault(p.group, _Group()).members.add(snapshot.pool_id)
+        self._index(p)
+
+    def set_flags(self, pool_id: str, *, lost: bool | None = None, stale: bool | None = None,
+                  breaker_open: bool | None = None) -> None:
+        p = self._pools[pool_id]
+        self._unindex(p)
+        if lost is not None:
+            p.lost = lost
+        if stale is not None:
+            p.stale = stale
+        if breaker_open is not None:
+            p.breaker_open = breaker_open
+        self._index(p)
+
+    def remove(self, pool_id: str) -> None:
+        p = self._pools.pop(pool_id, None)
+        if p is None:
+            return
+        self._unindex(p)
+        self._groups[p.group].members.discard(pool_id)
+
+    def acquire(self, pool_id: str) -> None:
+        p = self._pools[pool_id]
+        if p.key is None:
+            raise InvariantViolation(f"lease on pool {pool_id}, which has no free slot or is not usable")
+        self._unindex(p)
+        p.leases += 1
+        self._index(p)
+
+    def release(self, pool_id: str) -> None:
+        p = self._pools.get(pool_id)
+        if p is None:  # the pool was removed while the task ran; its lease went with it
+            return
+        if p.leases <= 0:
+            raise UsageError(f"release on pool {pool_id} with no lease held")
+        self._unindex(p)
+        p.leases -= 1
+        self._index(p)
+
+    def slots(self, spec: TaskSpec | None = None) -> tuple[int, int]:
+        """(free, total) slots of usable pools, for the task's group or over all pools."""
+        if spec is not None:
+            group = self._groups.get((spec.engine, normalize_model_ref(spec.model_ref)))
+            pools = (self._pools[i] for i in group.members) if group else iter(())
+        else:
+            pools = iter(self._pools.values())
+        free = total = 0
+        for p in pools:
+            if p.usable:
+                free += p.free
+                total += p.snapshot.slots_total
+        return free, total
+
+    # -- the index ----------------------------------------------------------------------------
+
+    def _key(self, p: _Pool) -> tuple:
+        s = p.snapshot
+        if self.strategy is Strategy.VRAM_AWARE:
+            return (-s.vram_free_bytes, p.leases, s.replica_id, s.pool_id)
+        if self.strategy is Strategy.LEAST_LOADED:
+            return (p.leases / max(1, s.slots_total), -s.vram_free_bytes, s.replica_id, s.pool_id)
+        return (s.pool_id,)
+
+    def _index(self, p: _Pool) -> None:
+        if p.usable and p.free > 0:
+            key = self._key(p)
+            group = self._groups.setdefault(p.group, _Group())
+            insort(group.ranked, key)
+            insort(group.ids, p.snapshot.pool_id)
+            p.key = key
+            p.indexed_free = p.free
+            self.free_total += p.indexed_free
+
+    def _unindex(self, p: _Pool) -> None:
+        if p.key is None:
+            return
+        group = self._groups[p.group]
+        i = bisect_left(group.ranked, p.key)
+        del group.ranked[i]
+        j = bisect_left(group.ids, p.snapshot.pool_id)
+        del group.ids[j]
+        p.key = None
+        self.free_total -= p.indexed_free
+        p.indexed_free = 0
+
+    def _ordered(self, group: _Group) -> Iterator[str]:
+        """Available pools of a group, best first for this strategy."""
+        if self.strategy in (Strategy.VRAM_AWARE, Strategy.LEAST_LOADED):
+            for key in group.ranked:
+                yield key[-1]
+            return
+        ids = group.ids
+        if not ids:
+            return
+        if self.strategy is Strategy.ROUND_ROBIN:
+            start = 0
+            last = self._rr_last.get(self._group_of_ids(ids))
+            if last is not None:
+                start = bisect_right(ids, last) % len(ids)
+        else:
+            start = self._rng.randrange(len(ids))
+        n = len(ids)
+        for k in range(n):
+            yield ids[(start + k) % n]
+
+    def _group_of_ids(self, ids: list[str]) -> tuple[str, str]:
+        return self._pools[ids[0]].group
+
+    # -- filters ------------------------------------------------------------------------------
+
+    def _misfit(self, p: _Pool, spec: TaskSpec) -> str | None:
+        """Why the pool can never take this task as it stands (None: it fits)."""
+        s = p.snapshot
+        if s.engine != spec.engine:
+            return f"engine {s.engine} != {spec.engine}"
+        if p.group[1] != normalize_model_ref(spec.model_ref):
+            return f"model {s.model_ref} != {spec.model_ref}"
+        if s.ctx_max and spec.ctx > s.ctx_max:
+            return f"ctx limit {s.ctx_max} < {spec.ctx}"
+        req = spec.placement.require_device_mask
+        if req is not None and s.device_mask != req:
+            return f"device mask {s.device_mask!r} != {req!r}"
+        if spec.determinism is Determinism.STRICT:
+            if not s.strict_capable:
+                return "not pinned for strict determinism"
+            if spec.sampler_profile_version and s.sampler_profile_version != spec.sampler_profile_version:
+                return f"sampler profile {s.sampler_profile_version} != {spec.sampler_profile_version}"
+        return None
+
+    @staticmethod
+    def _unavailable(p: _Pool) -> str | None:
+        s = p.snapshot
+        if p.lost:
+            return "lost"
+        if not s.live:
+            return "not live"
+        if not s.ready:
+            return "not ready"
+        if s.draining:
+            return "draining"
+        if p.stale:
+            return "stale"
+        if p.breaker_open:
+            return "breaker open"
+        if p.free <= 0:
+            return "no free slot"
+        return None
+
+    # -- decisions ----------------------------------------------------------------------------
+
+    def check_submission(self, spec: TaskSpec) -> NoPick | None:
+        """Reasons to refuse a task at the door, before it is queued (None: queue it)."""
+        placement = spec.placement
+        if placement.mode is PlacementMode.PIN:
+            p = self._pools.get(placement.pin_pool_id or "")
+            if p is None:
+                return NoPick(code="INVALID_PARAMS", http_status=400, permanent=True,
+                              message=f"placement.pin_pool_id: unknown pool {placement.pin_pool_id!r}")
+            misfit = self._misfit(p, spec)
+            if misfit:
+                return NoPick(code="INVALID_PARAMS", http_status=400, permanent=True,
+                              message=f"pinned pool {p.snapshot.pool_id} cannot take this task: {misfit}")
+            if not p.usable:
+                return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
+                              message=f"pinned pool {p.snapshot.pool_id} is not ready ({self._unavailable(p)})")
+            return None
+        group = self._groups.get((spec.engine, normalize_model_ref(spec.model_ref)))
+        members = [self._pools[i] for i in sorted(group.members)] if group else []
+        if not members:
+            return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
+                          message=f"no pool serves model {spec.model_ref!r} on engine {spec.engine!r}")
+        usable = [p for p in members if p.usable]
+        if not usable:
+            return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
+                          message=f"no ready pool for model {spec.model_ref!r} (all {len(members)} unready)")
+        ctx_max = max((p.snapshot.ctx_max or 1 << 62) for p in usable)
+        if spec.ctx > ctx_max:
+            return NoPick(code="INVALID_PARAMS", http_status=400, permanent=True,
+                          message=f"ctx {spec.ctx} is above the model's limit {ctx_max}")
+        fitting = [p for p in usable if self._misfit(p, spec) is None]
+        if not fitting:
+            return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False,
+                          message=f"no ready pool can take this task ({self._misfit(usable[0], spec)})")
+        if not placement.allow_fallback:
+            allowed = [p for p in fitting if self._allowed_without_fallback(p.snapshot.pool_id, spec)]
+            if not allowed:
+                return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False,
+                              message="no preferred, non-avoided pool is ready and allow_fallback is false")
+        return None
+
+    @staticmethod
+    def _allowed_without_fallback(pool_id: str, spec: TaskSpec) -> bool:
+        placement = spec.placement
+        if pool_id in placement.avoid_pools:
+            return False
+        if placement.mode is PlacementMode.PREFER and placement.prefer_pools:
+            return pool_id in placement.prefer_pools
+        return True
+
+    def pick(self, spec: TaskSpec, session_pool: str | None = None) -> Pick | NoPick:
+        """Choose a pool for the task now, or say why none can take it yet."""
+        placement = spec.placement
+        if placement.mode is PlacementMode.PIN:
+            p = self._pools.get(placement.pin_pool_id or "")
+            if p is None:
+                return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=True,
+                              message=f"pinned pool {placement.pin_pool_id} is gone")
+            if p.usable and p.free > 0 and self._misfit(p, spec) is None:
+                return Pick(pool_id=p.snapshot.pool_id, kv_warmth=session_pool in (None, p.snapshot.pool_id))
+            return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
+                          message=f"pinned pool {p.snapshot.pool_id} is {self._unavailable(p) or 'unfit'}")
+        group = self._groups.get((spec.engine, normalize_model_ref(spec.model_ref)))
+        if group is None or not group.ranked:
+            return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no free slot")
+        avoid = placement.avoid_pools
+        if session_pool is not None and session_pool not in avoid:
+            p = self._pools.get(session_pool)
+            if p is not None and p.key is not None and p.group == self._group_key(spec) and self._misfit(p, spec) is None:
+                if self._allowed_without_fallback(session_pool, spec) or placement.mode is PlacementMode.AUTO:
+                    return self._chose(session_pool, True)
+        prefer = placement.prefer_pools if placement.mode is PlacementMode.PREFER else ()
+        fallback: str | None = None
+        for pool_id in self._ordered(group):
+            p = self._pools[pool_id]
+            if self._misfit(p, spec) is not None:
+                continue
+            if pool_id in avoid or (prefer and pool_id not in prefer):
+                if fallback is None:
+                    fallback = pool_id
+                continue
+            return self._chose(pool_id, session_pool is None)
+        if fallback is not None and placement.allow_fallback:
+            return self._chose(fallback, session_pool is None)
+        return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no fitting pool has a free slot")
+
+    def _group_key(self, spec: TaskSpec) -> tuple[str, str]:
+        return (spec.engine, normalize_model_ref(spec.model_ref))
+
+    def _chose(self, pool_id: str, kv_warmth: bool) -> Pick:
+        if self.strategy is Strategy.ROUND_ROBIN:
+            self._rr_last[self._pools[pool_id].group] = pool_id
+        return Pick(pool_id=pool_id, kv_warmth=kv_warmth)
+
+    def explain(self, spec: TaskSpec, session_pool: str | None = None) -> Explanation:
+        """The whole decision as a record: every pool, why it was filtered, its score, the pick.
+
+        Built by a full scan, on demand only. It does not advance round-robin or draw from the
+        random generator, so asking for an explanation never changes later decisions.
+        """
+        records = []
+        for pool_id in sorted(self._pools):
+            p = self._pools[pool_id]
+            reasons = [r for r in (self._misfit(p, spec), self._unavailable(p)) if r]
+            placement = spec.placement
+            if placement.mode is PlacementMode.PIN and pool_id != placement.pin_pool_id:
+                reasons.append("not the pinned pool")
+            if pool_id in placement.avoid_pools:
+                reasons.append("avoided")
+            if placement.mode is PlacementMode.PREFER and placement.prefer_pools and pool_id not in placement.prefer_pools:
+                reasons.append("not preferred")
+            hard = [r for r in reasons if r not in ("avoided", "not preferred")]
+            records.append(CandidateRecord(pool_id=pool_id, eligible=not hard, reasons=tuple(reasons),
+                                           score=self._key(p)[:-1] if not hard else None))
+        saved_rr = dict(self._rr_last)
+        saved_rng = self._rng.getstate()
+        try:
+            decision = self.pick(spec, session_pool)
+        finally:
+            self._rr_last = saved_rr
+            self._rng.setstate(saved_rng)
+        picked = decision.pool_id if isinstance(decision, Pick) else None
+        outcome = "picked" if picked else f"{decision.code}: {decision.message}"
+        return Explanation(task_id=spec.task_id, strategy=self.strategy.value, candidates=tuple(records),
+                           picked=picked, outcome=outcome)

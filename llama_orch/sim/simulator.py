@@ -1,0 +1,382 @@
+"""The replay simulator: the production core driven by a virtual clock and simulated engines.
+
+It owns the event heap ``(time, seq, kind, payload)`` (FIFO among equal times), the simulated
+pools (slots, decode rate, prefill cost per context token), seeded faults (pool loss with
+recovery, slow engines), and the ledger that checks every task's life: one admission answer,
+at most one ``Finish``, no token after it. It drives ``llama_orch.core.Orchestrator`` exactly
+as the daemons do, jumping the clock to the core's next deadline instead of sleeping.
+
+Decode is modelled per task, not per token: an attempt produces its first token after
+``first_token_ms + prefill_ms_per_token * context`` and the rest in one batch when the task
+ends, so the cost of a replay grows with tasks, not tokens. Same trace, config and seed, same
+result, byte for byte.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+from ..core.admission import QueuePolicy
+from ..core.commands import CloseUpstream, Dispatch, Finish, ForwardTokens, Rejected
+from ..core.errors import InvariantViolation, UsageError
+from ..core.events import (
+    PoolLost, PoolUpdated, StreamEnded, TaskSubmitted, Tick, TokensReceived,
+)
+from ..core.orchestrator import Orchestrator, OrchestratorConfig
+from ..core.placement import Strategy
+from ..core.types import PoolSnapshot, Priority, TaskSpec
+from .report import SimResult, TaskRecord
+from .traces import TraceRecord
+
+MODEL_REF = "file:/models/sim.gguf"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimConfig:
+    pools: int = 4
+    slots_per_pool: int = 4
+    tokens_per_s: float = 50.0           # decode rate of one slot
+    prefill_ms_per_token: float = 0.05   # prompt processing cost per context token
+    first_token_ms: float = 20.0         # fixed overhead before the first token
+    ctx_max: int = 16_384
+    vram_total_gb: float = 24.0
+    batch_fraction: float = 0.3
+    sessions: int = 200
+    deadline_ms: int = 300_000
+    admission_capacity: int = 256
+    admission_policy: str = "reject"
+    placement_strategy: str = "vram-aware"
+    poll_interval_ms: float = 5_000.0
+    pool_losses: int = 1                 # seeded pool-loss faults over the trace span
+    pool_recovery_ms: float = 30_000.0
+    slow_engines: int = 1                # seeded slow-engine windows
+    slow_factor: float = 4.0
+    slow_window_ms: float = 120_000.0
+    check_every: int = 5_000             # full invariant check every N simulated events
+
+    def __post_init__(self) -> None:
+        checks = {
+            "pools": self.pools >= 1, "slots_per_pool": self.slots_per_pool >= 1,
+            "tokens_per_s": self.tokens_per_s > 0, "prefill_ms_per_token": self.prefill_ms_per_token >= 0,
+            "first_token_ms": self.first_token_ms >= 0, "batch_fraction": 0.0 <= self.batch_fraction <= 1.0,
+            "sessions": self.sessions >= 1, "deadline_ms": self.deadline_ms >= 1,
+            "admission_capacity": self.admission_capacity >= 1, "poll_interval_ms": self.poll_interval_ms > 0,
+            "pool_losses": self.pool_losses >= 0, "pool_recovery_ms": self.pool_recovery_ms > 0,
+            "slow_engines": self.slow_engines >= 0, "slow_factor": self.slow_factor >= 1.0,
+            "slow_window_ms": self.slow_window_ms > 0, "check_every": self.check_every >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UsageError(f"simulation setting {name}={getattr(self, name)!r} is out of range")
+        try:
+            QueuePolicy(self.admission_policy)
+        except ValueError:
+            raise UsageError(f"admission_policy must be one of {[p.value for p in QueuePolicy]}, "
+                             f"got {self.admission_policy!r}") from None
+        try:
+            Strategy(self.placement_strategy)
+        except ValueError:
+            raise UsageError(f"placement_strategy must be one of {[s.value for s in Strategy]}, "
+                             f"got {self.placement_strategy!r}") from None
+
+
+# Heap item kinds, in tie-break order irrelevant (seq breaks ties FIFO).
+_ARRIVAL, _FIRST, _END, _POLL, _LOSS, _RECOVER, _SLOW_ON, _SLOW_OFF = range(8)
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """What happened to one task, as seen from outside the core."""
+
+    record: TraceRecord
+    priority: Priority
+    answered: int = 0
+    finished: int = 0
+    outcome: str | None = None
+    reason: str | None = None
+    pool_id: str | None = None
+    start_ms: float | None = None
+    first_token_ms: float | None = None
+    end_ms: float | None = None
+    tokens_out: int = 0
+    attempt: int = 0            # the attempt whose engine events are still valid
+    busy_since: float | None = None
+    tokens_planned: int = 0
+
+
+@dataclass(slots=True)
+class _Pool:
+    pool_id: str
+    vram_total: int
+    up: bool = True
+    slow: float = 1.0
+    busy_ms: float = 0.0
+    running: set = field(default_factory=set)
+
+
+class Simulation:
+    def __init__(self, records: Sequence[TraceRecord], *, config: SimConfig | None = None, seed: int = 0,
+                 trace_name: str = "trace", progress: Callable[[int, int], None] | None = None) -> None:
+        if not records:
+            raise UsageError("the trace has no records to replay")
+        self.records = list(records)
+        self.config = config or SimConfig()
+        self.seed = seed
+        self.trace_name = trace_name
+        self.progress = progress
+        c = self.config
+        self.rng = random.Random(seed)
+        self.core = Orchestrator(OrchestratorConfig(
+            admission_capacity=c.admission_capacity, admission_policy=QueuePolicy(c.admission_policy),
+            placement_strategy=Strategy(c.placement_strategy), pool_stale_ms=c.poll_interval_ms * 3,
+            prior_service_ms=1000.0 * 200 / c.tokens_per_s,
+        ), rng=random.Random(seed ^ 0x5EED))
+        gb = 1 << 30
+        self.pools = {
+            f"pool-{i}": _Pool(pool_id=f"pool-{i}", vram_total=int(c.vram_total_gb * gb * (1 + (i % 2))))
+            for i in range(c.pools)
+        }
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self._tasks: dict[str, _Ledger] = {}
+        self._depth: list[tuple[float, int]] = [(0.0, 0)]
+        self._faults: list[str] = []
+        self._events = 0
+        self._span = 0.0
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _push(self, when: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, kind, payload))
+
+    def _snapshot(self, pool: _Pool) -> PoolSnapshot:
+        c = self.config
+        return PoolSnapshot(
+            pool_id=pool.pool_id, ready=pool.up, live=pool.up, slots_total=c.slots_per_pool,
+            slots_free=max(0, c.slots_per_pool - len(pool.running)), vram_total_bytes=pool.vram_total,
+            vram_free_bytes=pool.vram_total // 2, engine="llamacpp", engine_version="sim",
+            model_ref=MODEL_REF, ctx_max=c.ctx_max, device_mask=pool.pool_id.split("-")[1],
+            replica_id=pool.pool_id, engine_url=f"sim://{pool.pool_id}")
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        c = self.config
+        span = self._span = self.records[-1].arrival_ms
+        for pool in self.pools.values():
+            self._push(0.0, _POLL, pool.pool_id)
+        for index, record in enumerate(self.records):
+            self._push(record.arrival_ms, _ARRIVAL, index)
+        fault_rng = random.Random(self.seed * 7919 + 1)
+        names = sorted(self.pools)
+        for _ in range(c.pool_losses):
+            self._push(fault_rng.uniform(0.1, 0.9) * span, _LOSS, fault_rng.choice(names))
+        for _ in range(c.slow_engines):
+            self._push(fault_rng.uniform(0.0, 0.8) * span, _SLOW_ON, fault_rng.choice(names))
+        self._drive()
+        self._final_checks()
+        return self._result(span)
+
+    def _drive(self) -> None:
+        core = self.core
+        heap = self._heap
+        total = len(self.records)
+        arrivals = 0
+        report_every = max(1, total // 20)
+        check_every = self.config.check_every
+        while True:
+            deadline = core.next_deadline()
+            if heap and (deadline is None or heap[0][0] < deadline):
+                when, _, kind, payload = heapq.heappop(heap)
+                self.now = when
+                if kind == _ARRIVAL:
+                    arrivals += 1
+                    if self.progress and arrivals % report_every == 0:
+                        self.progress(arrivals, total)
+                self._step(kind, payload)
+            elif deadline is not None:
+                self.now = max(self.now, deadline)
+                self._apply(core.handle(Tick(), self.now))
+            else:
+                break
+            self._events += 1
+            if self._events % check_every == 0:
+                core.check_invariants()
+        if self.progress:
+            self.progress(total, total)
+
+    def _step(self, kind: int, payload: object) -> None:
+        now = self.now
+        core = self.core
+        if kind == _ARRIVAL:
+            self._arrive(payload)  # type: ignore[arg-type]
+        elif kind == _FIRST:
+            task_id, attempt = payload  # type: ignore[misc]
+            ledger = self._tasks[task_id]
+            if ledger.attempt == attempt:
+                self._apply(core.handle(TokensReceived(task_id=task_id, count=1), now))
+        elif kind == _END:
+            task_id, attempt = payload  # type: ignore[misc]
+            ledger = self._tasks[task_id]
+            if ledger.attempt == attempt:
+                rest = ledger.tokens_planned - 1
+                if rest:
+                    self._apply(core.handle(TokensReceived(task_id=task_id, count=rest), now))
+                self._apply(core.handle(StreamEnded(task_id=task_id, tokens_out=ledger.tokens_planned), now))
+        elif kind == _POLL:
+            pool = self.pools[payload]  # type: ignore[index]
+            if pool.up:
+                self._apply(core.handle(PoolUpdated(snapshot=self._snapshot(pool)), now))
+            if now < self._span or core.tasks:
+                self._push(now + self.config.poll_interval_ms, _POLL, pool.pool_id)
+        elif kind == _LOSS:
+            pool = self.pools[payload]  # type: ignore[index]
+            if pool.up:
+                pool.up = False
+                self._faults.append(f"t={now:.1f}ms {pool.pool_id} lost ({len(pool.running)} tasks running)")
+                for task_id in sorted(pool.running):
+                    self._stop_attempt(task_id)
+                self._apply(core.handle(PoolLost(pool_id=pool.pool_id, reason="simulated loss"), now))
+                self._push(now + self.config.pool_recovery_ms, _RECOVER, pool.pool_id)
+        elif kind == _RECOVER:
+            pool = self.pools[payload]  # type: ignore[index]
+            pool.up = True
+            self._faults.append(f"t={now:.1f}ms {pool.pool_id} recovered")
+            self._apply(core.handle(PoolUpdated(snapshot=self._snapshot(pool)), now))
+        elif kind == _SLOW_ON:
+            pool = self.pools[payload]  # type: ignore[index]
+            pool.slow = self.config.slow_factor
+            self._faults.append(f"t={now:.1f}ms {pool.pool_id} slow (x{self.config.slow_factor:g})")
+            self._push(now + self.config.slow_window_ms, _SLOW_OFF, pool.pool_id)
+        elif kind == _SLOW_OFF:
+            pool = self.pools[payload]  # type: ignore[index]
+            pool.slow = 1.0
+            self._faults.append(f"t={now:.1f}ms {pool.pool_id} back to speed")
+
+    def _arrive(self, index: int) -> None:
+        record = self.records[index]
+        c = self.config
+        priority = Priority.BATCH if self.rng.random() < c.batch_fraction else Priority.INTERACTIVE
+        session = self.rng.randrange(c.sessions)
+        task_id = f"t{index:06d}"
+        self._tasks[task_id] = _Ledger(record=record, priority=priority)
+        spec = TaskSpec(task_id=task_id, session_id=f"s{session:04d}", model_ref=MODEL_REF, priority=priority,
+                        ctx=min(record.context_tokens + record.generated_tokens, c.ctx_max),
+                        prompt_tokens=record.context_tokens, max_tokens=max(1, record.generated_tokens),
+                        deadline_ms=c.deadline_ms)
+        self._apply(self.core.handle(TaskSubmitted(spec=spec), self.now))
+
+    def _stop_attempt(self, task_id: str) -> None:
+        """The engine stops working on the task's current attempt (close, loss, retry)."""
+        ledger = self._tasks[task_id]
+        ledger.attempt += 1  # invalidates the attempt's pending engine events
+        if ledger.busy_since is not None and ledger.pool_id is not None:
+            pool = self.pools[ledger.pool_id]
+            pool.busy_ms += self.now - ledger.busy_since
+            pool.running.discard(task_id)
+        ledger.busy_since = None
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _apply(self, commands: tuple) -> None:
+        now = self.now
+        depth_changed = False
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is ForwardTokens:
+                ledger = self._tasks[cmd.task_id]
+                if ledger.finished:
+                    raise InvariantViolation(f"token for task {cmd.task_id} after its terminal event")
+                if cmd.first_index != ledger.tokens_out:
+                    raise InvariantViolation(f"task {cmd.task_id}: token index {cmd.first_index}, "
+                                             f"expected {ledger.tokens_out}")
+                if ledger.first_token_ms is None:
+                    ledger.first_token_ms = now
+                ledger.tokens_out += cmd.count
+            elif kind is Dispatch:
+                self._dispatch(cmd)
+                depth_changed = True
+            elif kind is Finish:
+                ledger = self._tasks[cmd.task_id]
+                self._stop_attempt(cmd.task_id)
+                ledger.finished += 1
+                if ledger.finished > 1:
+                    raise InvariantViolation(f"task {cmd.task_id} finished twice")
+                ledger.outcome = cmd.outcome.value
+                ledger.reason = cmd.data.get("code") if cmd.kind == "error" else None
+                ledger.end_ms = now
+                depth_changed = True
+            elif kind is CloseUpstream:
+                self._stop_attempt(cmd.task_id)
+            elif kind is Rejected:
+                ledger = self._tasks[cmd.task_id]
+                ledger.answered += 1
+                ledger.outcome = "rejected"
+                ledger.reason = cmd.code
+                ledger.end_ms = now
+            else:
+                if hasattr(cmd, "queue_position"):  # Admitted
+                    self._tasks[cmd.task_id].answered += 1
+                    depth_changed = True
+        if depth_changed:
+            depth = len(self.core.admission)
+            if depth != self._depth[-1][1]:
+                if self._depth[-1][0] == now:
+                    self._depth[-1] = (now, depth)
+                else:
+                    self._depth.append((now, depth))
+
+    def _dispatch(self, cmd: Dispatch) -> None:
+        ledger = self._tasks[cmd.task_id]
+        if ledger.busy_since is not None:
+            self._stop_attempt(cmd.task_id)
+        pool = self.pools[cmd.pool_id]
+        c = self.config
+        now = self.now
+        if ledger.start_ms is None:
+            ledger.start_ms = now
+        ledger.pool_id = cmd.pool_id
+        ledger.busy_since = now
+        pool.running.add(cmd.task_id)
+        record = ledger.record
+        ledger.tokens_planned = max(1, record.generated_tokens)
+        first = now + (c.first_token_ms + c.prefill_ms_per_token * record.context_tokens) * pool.slow
+        end = first + (ledger.tokens_planned - 1) * 1000.0 / c.tokens_per_s * pool.slow
+        self._push(first, _FIRST, (cmd.task_id, ledger.attempt))
+        self._push(end, _END, (cmd.task_id, ledger.attempt))
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _final_checks(self) -> None:
+        self.core.check_invariants()
+        if self.core.tasks:
+            raise InvariantViolation(f"{len(self.core.tasks)} tasks never finished")
+        for task_id, ledger in self._tasks.items():
+            if ledger.answered != 1:
+                raise InvariantViolation(f"task {task_id} got {ledger.answered} admission answers")
+            if ledger.outcome != "rejected" and ledger.finished != 1:
+                raise InvariantViolation(f"admitted task {task_id} finished {ledger.finished} times")
+        for pool in self.pools.values():
+            if pool.running:
+                raise InvariantViolation(f"{pool.pool_id} still runs {sorted(pool.running)[:3]}")
+
+    def _result(self, span: float) -> SimResult:
+        tasks = []
+        for task_id in sorted(self._tasks):
+            ledger = self._tasks[task_id]
+            tasks.append(TaskRecord(
+                task_id=task_id, priority=ledger.priority.value, arrival_ms=ledger.record.arrival_ms,
+                outcome=ledger.outcome or "unknown", reason=ledger.reason, pool_id=ledger.pool_id,
+                start_ms=ledger.start_ms, first_token_ms=ledger.first_token_ms, end_ms=ledger.end_ms,
+                tokens_out=ledger.tokens_out))
+        config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self.config).items()}
+        return SimResult(
+            trace_name=self.trace_name, seed=self.seed, config=config, tasks=tuple(tasks),
+            queue_depth=tuple(self._depth), pool_busy_ms={p: round(v.busy_ms, 3) for p, v in sorted(self.pools.items())},
+            pool_slots={p: self.config.slots_per_pool for p in sorted(self.pools)},
+            duration_ms=max(self.now, span), faults=tuple(self._faults))
