@@ -52,6 +52,7 @@ class DispatchFailed(Event):
     """The engine could not be reached or refused the task before any token was produced."""
 
     task_id: str
+    attempt: int | None = None  # the Dispatch.attempt it belongs to; stale attempts are ignored
     code: str = "WORKER_RESET"
     message: str = ""
 
@@ -61,6 +62,7 @@ class TokensReceived(Event):
     """``count`` tokens arrived from upstream for a task (one upstream read)."""
 
     task_id: str
+    attempt: int | None = None  # the Dispatch.attempt it belongs to; stale attempts are ignored
     count: int
 
     def __post_init__(self) -> None:
@@ -73,6 +75,7 @@ class StreamEnded(Event):
     """The engine finished the task normally."""
 
     task_id: str
+    attempt: int | None = None  # the Dispatch.attempt it belongs to; stale attempts are ignored
     tokens_out: int | None = None
     decode_ms: float | None = None
 
@@ -82,6 +85,7 @@ class StreamFailed(Event):
     """The upstream stream broke. Before the first token the core may retry elsewhere."""
 
     task_id: str
+    attempt: int | None = None  # the Dispatch.attempt it belongs to; stale attempts are ignored
     code: str = "WORKER_RESET"
     message: str = ""
 

@@ -116,7 +116,7 @@ class Orchestrator:
         elif kind is TaskCanceled:
             self._on_cancel(event, now, out)  # type: ignore[arg-type]
         elif kind is StreamFailed or kind is DispatchFailed:
-            self._on_attempt_failed(event.task_id, event.code, event.message, now, out)  # type: ignore[attr-defined]
+            self._on_attempt_failed(event, now, out)  # type: ignore[arg-type]
         elif kind is PoolUpdated:
             self._on_pool_updated(event, now)  # type: ignore[arg-type]
         elif kind is PoolLost:
@@ -266,7 +266,7 @@ class Orchestrator:
 
     def _on_tokens(self, event: TokensReceived, now: float, out: list[Command]) -> None:
         task = self.tasks.get(event.task_id)
-        if task is None or event.count == 0:
+        if task is None or event.count == 0 or (event.attempt is not None and event.attempt != task.attempts):
             return
         if task.phase is TaskPhase.DISPATCHING:
             task.go("first_token")
@@ -277,14 +277,14 @@ class Orchestrator:
                 breaker.record_success()
                 self.placer.set_flags(task.pool_id, breaker_open=False)  # type: ignore[arg-type]
         elif task.phase is not TaskPhase.STREAMING:
-            raise UsageError(f"tokens for task {task.task_id} in phase {task.phase.value}")
+            return  # a late read from an attempt already given up (the task is queued again)
         task.last_token_at = now
         out.append(ForwardTokens(task_id=task.task_id, first_index=task.tokens_out, count=event.count))
         task.tokens_out += event.count
 
     def _on_end(self, event: StreamEnded, now: float, out: list[Command]) -> None:
         task = self.tasks.get(event.task_id)
-        if task is None:
+        if task is None or task.phase is TaskPhase.QUEUED or (event.attempt is not None and event.attempt != task.attempts):
             return
         if task.dispatched_at is not None:
             self.admission.estimator.record(task.spec.priority, now - task.dispatched_at)
@@ -306,10 +306,11 @@ class Orchestrator:
         self._finish(task, Outcome.CANCELED, now, out, data={
             "tokens_out": task.tokens_out, "canceled": True, "reason": event.reason})
 
-    def _on_attempt_failed(self, task_id: str, code: str, message: str, now: float, out: list[Command]) -> None:
-        task = self.tasks.get(task_id)
-        if task is None or task.phase is TaskPhase.QUEUED:
+    def _on_attempt_failed(self, event: StreamFailed | DispatchFailed, now: float, out: list[Command]) -> None:
+        task = self.tasks.get(event.task_id)
+        if task is None or task.phase is TaskPhase.QUEUED or (event.attempt is not None and event.attempt != task.attempts):
             return
+        code, message = event.code, event.message
         failed_pool = task.pool_id
         self._note_pool_failure(failed_pool, now)
         if task.phase is TaskPhase.STREAMING:
@@ -348,10 +349,8 @@ class Orchestrator:
         spec = task.spec
         if spec.placement.mode.value == "pin":
             return None
-        decision = self.placer.pick(spec, None)
-        if isinstance(decision, Pick) and decision.pool_id not in task.tried_pools:
-            return decision
-        return None
+        decision = self.placer.pick(spec, None, exclude=task.tried_pools)
+        return decision if isinstance(decision, Pick) else None
 
     def _note_pool_failure(self, pool_id: str | None, now: float) -> None:
         if pool_id is None or pool_id not in self.placer:

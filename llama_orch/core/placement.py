@@ -376,8 +376,11 @@ class Placer:
             return pool_id in placement.prefer_pools
         return True
 
-    def pick(self, spec: TaskSpec, session_pool: str | None = None) -> Pick | NoPick:
-        """Choose a pool for the task now, or say why none can take it yet."""
+    def pick(self, spec: TaskSpec, session_pool: str | None = None, exclude: tuple[str, ...] = ()) -> Pick | NoPick:
+        """Choose a pool for the task now, or say why none can take it yet.
+
+        ``exclude`` lists pools that must not be picked (a retry's failed pools).
+        """
         placement = spec.placement
         if placement.mode is PlacementMode.PIN:
             p = self._pools.get(placement.pin_pool_id or "")
@@ -392,7 +395,7 @@ class Placer:
         if group is None or not group.ranked:
             return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no free slot")
         avoid = placement.avoid_pools
-        if session_pool is not None and session_pool not in avoid:
+        if session_pool is not None and session_pool not in avoid and session_pool not in exclude:
             p = self._pools.get(session_pool)
             if p is not None and p.key is not None and p.group == self._group_key(spec) and self._misfit(p, spec) is None:
                 if self._allowed_without_fallback(session_pool, spec) or placement.mode is PlacementMode.AUTO:
@@ -401,7 +404,7 @@ class Placer:
         fallback: str | None = None
         for pool_id in self._ordered(group):
             p = self._pools[pool_id]
-            if self._misfit(p, spec) is not None:
+            if self._misfit(p, spec) is not None or pool_id in exclude:
                 continue
             if pool_id in avoid or (prefer and pool_id not in prefer):
                 if fallback is None:

@@ -21,6 +21,7 @@ cdef enum:
     _MIN_SLOTS = 8
     _MAX_INITIAL_SLOTS = 1024
     _MAX_CLASSES = 64
+    _BIG_INDEX = 1024
 
 
 cdef inline Py_ssize_t _initial_slots(Py_ssize_t capacity) noexcept:
@@ -184,6 +185,7 @@ cdef class AdmissionQueue:
     cdef Py_ssize_t _num_classes
     cdef list _rings
     cdef dict _index
+    cdef bint _big
 
     def __init__(self, capacity, num_classes=2):
         capacity = operator.index(capacity)
@@ -199,11 +201,20 @@ cdef class AdmissionQueue:
         cdef Py_ssize_t initial = _initial_slots(self._capacity)
         self._rings = [_Ring(p, initial) for p in range(self._num_classes)]
         self._index = {}
+        self._big = False
 
     cdef inline _Ring _ring(self, Py_ssize_t priority):
         if priority < 0 or priority >= self._num_classes:
             raise ValueError(f"priority must be in [0, {self._num_classes}), got {priority}")
         return <_Ring>PyList_GET_ITEM(self._rings, priority)
+
+    cdef inline int _forget(self, object key) except -1:
+        del self._index[key]
+        if self._big and not self._index:
+            # Dicts never shrink on deletion: let a drained burst's table go.
+            self._index = {}
+            self._big = False
+        return 0
 
     @property
     def capacity(self):
@@ -241,6 +252,8 @@ cdef class AdmissionQueue:
             position += (<_Ring>PyList_GET_ITEM(self._rings, p)).live
         ring.append(key)
         self._index[key] = ring
+        if len(self._index) > _BIG_INDEX:
+            self._big = True
         return position
 
     def pop(self):
@@ -252,7 +265,7 @@ cdef class AdmissionQueue:
             ring = <_Ring>PyList_GET_ITEM(self._rings, p)
             if ring.live:
                 key = ring.popleft()
-                del self._index[key]
+                self._forget(key)
                 return key
         return None
 
@@ -260,7 +273,7 @@ cdef class AdmissionQueue:
         """Remove and return the oldest key of class *priority*, or None if it is empty."""
         cdef object key = self._ring(priority).popleft()
         if key is not None:
-            del self._index[key]
+            self._forget(key)
         return key
 
     def peek(self):
@@ -285,9 +298,10 @@ cdef class AdmissionQueue:
 
     def remove(self, key):
         """Cancel *key*; return False if it was not queued.  O(1)."""
-        cdef object ring = self._index.pop(key, None)
+        cdef object ring = self._index.get(key)
         if ring is None:
             return False
+        self._forget(key)
         (<_Ring>ring).discard(key)
         return True
 
@@ -308,6 +322,7 @@ cdef class AdmissionQueue:
         for p in range(self._num_classes):
             (<_Ring>PyList_GET_ITEM(self._rings, p)).reset()
         self._index.clear()
+        self._big = False
 
     def __len__(self):
         return len(self._index)

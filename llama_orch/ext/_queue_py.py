@@ -30,6 +30,9 @@ _MAX_INITIAL_SLOTS = 1024
 #: Priority classes are a handful in practice; the bound stops a typo allocating
 #: thousands of rings.
 _MAX_CLASSES = 64
+#: A dict never shrinks when keys are deleted; once the index has held this many keys
+#: it is replaced by a fresh one whenever the queue drains, so a burst's table goes.
+_BIG_INDEX = 1024
 
 
 def _initial_slots(capacity: int) -> int:
@@ -170,7 +173,7 @@ class AdmissionQueue:
     of :meth:`pop` and :meth:`peek`.
     """
 
-    __slots__ = ("_capacity", "_num_classes", "_rings", "_index")
+    __slots__ = ("_capacity", "_num_classes", "_rings", "_index", "_big")
 
     def __init__(self, capacity: int, num_classes: int = 2) -> None:
         capacity = operator.index(capacity)
@@ -186,6 +189,7 @@ class AdmissionQueue:
         initial = _initial_slots(capacity)
         self._rings = [_Ring(p, initial) for p in range(num_classes)]
         self._index: dict[Hashable, _Ring] = {}
+        self._big = False
 
     def _ring(self, priority: int) -> _Ring:
         if not 0 <= priority < self._num_classes:
@@ -231,14 +235,22 @@ class AdmissionQueue:
             position += self._rings[p].live
         ring.append(key)
         self._index[key] = ring
+        if len(self._index) > _BIG_INDEX:
+            self._big = True
         return position
+
+    def _forget(self, key: Hashable) -> None:
+        del self._index[key]
+        if self._big and not self._index:
+            self._index = {}
+            self._big = False
 
     def pop(self) -> Hashable | None:
         """Remove and return the oldest key of the most urgent non-empty class, or None."""
         for ring in self._rings:
             key = ring.popleft()
             if key is not None:
-                del self._index[key]
+                self._forget(key)
                 return key
         return None
 
@@ -246,7 +258,7 @@ class AdmissionQueue:
         """Remove and return the oldest key of class *priority*, or None if it is empty."""
         key = self._ring(priority).popleft()
         if key is not None:
-            del self._index[key]
+            self._forget(key)
         return key
 
     def peek(self) -> Hashable | None:
@@ -271,9 +283,10 @@ class AdmissionQueue:
 
     def remove(self, key: Hashable) -> bool:
         """Cancel *key*; return False if it was not queued.  O(1)."""
-        ring = self._index.pop(key, None)
+        ring = self._index.get(key)
         if ring is None:
             return False
+        self._forget(key)
         ring.discard(key)
         return True
 
@@ -291,6 +304,7 @@ class AdmissionQueue:
         for ring in self._rings:
             ring.reset()
         self._index.clear()
+        self._big = False
 
     def __len__(self) -> int:
         return len(self._index)

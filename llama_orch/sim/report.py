@@ -492,7 +492,7 @@ def _render_png(result: SimResult) -> bytes:
     # The "default" style shields the bytes from the user's matplotlibrc and from
     # rcParams other code changed; rc_context restores them afterwards.
     with matplotlib.style.context("default"), matplotlib.rc_context(
-        {"svg.hashsalt": "llama-orch-replay", "path.simplify": True, "figure.max_open_warning": 0}
+        {"svg.hashsalt": "llama-orch-replay", "path.simplify": True}
     ):
         fig = Figure(figsize=_FIG_SIZE, dpi=_FIG_DPI, layout="constrained")
         FigureCanvasAgg(fig)
@@ -506,6 +506,8 @@ def _render_png(result: SimResult) -> bytes:
 
 
 def _plot_depth(ax: Any, result: SimResult) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title("Queue depth over time")
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("queued tasks")
@@ -518,7 +520,10 @@ def _plot_depth(ax: Any, result: SimResult) -> None:
             xs.append(end)
             ys.append(ys[-1])
         ax.step(xs, ys, where="post", color="tab:blue", linewidth=0.8, label="queue depth")
-        ax.set_ylim(bottom=0)
+        # Headroom above the peak keeps the legend off the curve, which often
+        # sits at the admission cap for most of the run.
+        ax.set_ylim(0, max(1, max(ys)) * 1.2)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         ax.text(0.5, 0.5, "no queue samples", transform=ax.transAxes, ha="center", va="center")
     fault_times = []

@@ -110,13 +110,14 @@ def test_csv_sorted_stably_and_relative_to_earliest(tmp_path):
         tmp_path,
         "t.csv",
         HEADER
-        + "2023-11-16 10:00:02.0,1,1\n"
-        + "2023-11-16 10:00:01.0,2,2\n"
         + "2023-11-16 10:00:02.0,3,3\n"
+        + "2023-11-16 10:00:01.0,2,2\n"
+        + "2023-11-16 10:00:02.0,1,1\n"
         + "2023-11-16 10:00:00.5,4,4\n",
     )
     got = [(r.arrival_ms, r.context_tokens) for r in read_trace(p)]
-    assert got == [(0.0, 4), (500.0, 2), (1500.0, 1), (1500.0, 3)]
+    # equal timestamps keep file order (3 before 1), whatever their token counts
+    assert got == [(0.0, 4), (500.0, 2), (1500.0, 3), (1500.0, 1)]
 
 
 def test_csv_header_order_extra_columns_crlf_bom_blank_lines(tmp_path):

@@ -1,0 +1,290 @@
+"""Scenario tests for the orchestrator: each step's commands and the state after it."""
+
+import random
+
+import pytest
+
+from llama_orch.core.admission import QueuePolicy
+from llama_orch.core.commands import (
+    Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected,
+)
+from llama_orch.core.errors import UsageError
+from llama_orch.core.events import (
+    DispatchFailed, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed, TaskCanceled,
+    TaskSubmitted, Tick, TokensReceived,
+)
+from llama_orch.core.orchestrator import Orchestrator, OrchestratorConfig
+from llama_orch.core.placement import Strategy
+from llama_orch.core.task import TaskPhase
+from llama_orch.core.types import Outcome, PlacementMode, PlacementRequest, Priority
+from support import Ledger, pool, spec
+
+
+def make(pools=("pool-a",), slots=1, **cfg):
+    core = Orchestrator(OrchestratorConfig(**cfg), rng=random.Random(1))
+    run = Ledger(core)
+    for i, p in enumerate(pools):
+        run(PoolUpdated(snapshot=pool(p, slots_total=slots, slots_free=slots, vram_free_bytes=(10 - i) << 30)), 0.0)
+    return core, run
+
+
+def only(out, kind):
+    found = [c for c in out if isinstance(c, kind)]
+    assert len(found) == 1, out
+    return found[0]
+
+
+def test_happy_path_emits_admitted_started_dispatch_tokens_end():
+    core, run = make()
+    out = run(TaskSubmitted(spec=spec("t1")), 10.0)
+    assert [type(c) for c in out] == [Admitted, EmitEvent, Dispatch]
+    assert out[0] == Admitted(task_id="t1", queue_position=0, predicted_start_ms=0, backoff_ms=0)
+    assert out[1].kind == "started" and out[1].data["pool_id"] == "pool-a"
+    assert out[2].pool_id == "pool-a" and out[2].attempt == 1 and out[2].engine_url.endswith("pool-a")
+    assert core.task("t1").phase is TaskPhase.DISPATCHING
+    assert core.placer.leases("pool-a") == 1
+    assert run(TokensReceived(task_id="t1", count=2), 20.0) == (ForwardTokens(task_id="t1", first_index=0, count=2),)
+    assert core.task("t1").phase is TaskPhase.STREAMING
+    assert run(TokensReceived(task_id="t1", count=3), 30.0) == (ForwardTokens(task_id="t1", first_index=2, count=3),)
+    end = only(run(StreamEnded(task_id="t1", tokens_out=5), 40.0), Finish)
+    assert end.outcome is Outcome.COMPLETED and end.kind == "end"
+    assert end.data["tokens_out"] == 5 and end.data["decode_ms"] == 20
+    assert core.task("t1") is None and core.placer.leases("pool-a") == 0
+    assert core.outcomes["completed"] == 1
+
+
+def test_second_task_queues_then_dispatches_when_the_slot_frees():
+    core, run = make()
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    out = run(TaskSubmitted(spec=spec("t2")), 1.0)
+    assert out == (Admitted(task_id="t2", queue_position=0, predicted_start_ms=2000, backoff_ms=2000),)
+    assert core.queue_depth() == 1
+    out = run(StreamEnded(task_id="t1"), 500.0)
+    assert [type(c) for c in out] == [Finish, EmitEvent, Dispatch]
+    assert out[2].task_id == "t2"
+    # The measured service time (500 ms) replaces the 2000 ms prior in the next prediction.
+    run(TaskSubmitted(spec=spec("t3")), 501.0)
+    assert run.answers["t3"].predicted_start_ms == 500
+
+
+def test_interactive_overtakes_batch_in_the_queue():
+    core, run = make()
+    run(TaskSubmitted(spec=spec("busy")), 0.0)
+    run(TaskSubmitted(spec=spec("b1", priority=Priority.BATCH)), 1.0)
+    run(TaskSubmitted(spec=spec("i1")), 2.0)
+    assert run.answers["i1"].queue_position == 0 and run.answers["b1"].queue_position == 0
+    out = run(StreamEnded(task_id="busy"), 3.0)
+    assert only(out, Dispatch).task_id == "i1"
+
+
+def test_cancel_while_queued_finishes_once_with_canceled_end():
+    core, run = make()
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    run(TaskSubmitted(spec=spec("t2")), 0.0)
+    out = run(TaskCanceled(task_id="t2"), 1.0)
+    fin = only(out, Finish)
+    assert fin.outcome is Outcome.CANCELED and fin.data["canceled"] is True and fin.kind == "end"
+    assert not [c for c in out if isinstance(c, CloseUpstream)]
+    assert core.queue_depth() == 0
+    assert run(TaskCanceled(task_id="t2"), 2.0) == ()  # idempotent
+
+
+def test_cancel_while_streaming_closes_upstream_and_drops_later_tokens():
+    core, run = make()
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    run(TokensReceived(task_id="t1", count=1), 5.0)
+    out = run(TaskCanceled(task_id="t1", reason="disconnect"), 6.0)
+    assert [type(c) for c in out] == [CloseUpstream, Finish]
+    assert out[1].data == {"tokens_out": 1, "canceled": True, "reason": "disconnect"}
+    assert core.placer.leases("pool-a") == 0
+    # Tokens already in flight from the engine are dropped, not forwarded.
+    assert run(TokensReceived(task_id="t1", count=4), 7.0) == ()
+    assert run(StreamEnded(task_id="t1"), 8.0) == ()
+
+
+def test_reject_policy_answers_429_with_retry_after_from_the_drain_rate():
+    core, run = make(admission_capacity=1)
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    run(TaskSubmitted(spec=spec("t2")), 0.0)
+    rej = only(run(TaskSubmitted(spec=spec("t3")), 0.0), Rejected)
+    assert (rej.http_status, rej.code, rej.policy_label, rej.retriable) == (429, "ADMISSION_REJECT", "reject", True)
+    assert rej.retry_after_ms == 2000  # prior service time over one slot
+    assert core.rejections["ADMISSION_REJECT"] == 1
+
+
+def test_drop_lru_evicts_oldest_batch_and_admits_the_newcomer():
+    core, run = make(admission_capacity=2, admission_policy=QueuePolicy.DROP_LRU)
+    run(TaskSubmitted(spec=spec("busy")), 0.0)
+    run(TaskSubmitted(spec=spec("b-old", priority=Priority.BATCH)), 1.0)
+    run(TaskSubmitted(spec=spec("b-new", priority=Priority.BATCH)), 2.0)
+    out = run(TaskSubmitted(spec=spec("i1")), 3.0)
+    assert isinstance(out[0], Admitted)
+    fin = only(out, Finish)
+    assert fin.task_id == "b-old" and fin.outcome is Outcome.EVICTED and fin.kind == "error"
+    assert fin.data["code"] == "QUEUE_FULL_DROP_LRU" and fin.data["retriable"] is True
+    assert list(core.admission.queue) == ["i1", "b-new"]
+
+
+def test_drop_lru_never_lets_batch_evict_interactive():
+    core, run = make(admission_capacity=1, admission_policy=QueuePolicy.DROP_LRU)
+    run(TaskSubmitted(spec=spec("busy")), 0.0)
+    run(TaskSubmitted(spec=spec("i1")), 1.0)
+    rej = only(run(TaskSubmitted(spec=spec("b1", priority=Priority.BATCH)), 2.0), Rejected)
+    assert (rej.http_status, rej.code, rej.policy_label) == (429, "QUEUE_FULL_DROP_LRU", "drop-lru")
+    out = run(TaskSubmitted(spec=spec("i2")), 3.0)
+    assert only(out, Finish).task_id == "i1"
+
+
+def test_deadline_checks_at_the_door():
+    core, run = make()
+    rej = only(run(TaskSubmitted(spec=spec("t0", deadline_ms=0)), 0.0), Rejected)
+    assert (rej.http_status, rej.code) == (400, "DEADLINE_UNMET")
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    rej = only(run(TaskSubmitted(spec=spec("t2", deadline_ms=1000)), 0.0), Rejected)
+    assert rej.code == "DEADLINE_UNMET" and "predicted start in 2000 ms" in rej.message
+
+
+def test_queued_task_past_its_deadline_fails_with_deadline_unmet():
+    core, run = make(prior_service_ms=100.0)
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    run(TaskSubmitted(spec=spec("t2", deadline_ms=500)), 0.0)
+    assert core.next_deadline() == 500.0
+    assert run(Tick(), 499.0) == ()
+    fin = only(run(Tick(), 500.0), Finish)
+    assert fin.task_id == "t2" and fin.data["code"] == "DEADLINE_UNMET" and fin.outcome is Outcome.FAILED
+    assert core.queue_depth() == 0
+
+
+def test_between_token_timeout_fails_the_stream_and_closes_upstream():
+    core, run = make(token_timeout_ms=100.0)
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    run(TokensReceived(task_id="t1", count=1), 10.0)
+    run(TokensReceived(task_id="t1", count=1), 90.0)
+    assert run(Tick(), 110.0) == ()  # the timer re-arms from the last token
+    out = run(Tick(), 190.0)
+    assert [type(c) for c in out] == [CloseUpstream, Finish]
+    assert out[1].data["code"] == "DECODE_TIMEOUT"
+
+
+def test_retry_before_first_token_goes_to_another_pool():
+    core, run = make(pools=("pool-a", "pool-b"))
+    out = run(TaskSubmitted(spec=spec("t1")), 0.0)
+    first = only(out, Dispatch).pool_id
+    out = run(DispatchFailed(task_id="t1", code="WORKER_RESET", message="connection refused"), 5.0)
+    again = only(out, Dispatch)
+    assert again.pool_id != first and again.attempt == 2 and again.kv_warmth is False
+    assert not [c for c in out if isinstance(c, EmitEvent)]  # `started` is sent once
+    assert core.placer.leases(first) == 0 and core.placer.leases(again.pool_id) == 1
+
+
+def test_retries_are_bounded_and_end_in_replica_exhausted():
+    core, run = make(pools=("pool-a", "pool-b", "pool-c"), max_attempts=2)
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    run(StreamFailed(task_id="t1", message="reset"), 1.0)
+    fin = only(run(StreamFailed(task_id="t1", message="reset"), 2.0), Finish)
+    assert fin.data["code"] == "REPLICA_EXHAUSTED" and fin.outcome is Outcome.FAILED
+    assert all(core.placer.leases(p) == 0 for p in ("pool-a", "pool-b", "pool-c"))
+
+
+def test_single_pool_failure_before_first_token_requeues_until_the_pool_returns():
+    core, run = make()
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    out = run(PoolLost(pool_id="pool-a", reason="poll timeout"), 1.0)
+    assert [type(c) for c in out] == [CloseUpstream]
+    assert core.task("t1").phase is TaskPhase.QUEUED
+    out = run(PoolUpdated(snapshot=pool("pool-a", slots_total=1, slots_free=1)), 2.0)
+    assert only(out, Dispatch).attempt == 2
+
+
+def test_pool_lost_mid_stream_is_a_worker_reset_error():
+    core, run = make(pools=("pool-a", "pool-b"))
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    pool_id = only(run.log, Dispatch).pool_id
+    run(TokensReceived(task_id="t1", count=3), 1.0)
+    fin = only(run(PoolLost(pool_id=pool_id), 2.0), Finish)
+    assert fin.kind == "error" and fin.data["code"] == "WORKER_RESET" and "after 3 tokens" in fin.data["message"]
+
+
+def test_pool_removed_forgets_the_pool():
+    core, run = make(pools=("pool-a", "pool-b"))
+    run(PoolRemoved(pool_id="pool-b"), 1.0)
+    assert core.placer.pool_ids() == ["pool-a"]
+
+
+def test_first_token_timeout_retries_elsewhere():
+    core, run = make(pools=("pool-a", "pool-b"), first_token_timeout_ms=50.0)
+    run(TaskSubmitted(spec=spec("t1")), 0.0)
+    out = run(Tick(), 50.0)
+    assert isinstance(out[0], CloseUpstream) and only(out, Dispatch).attempt == 2
+
+
+def test_repeated_failures_open_the_pools_breaker_until_cooldown():
+    core, run = make(pools=("pool-a", "pool-b"), breaker_threshold=2, breaker_cooldown_ms=1000.0, max_attempts=1)
+    for i in range(2):
+        run(TaskSubmitted(spec=spec(f"t{i}", placement=PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-a"))), i)
+        run(DispatchFailed(task_id=f"t{i}"), i + 0.5)
+    assert not core.placer.is_usable("pool-a")
+    rej = only(run(TaskSubmitted(spec=spec("t9", placement=PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-a"))), 10.0), Rejected)
+    assert rej.code == "POOL_UNREADY" and "breaker open" in rej.message
+    run(Tick(), 1001.5)
+    assert core.placer.is_usable("pool-a")
+
+
+def test_stale_pool_stops_receiving_tasks_until_the_next_snapshot():
+    core, run = make(pool_stale_ms=100.0)
+    run(Tick(), 100.0)
+    rej = only(run(TaskSubmitted(spec=spec("t1")), 101.0), Rejected)
+    assert (rej.http_status, rej.code) == (503, "POOL_UNREADY") and rej.retry_after_ms >= 1
+    run(PoolUpdated(snapshot=pool("pool-a", slots_total=1, slots_free=1)), 102.0)
+    assert isinstance(run(TaskSubmitted(spec=spec("t2")), 103.0)[0], Admitted)
+
+
+def test_door_checks_unknown_model_pin_ctx_duplicate_budget():
+    core, run = make(session_token_budget=20)
+    assert only(run(TaskSubmitted(spec=spec(model_ref="hf:none/x.gguf")), 0), Rejected).http_status == 503
+    pin = PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="nope")
+    rej = only(run(TaskSubmitted(spec=spec(placement=pin)), 0), Rejected)
+    assert (rej.http_status, rej.code) == (400, "INVALID_PARAMS") and "nope" in rej.message
+    rej = only(run(TaskSubmitted(spec=spec(ctx=10_000)), 0), Rejected)
+    assert rej.code == "INVALID_PARAMS" and "4096" in rej.message
+    run(TaskSubmitted(spec=spec("dup")), 0)
+    # A second submission with a live task's id is refused and leaves the first task alone.
+    assert only(core.handle(TaskSubmitted(spec=spec("dup")), 0), Rejected).code == "INVALID_PARAMS"
+    assert core.task("dup") is not None
+    rej = only(run(TaskSubmitted(spec=spec(max_tokens=30, session_id="s-2")), 0), Rejected)
+    assert "budget" in rej.message
+
+
+def test_session_budget_counts_tokens_actually_produced():
+    core, run = make(session_token_budget=10)
+    run(TaskSubmitted(spec=spec("t1", max_tokens=8)), 0)
+    run(TokensReceived(task_id="t1", count=8), 1)
+    run(StreamEnded(task_id="t1"), 2)
+    assert only(run(TaskSubmitted(spec=spec("t2", max_tokens=8)), 3), Rejected).code == "INVALID_PARAMS"
+    assert isinstance(run(TaskSubmitted(spec=spec("t3", max_tokens=2)), 4)[0], Admitted)
+
+
+def test_session_affinity_and_kv_warmth_after_failover():
+    core, run = make(pools=("pool-a", "pool-b"), slots=2)
+    run(TaskSubmitted(spec=spec("t1", session_id="s")), 0)
+    first = only(run.log, Dispatch).pool_id
+    run(StreamEnded(task_id="t1"), 1)
+    out = run(TaskSubmitted(spec=spec("t2", session_id="s")), 2)
+    assert only(out, Dispatch).pool_id == first and only(out, Dispatch).kv_warmth is True
+    run(StreamEnded(task_id="t2"), 3)
+    run(PoolLost(pool_id=first), 4)
+    out = run(TaskSubmitted(spec=spec("t3", session_id="s")), 5)
+    assert only(out, Dispatch).pool_id != first and only(out, Dispatch).kv_warmth is False
+
+
+def test_unknown_event_is_misuse():
+    core, _ = make()
+    with pytest.raises(UsageError):
+        core.handle(object(), 0.0)  # type: ignore[arg-type]
+
+
+def test_round_robin_spreads_tasks():
+    core, run = make(pools=("pool-a", "pool-b", "pool-c"), slots=4, placement_strategy=Strategy.ROUND_ROBIN)
+    for i in range(6):
+        run(TaskSubmitted(spec=spec(f"t{i}", session_id=f"s{i}")), i)
+    assert [d.pool_id for d in run.of(Dispatch)] == ["pool-a", "pool-b", "pool-c"] * 2

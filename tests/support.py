@@ -1,0 +1,65 @@
+"""Test helpers shared by the core and simulator tests: builders and a checking driver."""
+
+from __future__ import annotations
+
+import itertools
+
+from llama_orch.core.commands import Admitted, Finish, ForwardTokens, Rejected
+from llama_orch.core.errors import InvariantViolation
+from llama_orch.core.orchestrator import Orchestrator
+from llama_orch.core.types import PoolSnapshot, Priority, TaskSpec
+
+MODEL = "file:/models/tiny.gguf"
+_ids = itertools.count()
+
+
+def pool(pool_id: str, **kw) -> PoolSnapshot:
+    base = dict(pool_id=pool_id, ready=True, slots_total=2, slots_free=2, vram_total_bytes=24 << 30,
+                vram_free_bytes=20 << 30, model_ref=MODEL, ctx_max=4096, device_mask="0", replica_id=pool_id,
+                engine_url=f"http://127.0.0.1/{pool_id}")
+    base.update(kw)
+    return PoolSnapshot(**base)
+
+
+def spec(task_id: str | None = None, **kw) -> TaskSpec:
+    base = dict(task_id=task_id or f"task-{next(_ids)}", session_id="s-1", model_ref=MODEL,
+                priority=Priority.INTERACTIVE, ctx=512, max_tokens=8, deadline_ms=60_000)
+    base.update(kw)
+    return TaskSpec(**base)
+
+
+class Ledger:
+    """Feeds an orchestrator and checks every command against the task-life invariants."""
+
+    def __init__(self, core: Orchestrator) -> None:
+        self.core = core
+        self.answers: dict[str, object] = {}
+        self.finishes: dict[str, Finish] = {}
+        self.tokens: dict[str, int] = {}
+        self.log: list = []
+
+    def __call__(self, event, now: float) -> tuple:
+        out = self.core.handle(event, now)
+        for cmd in out:
+            self.log.append(cmd)
+            if isinstance(cmd, (Admitted, Rejected)):
+                if cmd.task_id in self.answers and isinstance(self.answers[cmd.task_id], Admitted):
+                    raise InvariantViolation(f"second admission answer for {cmd.task_id}")
+                self.answers[cmd.task_id] = cmd
+            elif isinstance(cmd, Finish):
+                if cmd.task_id in self.finishes:
+                    raise InvariantViolation(f"{cmd.task_id} finished twice")
+                if not isinstance(self.answers.get(cmd.task_id), Admitted):
+                    raise InvariantViolation(f"{cmd.task_id} finished without being admitted")
+                self.finishes[cmd.task_id] = cmd
+            elif isinstance(cmd, ForwardTokens):
+                if cmd.task_id in self.finishes:
+                    raise InvariantViolation(f"token for {cmd.task_id} after its terminal event")
+                if cmd.first_index != self.tokens.get(cmd.task_id, 0):
+                    raise InvariantViolation(f"{cmd.task_id}: token index gap")
+                self.tokens[cmd.task_id] = cmd.first_index + cmd.count
+        self.core.check_invariants()
+        return out
+
+    def of(self, kind, task_id: str | None = None) -> list:
+        return [c for c in self.log if isinstance(c, kind) and (task_id is None or c.task_id == task_id)]
