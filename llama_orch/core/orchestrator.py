@@ -100,6 +100,7 @@ class Orchestrator:
         self.rejections: Counter[str] = Counter()
         self._timers: list[tuple[float, int, int, str]] = []
         self._seq = 0
+        self._stale_armed: set[str] = set()  # pools with a staleness timer on the heap
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Orchestrator:
         elif kind is PoolRemoved:
             self._on_pool_lost(event.pool_id, "removed", now, out)  # type: ignore[attr-defined]
             self.placer.remove(event.pool_id)  # type: ignore[attr-defined]
+            self._stale_armed.discard(event.pool_id)  # type: ignore[attr-defined]
             self.breakers.pop(event.pool_id, None)  # type: ignore[attr-defined]
         elif kind is Tick:
             self._on_tick(now, out)
@@ -393,7 +395,9 @@ class Orchestrator:
     def _on_pool_updated(self, event: PoolUpdated, now: float) -> None:
         snap = event.snapshot
         self.placer.update(snap, now)
-        self._arm(now + self.config.pool_stale_ms, _POOL_STALE, snap.pool_id)
+        if snap.pool_id not in self._stale_armed:
+            self._stale_armed.add(snap.pool_id)
+            self._arm(now + self.config.pool_stale_ms, _POOL_STALE, snap.pool_id)
 
     def _on_pool_lost(self, pool_id: str, reason: str, now: float, out: list[Command]) -> None:
         if pool_id not in self.placer:
@@ -417,7 +421,7 @@ class Orchestrator:
     def _timer_live(self, timer: tuple[float, int, int, str]) -> bool:
         _, _, kind, key = timer
         if kind == _POOL_STALE:
-            return key in self.placer
+            return key in self.placer and key in self._stale_armed
         if kind == _BREAKER:
             return key in self.breakers
         task = self.tasks.get(key)
@@ -441,6 +445,7 @@ class Orchestrator:
         if kind == _POOL_STALE:
             since = self.placer.last_seen(key)
             if now - since >= self.config.pool_stale_ms:
+                self._stale_armed.discard(key)
                 self.placer.set_flags(key, stale=True)
             else:
                 self._arm(since + self.config.pool_stale_ms, _POOL_STALE, key)

@@ -1,0 +1,43 @@
+# llama-orch: two entry points for a fresh machine, `make run` and `make test`.
+# Both create .venv, install what they need and build the Cython extensions (a failed
+# compile falls back to the pure-Python twins with one clear message).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+TRACE  ?= conv
+OUT    ?= out/replay
+
+.PHONY: run test test-compiled test-pure bench-smoke bench build clean
+
+run: build
+	$(BIN)/llama-orch replay $(TRACE) --seed 0 --out $(OUT)
+
+test: build
+	$(BIN)/python -c "import llama_orch.ext.queue as q, llama_orch.ext.sse as s; print('ext implementations:', q.IMPLEMENTATION, s.IMPLEMENTATION)"
+	$(MAKE) --no-print-directory test-compiled test-pure bench-smoke
+
+test-compiled:
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-pure:
+	LLAMA_ORCH_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench-smoke:
+	$(BIN)/python -m pytest -q -p no:cacheprovider bench --benchmark-disable
+
+bench: build
+	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
+
+build: $(STAMP)
+	$(BIN)/python setup.py -q build_ext --inplace
+
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=70" wheel "cython>=3.0"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf build $(VENV) llama_orch/ext/*.so llama_orch/ext/*.c out .pytest_cache .benchmarks
