@@ -35,7 +35,7 @@ build: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=70" wheel "cython>=3.0"
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=77" wheel "cython>=3.0"
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 

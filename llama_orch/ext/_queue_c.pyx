@@ -12,6 +12,7 @@ import operator
 import sys
 
 cimport cython
+from cpython.dict cimport PyDict_SetDefault
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 
 __all__ = ["AdmissionQueue"]
@@ -54,9 +55,14 @@ cdef class _Ring:
         self.live = 0
         self.stale = {}
 
-    cdef inline int append(self, object key) except -1:
+    cdef inline int reserve(self) except -1:
+        # Split from put() so that everything that can fail happens before the key
+        # enters the index; a rebuild for a push that is then refused is harmless.
         if self.used == PyList_GET_SIZE(self.slots):
             self._rebuild()
+        return 0
+
+    cdef inline int put(self, object key) except -1:
         self.slots[(self.head + self.used) & self.mask] = key
         self.used += 1
         self.live += 1
@@ -150,8 +156,12 @@ cdef class _Ring:
             # Everything left is stale: drop it now rather than hold cancelled keys.
             self.reset()
             return 0
-        n = self.stale.get(key)
-        self.stale[key] = 1 if n is None else <Py_ssize_t>n + 1
+        # Usually the key's first stale copy: one lookup that inserts 1, and a second
+        # only for a key cancelled again before its older copy was passed.
+        cdef Py_ssize_t size = len(self.stale)
+        cdef object n = <object>PyDict_SetDefault(self.stale, key, 1)
+        if len(self.stale) == size:
+            self.stale[key] = <Py_ssize_t>n + 1
         return 0
 
     cdef int reset(self) except -1:
@@ -239,21 +249,28 @@ cdef class AdmissionQueue:
         bad priority, KeyError if *key* is already queued and OverflowError when the
         queue is full.
         """
-        cdef Py_ssize_t position, p
+        cdef Py_ssize_t position, p, size
         if key is None:
             raise TypeError("AdmissionQueue keys must not be None")
         cdef _Ring ring = self._ring(priority)
-        if key in self._index:
-            raise KeyError(key)
-        if len(self._index) >= self._capacity:
+        cdef dict index = self._index
+        size = len(index)
+        if size >= self._capacity:
+            if key in index:
+                raise KeyError(key)
             raise OverflowError(f"admission queue is full ({self._capacity} keys)")
-        position = ring.live
+        ring.reserve()
+        # One hash lookup for "is it queued?" and "index it": the dict only grows if
+        # the key was absent.
+        PyDict_SetDefault(index, key, ring)
+        if len(index) == size:
+            raise KeyError(key)
+        ring.put(key)
+        if size >= _BIG_INDEX:
+            self._big = True
+        position = ring.live - 1
         for p in range(priority):
             position += (<_Ring>PyList_GET_ITEM(self._rings, p)).live
-        ring.append(key)
-        self._index[key] = ring
-        if len(self._index) > _BIG_INDEX:
-            self._big = True
         return position
 
     def pop(self):
@@ -298,10 +315,12 @@ cdef class AdmissionQueue:
 
     def remove(self, key):
         """Cancel *key*; return False if it was not queued.  O(1)."""
-        cdef object ring = self._index.get(key)
+        cdef object ring = self._index.pop(key, None)
         if ring is None:
             return False
-        self._forget(key)
+        if self._big and not self._index:
+            self._index = {}
+            self._big = False
         (<_Ring>ring).discard(key)
         return True
 

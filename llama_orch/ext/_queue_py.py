@@ -241,6 +241,9 @@ class AdmissionQueue:
 
     def _forget(self, key: Hashable) -> None:
         del self._index[key]
+        self._release_if_drained()
+
+    def _release_if_drained(self) -> None:
         if self._big and not self._index:
             self._index = {}
             self._big = False
@@ -283,10 +286,10 @@ class AdmissionQueue:
 
     def remove(self, key: Hashable) -> bool:
         """Cancel *key*; return False if it was not queued.  O(1)."""
-        ring = self._index.get(key)
+        ring = self._index.pop(key, None)
         if ring is None:
             return False
-        self._forget(key)
+        self._release_if_drained()
         ring.discard(key)
         return True
 

@@ -152,12 +152,13 @@ cdef class SSEParser:
         self._reset()
         self._bom = _EMPTY
 
-    cdef void _reset(self) noexcept:
+    cdef int _reset(self) except -1:
         self._line = bytearray()
         self._block = 0
         self._event = _EMPTY
         self._data = []
         self._skip_lf = False
+        return 0
 
     @property
     def pending(self):
@@ -190,7 +191,7 @@ cdef class SSEParser:
         cdef const char* lf
         cdef const char* cr
         cdef Py_ssize_t n, pos = 0, held
-        cdef bytes line
+        cdef bytes held_bytes
         if not PyBytes_Check(chunk):
             raise TypeError(f"chunk must be bytes, not {type(chunk).__name__}")
         if not PyBytes_GET_SIZE(chunk):
@@ -343,6 +344,7 @@ cdef class TokenRelay:
 
     @property
     def dialect(self):
+        """``"llamacpp"`` or ``"openai"``."""
         return "openai" if self._openai else "llamacpp"
 
     @property

@@ -266,11 +266,25 @@ class TokenRelay:
         TGI, llama.cpp): ``choices[i].text`` or ``choices[i].delta.content`` is one
         token when non-empty; ``data: [DONE]`` ends the stream.
 
+    Only ``message`` events (the default type) carry frames; ``event: error`` ends
+    the stream and other event types and comments are skipped.  ``data: [DONE]`` is
+    tolerated by the llama.cpp dialect too.
+
     The end of the stream is reported once, as the third item of :meth:`feed`'s
-    result; later chunks are ignored.  An end is ``{"kind": "end", ...}``; an
-    upstream error frame (``{"error": ...}`` or ``event: error``), invalid JSON, a
-    frame that is not a JSON object or an oversized event give
-    ``{"kind": "error", "message": str, "code": ..., "type": ...}``.
+    result, and later chunks are ignored.  Every key is always present, None when
+    upstream did not say:
+
+    * llamacpp end: ``{"kind": "end", "tokens_predicted", "tokens_evaluated",
+      "predicted_ms", "prompt_ms", "stop_type"}`` (the two ``_ms`` from ``timings``);
+    * openai end: ``{"kind": "end", "finish_reason", "tokens_predicted",
+      "tokens_evaluated"}`` (the last ``finish_reason`` seen; the counts from the
+      last ``usage`` seen);
+    * error: ``{"kind": "error", "message": str, "code", "type"}`` for an upstream
+      ``{"error": ...}`` frame (or, openai, ``{"object": "error", ...}``), an
+      ``event: error``, invalid JSON, a frame that is not a JSON object, or an
+      event over *max_event_bytes*.
+
+    An end's ``tokens_predicted`` falls back to the number of tokens relayed.
     """
 
     __slots__ = ("_openai", "_parser", "_start", "_tokens", "_final", "_finish_reason", "_usage")
@@ -291,6 +305,7 @@ class TokenRelay:
 
     @property
     def dialect(self) -> str:
+        """``"llamacpp"`` or ``"openai"``."""
         return "openai" if self._openai else "llamacpp"
 
     @property

@@ -1,0 +1,405 @@
+"""TokenRelay: both dialects with frames as real servers send them, errors, and
+differential tests over random streams and chunk splits."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+# Captured from llama.cpp server /completion with "stream": true.
+LLAMA_TOKEN = (
+    b'data: {"index":0,"content":" the","tokens":[],"stop":false,"id_slot":-1,'
+    b'"tokens_predicted":1,"tokens_evaluated":5}\n\n'
+)
+LLAMA_FINAL = (
+    b'data: {"index":0,"content":"","tokens":[],"id_slot":0,"stop":true,"model":"tiny",'
+    b'"tokens_predicted":8,"tokens_evaluated":5,"generation_settings":{},"prompt":"hi",'
+    b'"has_new_line":false,"truncated":false,"stop_type":"limit","stopping_word":"",'
+    b'"tokens_cached":12,"timings":{"prompt_n":5,"prompt_ms":1.2,"predicted_n":8,"predicted_ms":20.5}}\n\n'
+)
+LLAMA_END = {
+    "kind": "end",
+    "tokens_predicted": 8,
+    "tokens_evaluated": 5,
+    "predicted_ms": 20.5,
+    "prompt_ms": 1.2,
+    "stop_type": "limit",
+}
+LLAMA_ERROR = b'data: {"error":{"code":500,"message":"slot unavailable","type":"server_error"}}\n\n'
+
+
+def llama_token(text: str) -> bytes:
+    return b"data: " + orjson.dumps({"index": 0, "content": text, "tokens": [], "stop": False}) + b"\n\n"
+
+
+def openai_chat(content: str | None, finish=None, **extra) -> bytes:
+    delta = {} if content is None else {"content": content}
+    obj = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        **extra,
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def openai_text(text: str, finish=None) -> bytes:
+    obj = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}],
+        "usage": None,
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def frames(texts, start=0) -> bytes:
+    return b"".join(
+        b"event: token\ndata: " + orjson.dumps({"t": t, "i": start + n}) + b"\n\n" for n, t in enumerate(texts)
+    )
+
+
+# -- construction ---------------------------------------------------------------------
+
+
+def test_construction(sse_impl):
+    r = sse_impl.TokenRelay()
+    assert r.dialect == "llamacpp"
+    assert (r.tokens, r.index, r.final) == (0, 0, None)
+    r = sse_impl.TokenRelay("openai", start_index=41)
+    assert r.dialect == "openai"
+    assert (r.tokens, r.index) == (0, 41)
+    assert sse_impl.DIALECTS == ("llamacpp", "openai")
+
+
+def test_bad_construction(sse_impl):
+    with pytest.raises(ValueError, match="'llamacpp', 'openai'"):
+        sse_impl.TokenRelay("vllm")
+    with pytest.raises(ValueError):
+        sse_impl.TokenRelay(start_index=-1)
+    with pytest.raises(ValueError):
+        sse_impl.TokenRelay(start_index=2**63)
+    with pytest.raises(TypeError):
+        sse_impl.TokenRelay(start_index=1.0)
+    with pytest.raises(ValueError):
+        sse_impl.TokenRelay(max_event_bytes=0)
+
+
+# -- llama.cpp ------------------------------------------------------------------------
+
+
+def test_llamacpp_stream(sse_impl):
+    r = sse_impl.TokenRelay("llamacpp")
+    out, n, final = r.feed(LLAMA_TOKEN)
+    assert out == b'event: token\ndata: {"t":" the","i":0}\n\n'
+    assert (n, final) == (1, None)
+    out, n, final = r.feed(llama_token(" cat") + llama_token("") + llama_token(" sat"))
+    assert out == frames([" cat", " sat"], start=1)
+    assert (n, final) == (2, None)
+    assert (r.tokens, r.index) == (3, 3)
+    out, n, final = r.feed(LLAMA_FINAL)
+    assert (out, n) == (b"", 0)
+    assert final == LLAMA_END
+    assert r.final == LLAMA_END
+    # after the end everything is ignored and the end is not reported again
+    assert r.feed(LLAMA_TOKEN) == (b"", 0, None)
+    assert r.tokens == 3
+
+
+def test_llamacpp_whole_stream_in_one_chunk(sse_impl):
+    r = sse_impl.TokenRelay(start_index=10)
+    out, n, final = r.feed(LLAMA_TOKEN * 64 + LLAMA_FINAL + LLAMA_TOKEN)
+    assert out == frames([" the"] * 64, start=10)
+    assert n == 64
+    assert final == LLAMA_END
+    assert r.index == 74
+
+
+def test_llamacpp_final_frame_with_content(sse_impl):
+    r = sse_impl.TokenRelay()
+    final_frame = b'data: {"content":"!","stop":true,"stop_type":"eos","tokens_predicted":1}\n\n'
+    out, n, final = r.feed(final_frame)
+    assert out == frames(["!"])
+    assert n == 1
+    assert final == {
+        "kind": "end",
+        "tokens_predicted": 1,
+        "tokens_evaluated": None,
+        "predicted_ms": None,
+        "prompt_ms": None,
+        "stop_type": "eos",
+    }
+
+
+def test_llamacpp_missing_counts_fall_back_to_relayed(sse_impl):
+    r = sse_impl.TokenRelay()
+    r.feed(LLAMA_TOKEN * 3)
+    _, _, final = r.feed(b'data: {"content":"","stop":true}\n\n')
+    assert final["tokens_predicted"] == 3
+
+
+def test_llamacpp_tolerates_done(sse_impl):
+    r = sse_impl.TokenRelay()
+    out, n, final = r.feed(LLAMA_TOKEN + DONE)
+    assert n == 1
+    assert final == {
+        "kind": "end",
+        "tokens_predicted": 1,
+        "tokens_evaluated": None,
+        "predicted_ms": None,
+        "prompt_ms": None,
+        "stop_type": None,
+    }
+
+
+def test_llamacpp_error_frame(sse_impl):
+    r = sse_impl.TokenRelay()
+    out, n, final = r.feed(LLAMA_TOKEN + LLAMA_ERROR + LLAMA_TOKEN)
+    assert (out, n) == (frames([" the"]), 1)
+    assert final == {"kind": "error", "message": "slot unavailable", "code": 500, "type": "server_error"}
+    assert r.feed(LLAMA_TOKEN) == (b"", 0, None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "final"),
+    [
+        (b'{"message":"boom","code":503}', {"kind": "error", "message": "boom", "code": 503, "type": None}),
+        (b'{"error":{"message":"x","type":"t"}}', {"kind": "error", "message": "x", "code": None, "type": "t"}),
+        (b"plain text", {"kind": "error", "message": "plain text", "code": None, "type": None}),
+        (b'"quoted"', {"kind": "error", "message": "quoted", "code": None, "type": None}),
+        (b"42", {"kind": "error", "message": "upstream error", "code": None, "type": None}),
+    ],
+)
+def test_error_event(sse_impl, payload, final):
+    r = sse_impl.TokenRelay()
+    assert r.feed(b"event: error\ndata: " + payload + b"\n\n") == (b"", 0, final)
+
+
+def test_error_member_as_string(sse_impl):
+    r = sse_impl.TokenRelay()
+    _, _, final = r.feed(b'data: {"error":"overloaded"}\n\n')
+    assert final == {"kind": "error", "message": "overloaded", "code": None, "type": None}
+
+
+def test_invalid_json(sse_impl):
+    r = sse_impl.TokenRelay()
+    out, n, final = r.feed(LLAMA_TOKEN + b"data: {not json\n\n")
+    assert n == 1
+    assert final["kind"] == "error"
+    assert final["message"].startswith("invalid JSON from upstream: ")
+    assert final["code"] is None
+
+
+def test_non_object_json(sse_impl):
+    r = sse_impl.TokenRelay()
+    _, _, final = r.feed(b"data: [1, 2]\n\n")
+    assert final == {
+        "kind": "error",
+        "message": "unexpected JSON from upstream: expected an object",
+        "code": None,
+        "type": None,
+    }
+
+
+def test_other_events_and_comments_are_ignored(sse_impl):
+    r = sse_impl.TokenRelay()
+    out, n, final = r.feed(b": ping\n\nevent: progress\ndata: {}\n\n" + LLAMA_TOKEN)
+    assert (n, final) == (1, None)
+
+
+def test_oversized_event_ends_the_stream(sse_impl):
+    r = sse_impl.TokenRelay(max_event_bytes=200)
+    out, n, final = r.feed(LLAMA_TOKEN + b"data: " + b"x" * 300)
+    assert (out, n) == (frames([" the"]), 1)
+    assert final == {"kind": "error", "message": "SSE event larger than 200 bytes", "code": None, "type": None}
+
+
+def test_unicode_and_escapes_in_tokens(sse_impl):
+    texts = ['"quoted"', "back\\slash", "new\nline", "tab\t", "\x00\x1f\x7f", "é", "世界", "🎉", "\u2028"]
+    r = sse_impl.TokenRelay(start_index=9)
+    out, n, _ = r.feed(b"".join(llama_token(t) for t in texts))
+    assert out == frames(texts, start=9)
+    assert n == len(texts)
+    parsed = sse_impl.SSEParser().feed(out)
+    assert [orjson.loads(d)["t"] for _, d in parsed] == texts
+
+
+def test_feed_rejects_str(sse_impl):
+    with pytest.raises(TypeError):
+        sse_impl.TokenRelay().feed("data: x\n\n")
+
+
+def test_large_indices(sse_impl):
+    r = sse_impl.TokenRelay(start_index=2**63 - 2)
+    out, n, _ = r.feed(LLAMA_TOKEN * 2)
+    assert out == frames([" the"] * 2, start=2**63 - 2)
+
+
+# -- OpenAI-compatible ----------------------------------------------------------------
+
+
+def test_openai_chat_stream(sse_impl):
+    r = sse_impl.TokenRelay("openai")
+    out, n, final = r.feed(openai_chat("", role="assistant"))  # role-only opening chunk
+    assert (out, n, final) == (b"", 0, None)
+    out, n, final = r.feed(openai_chat("Hel") + openai_chat("lo"))
+    assert out == frames(["Hel", "lo"])
+    assert n == 2
+    out, n, final = r.feed(openai_chat(None, finish="length"))
+    assert (n, final) == (0, None)
+    usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
+    out, n, final = r.feed(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n" + DONE)
+    assert final == {"kind": "end", "finish_reason": "length", "tokens_predicted": 8, "tokens_evaluated": 5}
+    assert r.feed(openai_chat("more")) == (b"", 0, None)
+
+
+def test_openai_completions_stream_without_usage(sse_impl):
+    r = sse_impl.TokenRelay("openai", start_index=3)
+    out, n, final = r.feed(openai_text(" a") + openai_text(" b", finish="stop") + DONE)
+    assert out == frames([" a", " b"], start=3)
+    assert n == 2
+    assert final == {"kind": "end", "finish_reason": "stop", "tokens_predicted": 2, "tokens_evaluated": None}
+
+
+def test_openai_llamacpp_server_final_chunk(sse_impl):
+    # llama.cpp's /v1/chat/completions puts usage and timings on the finishing chunk
+    r = sse_impl.TokenRelay("openai")
+    last = openai_chat(None, finish="stop", usage={"completion_tokens": 2, "prompt_tokens": 4}, timings={})
+    _, _, final = r.feed(openai_chat("x") + last + DONE)
+    assert final == {"kind": "end", "finish_reason": "stop", "tokens_predicted": 2, "tokens_evaluated": 4}
+
+
+def test_openai_errors(sse_impl):
+    r = sse_impl.TokenRelay("openai")
+    err = b'data: {"error":{"message":"bad","type":"BadRequestError","code":400}}\n\n'
+    assert r.feed(err) == (b"", 0, {"kind": "error", "message": "bad", "code": 400, "type": "BadRequestError"})
+    r = sse_impl.TokenRelay("openai")
+    err = b'data: {"object":"error","message":"oom","type":"InternalServerError","code":500}\n\n'
+    assert r.feed(err)[2] == {"kind": "error", "message": "oom", "code": 500, "type": "InternalServerError"}
+
+
+def test_openai_odd_choices_are_skipped(sse_impl):
+    r = sse_impl.TokenRelay("openai")
+    odd = b'data: {"choices": [1, null, {"delta": "x"}, {"text": 5}, {"delta": {"content": null}}]}\n\n'
+    assert r.feed(odd + b'data: {"choices": "nope"}\n\n' + openai_text("ok")) == (frames(["ok"]), 1, None)
+
+
+def test_openai_multiple_choices(sse_impl):
+    r = sse_impl.TokenRelay("openai")
+    obj = {"choices": [{"index": 0, "text": "a"}, {"index": 1, "text": "b"}]}
+    out, n, _ = r.feed(b"data: " + orjson.dumps(obj) + b"\n\n")
+    assert (out, n) == (frames(["a", "b"]), 2)
+
+
+# -- differential ---------------------------------------------------------------------
+
+TEXTS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)
+
+
+def llama_stream(texts, end):
+    body = b"".join(llama_token(t) for t in texts)
+    if end == "final":
+        body += LLAMA_FINAL
+    elif end == "error":
+        body += LLAMA_ERROR
+    elif end == "garbage":
+        body += b"data: {oops\n\n"
+    return body + LLAMA_TOKEN
+
+
+def openai_stream(texts, end):
+    body = b"".join((openai_chat if i % 2 else openai_text)(t) for i, t in enumerate(texts))
+    if end == "final":
+        body += openai_chat(None, finish="stop", usage={"completion_tokens": 99}) + DONE
+    elif end == "error":
+        body += b'data: {"error":{"message":"m"}}\n\n'
+    elif end == "garbage":
+        body += b"data: nope\n\n"
+    return body + openai_chat("after")
+
+
+def split(stream: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    return [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+
+
+def relay_all(relay, chunks):
+    out, total, finals = [], 0, []
+    for chunk in chunks:
+        frames_, n, final = relay.feed(chunk)
+        out.append(frames_)
+        total += n
+        if final is not None:
+            finals.append(final)
+    return b"".join(out), total, finals
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dialect=st.sampled_from(["llamacpp", "openai"]),
+    texts=st.lists(TEXTS, max_size=20),
+    end=st.sampled_from(["final", "error", "garbage", None]),
+    start=st.integers(0, 2**40),
+    cuts=st.lists(st.integers(0, 100_000), max_size=15),
+)
+def test_relay_split_invariance(sse_impl, dialect, texts, end, start, cuts):
+    stream = (llama_stream if dialect == "llamacpp" else openai_stream)(texts, end)
+    whole = relay_all(sse_impl.TokenRelay(dialect, start), [stream])
+    pieces = relay_all(sse_impl.TokenRelay(dialect, start), split(stream, cuts))
+    assert pieces == whole
+    expected_texts = [t for t in texts if t]
+    if end is None and dialect == "llamacpp":
+        expected_texts.append(" the")
+    if end is None and dialect == "openai":
+        expected_texts.append("after")
+    assert whole[0] == frames(expected_texts, start)
+    assert whole[1] == len(expected_texts)
+    assert len(whole[2]) == (0 if end is None else 1)
+
+
+RELAY_PIECES = st.sampled_from(
+    [
+        LLAMA_TOKEN,
+        LLAMA_FINAL,
+        LLAMA_ERROR,
+        DONE,
+        openai_chat("x"),
+        openai_text("y", finish="stop"),
+        b"data: {bad\n\n",
+        b"data: 7\n\n",
+        b"event: error\ndata: e\n\n",
+        b": c\n\n",
+        b"data: x",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b'data: {"content":"\xc3\xa9","stop":false}\n\n',
+        b'data: {"choices":[{"delta":{"content":"\\u00e9"}}],"usage":{"completion_tokens":3}}\n\n',
+    ]
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dialect=st.sampled_from(["llamacpp", "openai"]),
+    pieces=st.lists(RELAY_PIECES, max_size=20),
+    cuts=st.lists(st.integers(0, 100_000), max_size=15),
+    limit=st.sampled_from([64, 1 << 20]),
+)
+def test_relays_agree_chunk_by_chunk(sse_impls, dialect, pieces, cuts, limit):
+    stream = b"".join(pieces)
+    relays = {name: mod.TokenRelay(dialect, 5, limit) for name, mod in sse_impls.items()}
+    for chunk in split(stream, cuts):
+        results = {name: (r.feed(chunk), r.tokens, r.index, r.final) for name, r in relays.items()}
+        assert results["py"] == results["c"]
+    whole = sse_impls["c"].TokenRelay(dialect, 5, limit)
+    assert relay_all(whole, [stream]) == relay_all(sse_impls["py"].TokenRelay(dialect, 5, limit), split(stream, cuts))
