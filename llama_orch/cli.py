@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--rate", type=_positive_float, default=1.0, help="arrival-rate multiplier")
     rp.add_argument("--length", type=_positive_float, default=1.0, help="token-count multiplier")
     rp.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    rp.add_argument("--pools", type=int, default=4)
+    rp.add_argument("--pools", type=int, default=8)
     rp.add_argument("--slots", type=int, default=4, help="slots per pool")
     rp.add_argument("--tokens-per-s", type=_positive_float, default=50.0, help="decode rate of one slot")
     rp.add_argument("--prefill-ms-per-token", type=float, default=0.05)

@@ -401,18 +401,26 @@ class Placer:
                 if self._allowed_without_fallback(session_pool, spec) or placement.mode is PlacementMode.AUTO:
                     return self._chose(session_pool, True)
         prefer = placement.prefer_pools if placement.mode is PlacementMode.PREFER else ()
-        fallback: str | None = None
+        fallback: str | None = None     # best fitting pool that is only not preferred
+        last_resort: str | None = None  # best fitting avoided pool: used only if nothing else fits
         for pool_id in self._ordered(group):
             p = self._pools[pool_id]
             if self._misfit(p, spec) is not None or pool_id in exclude:
                 continue
-            if pool_id in avoid or (prefer and pool_id not in prefer):
+            if pool_id in avoid:
+                if last_resort is None:
+                    last_resort = pool_id
+                continue
+            if prefer and pool_id not in prefer:
                 if fallback is None:
                     fallback = pool_id
                 continue
-            return self._chose(pool_id, session_pool is None)
-        if fallback is not None and placement.allow_fallback:
-            return self._chose(fallback, session_pool is None)
+            return self._chose(pool_id, session_pool in (None, pool_id))
+        if placement.allow_fallback:
+            chosen = fallback if fallback is not None else last_resort
+            if chosen is not None:
+                # falling back onto the session's own pool still finds its KV cache warm
+                return self._chose(chosen, session_pool in (None, chosen))
         return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no fitting pool has a free slot")
 
     def _group_key(self, spec: TaskSpec) -> tuple[str, str]:

@@ -99,7 +99,8 @@ class Backoff:
 
     def next_delay_ms(self) -> float:
         self.failures += 1
-        ceiling = min(self.max_ms, self.base_ms * (2 ** (self.failures - 1)))
+        # cap the exponent: base_ms * 2**1024 overflows a float (a crash loop of ~1000 restarts)
+        ceiling = min(self.max_ms, self.base_ms * (2 ** min(self.failures - 1, 64)))
         return ceiling / 2 + self._rng.random() * ceiling / 2
 
     def reset(self) -> None:
@@ -126,6 +127,10 @@ class CircuitBreaker:
         if self.state is BreakerState.HALF_OPEN:
             # The trial failed: open again, for longer, so a broken engine costs less and less.
             self._cooldown = min(self._cooldown * 2, self.cooldown_ms * 16)
+            return self._open(now)
+        if self.state is BreakerState.OPEN:
+            # A failure while open (an engine started outside the trial): the cooldown starts over,
+            # else half_open_at() lies in the past and the next Tick skips the cooldown.
             return self._open(now)
         self._failures = [t for t in self._failures if now - t < self.window_ms]
         self._failures.append(now)
@@ -203,13 +208,16 @@ class PoolLifecycle:
         return self.state is PoolState.DRAINING
 
     def next_deadline(self) -> float | None:
+        half_open_at = self.breaker.half_open_at() if self.state is PoolState.FAILED else None
         times = [t for t in (self._probe_at, self._restart_at, self._start_deadline, self._drain_deadline,
-                             self.breaker.half_open_at(), self._recovery_at()) if t is not None]
+                             half_open_at, self._recovery_at()) if t is not None]
         return min(times) if times else None
 
     def _recovery_at(self) -> float | None:
         if self._healthy_since is None or self.breaker.state is BreakerState.CLOSED and self.backoff.failures == 0:
             return None
+        if self.state is not PoolState.READY:
+            return None  # recovery counts only while ready; else the deadline would sit in the past
         return self._healthy_since + self.policy.recovery_ms
 
     def _go(self, trigger: str, now: float, cause: str | None = None) -> list[Command]:
@@ -227,17 +235,18 @@ class PoolLifecycle:
         if isinstance(event, ProvisionStarted):
             return self._go("provision", now)
         if isinstance(event, ProvisionFailed):
-            self.last_error = event.error
             out = self._go("provision_failed", now, event.error)
+            self.last_error = event.error
             return out + self._schedule_restart(now) if self.state is PoolState.UNREADY else out
         if isinstance(event, EngineStarted):
+            out = self._go("engine_started", now)
             self.engine_url = event.engine_url or self.engine_url
             self._restart_at = None
             self._misses = 0
             self._healthy_since = None
             self._start_deadline = now + self.policy.start_timeout_ms
             self._probe_at = now
-            return self._go("engine_started", now)
+            return out
         if isinstance(event, HealthChecked):
             return self._health(event, now)
         if isinstance(event, EngineExited):
@@ -272,6 +281,7 @@ class PoolLifecycle:
             out = self._go("health_ok", now)
             if not was_ready and self.state is PoolState.READY:
                 self.last_error = None
+                self._restart_at = None  # back from stale: do not restart a healthy engine
             return out
         self._healthy_since = None
         if event.loading and self.state is PoolState.STARTING:
@@ -285,11 +295,11 @@ class PoolLifecycle:
         return []
 
     def _lost(self, detail: str, now: float, trigger: str) -> list[Command]:
+        out = self._go(trigger, now, detail)
         self.last_error = detail
         self._probe_at = None
         self._start_deadline = None
         self._healthy_since = None
-        out = self._go(trigger, now, detail)
         if self.state is PoolState.DRAINED:
             self._drain_deadline = None
             return out
@@ -319,7 +329,8 @@ class PoolLifecycle:
         out: list[Command] = []
         if self._drain_deadline is not None and now >= self._drain_deadline:
             out += self._maybe_drained(now)
-        if self.state is PoolState.FAILED and self.breaker.poll(now) is BreakerState.HALF_OPEN:
+        if (self.state is PoolState.FAILED and self.breaker.state is BreakerState.OPEN
+                and self.breaker.poll(now) is BreakerState.HALF_OPEN):
             self._restart_at = now
         if self._restart_at is not None and now >= self._restart_at:
             self._restart_at = None
@@ -327,7 +338,8 @@ class PoolLifecycle:
             out.append(StartEngine(pool_id=self.pool_id, attempt=self._attempt))
         if self._start_deadline is not None and now >= self._start_deadline:
             self._start_deadline = None
-            out += self._lost(f"engine not healthy within {self.policy.start_timeout_ms:.0f} ms", now, "stale")
+            if self.state is PoolState.STARTING:
+                out += self._lost(f"engine not healthy within {self.policy.start_timeout_ms:.0f} ms", now, "stale")
         recovery_at = self._recovery_at()
         if recovery_at is not None and now >= recovery_at and self.state is PoolState.READY:
             self.breaker.record_success()

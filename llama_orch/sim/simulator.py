@@ -36,7 +36,7 @@ MODEL_REF = "file:/models/sim.gguf"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
-    pools: int = 4
+    pools: int = 8
     slots_per_pool: int = 4
     tokens_per_s: float = 50.0           # decode rate of one slot
     prefill_ms_per_token: float = 0.05   # prompt processing cost per context token
@@ -56,6 +56,7 @@ class SimConfig:
     slow_factor: float = 4.0
     slow_window_ms: float = 120_000.0
     check_every: int = 5_000             # full invariant check every N simulated events
+    progress_ms: float = 5_000.0         # decoded tokens are delivered in batches this far apart
 
     def __post_init__(self) -> None:
         checks = {
@@ -67,6 +68,7 @@ class SimConfig:
             "pool_losses": self.pool_losses >= 0, "pool_recovery_ms": self.pool_recovery_ms > 0,
             "slow_engines": self.slow_engines >= 0, "slow_factor": self.slow_factor >= 1.0,
             "slow_window_ms": self.slow_window_ms > 0, "check_every": self.check_every >= 1,
+            "progress_ms": self.progress_ms > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -105,6 +107,10 @@ class _Ledger:
     attempt: int = 0            # the attempt whose engine events are still valid
     busy_since: float | None = None
     tokens_planned: int = 0
+    tokens_sent: int = 0
+    core_attempt: int = 0       # Dispatch.attempt of the current attempt, echoed on engine events
+    decode_from: float = 0.0
+    ms_per_token: float = 1.0
 
 
 @dataclass(slots=True)
@@ -219,15 +225,13 @@ class Simulation:
             task_id, attempt = payload  # type: ignore[misc]
             ledger = self._tasks[task_id]
             if ledger.attempt == attempt:
-                self._apply(core.handle(TokensReceived(task_id=task_id, count=1), now))
+                ledger.tokens_sent = 1
+                self._apply(core.handle(TokensReceived(task_id=task_id, count=1, attempt=ledger.core_attempt), now))
         elif kind == _END:
             task_id, attempt = payload  # type: ignore[misc]
             ledger = self._tasks[task_id]
             if ledger.attempt == attempt:
-                rest = ledger.tokens_planned - 1
-                if rest:
-                    self._apply(core.handle(TokensReceived(task_id=task_id, count=rest), now))
-                self._apply(core.handle(StreamEnded(task_id=task_id, tokens_out=ledger.tokens_planned), now))
+                self._decode_progress(task_id, ledger, attempt)
         elif kind == _POLL:
             pool = self.pools[payload]  # type: ignore[index]
             if pool.up:
@@ -257,6 +261,27 @@ class Simulation:
             pool = self.pools[payload]  # type: ignore[index]
             pool.slow = 1.0
             self._faults.append(f"t={now:.1f}ms {pool.pool_id} back to speed")
+
+    def _decode_progress(self, task_id: str, ledger: _Ledger, attempt: int) -> None:
+        """Deliver the tokens decoded since the last delivery; end the stream when all are out.
+
+        Tokens arrive in one batch per ``progress_ms`` of decode rather than one event each:
+        the core sees a live stream (no between-token timeout) at a cost per task, not per token.
+        """
+        now = self.now
+        planned = ledger.tokens_planned
+        done = min(planned, 1 + int((now - ledger.decode_from) / ledger.ms_per_token + 1e-9))
+        if done > ledger.tokens_sent:
+            count = done - ledger.tokens_sent
+            ledger.tokens_sent = done
+            self._apply(self.core.handle(TokensReceived(task_id=task_id, count=count, attempt=ledger.core_attempt), now))
+        if ledger.attempt != attempt:
+            return
+        if done >= planned:
+            self._apply(self.core.handle(StreamEnded(task_id=task_id, tokens_out=planned, attempt=ledger.core_attempt), now))
+        else:
+            end = ledger.decode_from + (planned - 1) * ledger.ms_per_token
+            self._push(min(end, now + self.config.progress_ms), _END, (task_id, attempt))
 
     def _arrive(self, index: int) -> None:
         record = self.records[index]
@@ -346,9 +371,13 @@ class Simulation:
         record = ledger.record
         ledger.tokens_planned = max(1, record.generated_tokens)
         first = now + (c.first_token_ms + c.prefill_ms_per_token * record.context_tokens) * pool.slow
-        end = first + (ledger.tokens_planned - 1) * 1000.0 / c.tokens_per_s * pool.slow
+        ledger.core_attempt = cmd.attempt
+        ledger.tokens_sent = 0
+        ledger.decode_from = first
+        ledger.ms_per_token = 1000.0 / c.tokens_per_s * pool.slow
         self._push(first, _FIRST, (cmd.task_id, ledger.attempt))
-        self._push(end, _END, (cmd.task_id, ledger.attempt))
+        self._push(min(first + (ledger.tokens_planned - 1) * ledger.ms_per_token, first + c.progress_ms),
+                   _END, (cmd.task_id, ledger.attempt))
 
     # -- results ------------------------------------------------------------------------------
 
