@@ -46,6 +46,8 @@ def measure(benchmark, impl_timing):
             benchmark(fn)
         else:
             benchmark.pedantic(fn, setup=setup, rounds=rounds)
+        if not benchmark.enabled:  # a smoke run (--benchmark-disable): ran once, nothing to time
+            return
         # Medians: a shared machine adds outliers that would dominate a mean ratio.
         median = benchmark.stats.stats.median
         impl_timing(group, impl, median)

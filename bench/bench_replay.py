@@ -26,7 +26,7 @@ def test_replay_tasks_per_second(benchmark, records):
     def run():
         return Simulation(records, config=config, seed=1).run()
 
-    result = benchmark.pedantic(run, rounds=3, iterations=1) if benchmark.enabled else run()
+    result = benchmark.pedantic(run, rounds=3, iterations=1)
     assert len(result.tasks) == len(records)
     if benchmark.enabled:
         benchmark.extra_info["tasks_per_s"] = round(len(records) / benchmark.stats.stats.min)

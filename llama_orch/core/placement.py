@@ -72,12 +72,14 @@ class _Pool:
 
 
 class _Group:
-    __slots__ = ("ranked", "ids", "members")
+    __slots__ = ("ranked", "ids", "members", "free", "stats")
 
     def __init__(self) -> None:
         self.ranked: list[tuple] = []     # (key..., pool_id) of usable pools with a free slot
         self.ids: list[str] = []          # the same pools, sorted by id (round-robin, random)
         self.members: set[str] = set()
+        self.free = 0                     # free slots of the pools in ``ranked``
+        self.stats: tuple[int, int, int] | None = None  # (usable pools, their slots, max ctx); None: recompute
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,10 +175,13 @@ class Placer:
             p.group = (snapshot.engine, normalize_model_ref(snapshot.model_ref))
             if old_group != p.group:
                 self._groups[old_group].members.discard(snapshot.pool_id)
+                self._groups[old_group].stats = None
             p.last_seen = now
             p.lost = False
             p.stale = False
-        self._groups.setdefault(p.group, _Group()).members.add(snapshot.pool_id)
+        group = self._groups.setdefault(p.group, _Group())
+        group.members.add(snapshot.pool_id)
+        group.stats = None
         self._index(p)
 
     def set_flags(self, pool_id: str, *, lost: bool | None = None, stale: bool | None = None,
@@ -189,6 +194,7 @@ class Placer:
             p.stale = stale
         if breaker_open is not None:
             p.breaker_open = breaker_open
+        self._groups[p.group].stats = None
         self._index(p)
 
     def remove(self, pool_id: str) -> None:
@@ -197,6 +203,7 @@ class Placer:
             return
         self._unindex(p)
         self._groups[p.group].members.discard(pool_id)
+        self._groups[p.group].stats = None
 
     def acquire(self, pool_id: str) -> None:
         p = self._pools[pool_id]
@@ -220,15 +227,19 @@ class Placer:
         """(free, total) slots of usable pools, for the task's group or over all pools."""
         if spec is not None:
             group = self._groups.get((spec.engine, normalize_model_ref(spec.model_ref)))
-            pools = (self._pools[i] for i in group.members) if group else iter(())
-        else:
-            pools = iter(self._pools.values())
-        free = total = 0
-        for p in pools:
-            if p.usable:
-                free += p.free
-                total += p.snapshot.slots_total
-        return free, total
+            return (group.free, self._stats(group)[1]) if group else (0, 0)
+        total = sum(self._stats(g)[1] for g in self._groups.values())
+        return self.free_total, total
+
+    def _stats(self, group: _Group) -> tuple[int, int, int]:
+        """(usable pools, their slots, their max ctx; 0 = unlimited), cached until a pool changes."""
+        stats = group.stats
+        if stats is None:
+            usable = [self._pools[i] for i in group.members if self._pools[i].usable]
+            ctx = [p.snapshot.ctx_max for p in usable]
+            max_ctx = 0 if not ctx or 0 in ctx else max(ctx)
+            stats = group.stats = (len(usable), sum(p.snapshot.slots_total for p in usable), max_ctx)
+        return stats
 
     # -- the index ----------------------------------------------------------------------------
 
@@ -249,6 +260,7 @@ class Placer:
             p.key = key
             p.indexed_free = p.free
             self.free_total += p.indexed_free
+            group.free += p.indexed_free
 
     def _unindex(self, p: _Pool) -> None:
         if p.key is None:
@@ -260,6 +272,7 @@ class Placer:
         del group.ids[j]
         p.key = None
         self.free_total -= p.indexed_free
+        group.free -= p.indexed_free
         p.indexed_free = 0
 
     def _ordered(self, group: _Group) -> Iterator[str]:
@@ -290,9 +303,9 @@ class Placer:
     def _misfit(self, p: _Pool, spec: TaskSpec) -> str | None:
         """Why the pool can never take this task as it stands (None: it fits)."""
         s = p.snapshot
-        if s.engine != spec.engine:
+        if p.group[0] != spec.engine:
             return f"engine {s.engine} != {spec.engine}"
-        if p.group[1] != normalize_model_ref(spec.model_ref):
+        if p.group[1] != spec.model_ref and p.group[1] != normalize_model_ref(spec.model_ref):
             return f"model {s.model_ref} != {spec.model_ref}"
         if s.ctx_max and spec.ctx > s.ctx_max:
             return f"ctx limit {s.ctx_max} < {spec.ctx}"
@@ -344,6 +357,12 @@ class Placer:
                               message=f"pinned pool {p.snapshot.pool_id} is not ready ({self._unavailable(p)})")
             return None
         group = self._groups.get((spec.engine, normalize_model_ref(spec.model_ref)))
+        if (group is not None and placement.allow_fallback and placement.require_device_mask is None
+                and spec.determinism is Determinism.BEST_EFFORT):
+            # The common case needs only the group's cached figures, not a scan of its pools.
+            usable_count, _, max_ctx = self._stats(group)
+            if usable_count and (max_ctx == 0 or spec.ctx <= max_ctx):
+                return None
         members = [self._pools[i] for i in sorted(group.members)] if group else []
         if not members:
             return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,

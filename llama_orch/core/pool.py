@@ -198,6 +198,7 @@ class PoolLifecycle:
         self._healthy_since: float | None = None
         self._attempt = 0
         self._probe_outstanding = False
+        self._exited = False  # the engine process is known to be gone (until EngineStarted)
 
     @property
     def ready(self) -> bool:
@@ -233,15 +234,21 @@ class PoolLifecycle:
         if getattr(event, "pool_id", self.pool_id) != self.pool_id:
             raise UsageError(f"event for pool {event.pool_id} sent to pool {self.pool_id}")  # type: ignore[attr-defined]
         if isinstance(event, ProvisionStarted):
-            return self._go("provision", now)
+            out = self._go("provision", now)
+            self._restart_at = None  # provisioning replaces any restart that was pending
+            return out
         if isinstance(event, ProvisionFailed):
             out = self._go("provision_failed", now, event.error)
             self.last_error = event.error
+            if self.state is PoolState.FAILED:
+                self._probe_at = None
+                self._start_deadline = None
             return out + self._schedule_restart(now) if self.state is PoolState.UNREADY else out
         if isinstance(event, EngineStarted):
             out = self._go("engine_started", now)
             self.engine_url = event.engine_url or self.engine_url
             self._restart_at = None
+            self._exited = False
             self._misses = 0
             self._healthy_since = None
             self._start_deadline = now + self.policy.start_timeout_ms
@@ -250,7 +257,12 @@ class PoolLifecycle:
         if isinstance(event, HealthChecked):
             return self._health(event, now)
         if isinstance(event, EngineExited):
-            return self._lost(event.detail, now, "engine_exited")
+            if self.state is PoolState.UNREADY and self._exited:
+                self.last_error = event.detail  # the same loss reported twice: count it once
+                return []
+            out = self._lost(event.detail, now, "engine_exited")
+            self._exited = True
+            return out
         if isinstance(event, DrainRequested):
             if event.deadline_ms < 0:
                 raise UsageError(f"drain deadline_ms must be >= 0, got {event.deadline_ms}")
@@ -275,8 +287,8 @@ class PoolLifecycle:
             self._start_deadline = None
             if self._healthy_since is None:
                 self._healthy_since = now
-            if self.state is PoolState.UNREADY and self._restart_at is None:
-                return []  # an exited engine answering? wait for the restart to report EngineStarted
+            if self.state is PoolState.UNREADY and (self._exited or self._restart_at is None):
+                return []  # a late answer from an engine that exited: wait for EngineStarted
             was_ready = self.state is PoolState.READY
             out = self._go("health_ok", now)
             if not was_ready and self.state is PoolState.READY:

@@ -112,8 +112,10 @@ class TaskSpec:
 class PoolSnapshot:
     """One pool as last reported by its pool-managerd (the contract's pool status shape).
 
-    ``slots_free`` is what the pool reported; the orchestrator subtracts its own leases
-    acquired since, so a stale snapshot never oversubscribes a pool.
+    ``slots_free`` is what the pool reported, kept for display. Placement counts free slots as
+    ``slots_total`` minus the orchestrator's own leases, which are exact for one orchestrator
+    and never stale; sharing a pool between several orchestrators needs leases granted by
+    pool-managerd (roadmap), not this snapshot.
     """
 
     pool_id: str

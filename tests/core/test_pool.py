@@ -758,3 +758,30 @@ def test_random_event_sequences_keep_the_machine_consistent(steps, threshold, se
             assert (pl.state, pl.next_deadline()) == (before_state, before_deadline)
             continue
         check(out, before_state)
+
+
+def test_a_crash_reported_twice_counts_once():
+    pl = make()
+    bring_ready(pl, 0.0)
+    pl.handle(EngineExited(pool_id=pl.pool_id, detail="exit 137"), 10.0)
+    first_restart = pl.next_deadline()
+    assert pl.handle(EngineExited(pool_id=pl.pool_id, detail="exit 137 (again)"), 11.0) == []
+    assert pl.restarts == 1 and pl.backoff.failures == 1 and pl.next_deadline() == first_restart
+    assert pl.last_error == "exit 137 (again)"
+
+
+def test_a_late_health_answer_from_an_exited_engine_does_not_make_it_ready():
+    pl = make()
+    bring_ready(pl, 0.0)
+    pl.handle(EngineExited(pool_id=pl.pool_id), 10.0)
+    assert pl.handle(ok(), 11.0) == [] and pl.state is PoolState.UNREADY
+
+
+def test_provisioning_cancels_a_pending_restart_and_a_failed_provision_stops_probing():
+    pl = make()
+    bring_ready(pl, 0.0)
+    pl.handle(EngineExited(pool_id=pl.pool_id), 10.0)
+    pl.handle(ProvisionStarted(pool_id=pl.pool_id), 11.0)
+    assert pl.state is PoolState.PROVISIONING and pl.next_deadline() is None
+    pl.handle(ProvisionFailed(pool_id=pl.pool_id, error="model missing"), 12.0)
+    assert pl.state is PoolState.FAILED and pl.last_error == "model missing" and pl.next_deadline() is None
