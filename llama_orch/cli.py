@@ -24,6 +24,13 @@ def _fail(message: str) -> int:
     return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line naming what was wrong (the usage is one --help away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -84,7 +91,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-orch", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="llama-orch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="replay a recorded trace through the core with simulated engines")
     rp.add_argument("trace", help="CSV (TIMESTAMP,ContextTokens,GeneratedTokens) or JSONL trace; "

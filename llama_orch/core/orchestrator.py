@@ -443,12 +443,12 @@ class Orchestrator:
     def _fire(self, timer: tuple[float, int, int, str], now: float, out: list[Command]) -> None:
         _, _, kind, key = timer
         if kind == _POOL_STALE:
-            since = self.placer.last_seen(key)
-            if now - since >= self.config.pool_stale_ms:
+            due = self.placer.last_seen(key) + self.config.pool_stale_ms
+            if now >= due:  # the same sum as the timer's, so float rounding cannot loop here
                 self._stale_armed.discard(key)
                 self.placer.set_flags(key, stale=True)
             else:
-                self._arm(since + self.config.pool_stale_ms, _POOL_STALE, key)
+                self._arm(due, _POOL_STALE, key)
             return
         if kind == _BREAKER:
             breaker = self.breakers[key]

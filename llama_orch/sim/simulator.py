@@ -60,19 +60,21 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "pools": self.pools >= 1, "slots_per_pool": self.slots_per_pool >= 1,
-            "tokens_per_s": self.tokens_per_s > 0, "prefill_ms_per_token": self.prefill_ms_per_token >= 0,
-            "first_token_ms": self.first_token_ms >= 0, "batch_fraction": 0.0 <= self.batch_fraction <= 1.0,
-            "sessions": self.sessions >= 1, "deadline_ms": self.deadline_ms >= 1,
-            "admission_capacity": self.admission_capacity >= 1, "poll_interval_ms": self.poll_interval_ms > 0,
-            "pool_losses": self.pool_losses >= 0, "pool_recovery_ms": self.pool_recovery_ms > 0,
-            "slow_engines": self.slow_engines >= 0, "slow_factor": self.slow_factor >= 1.0,
-            "slow_window_ms": self.slow_window_ms > 0, "check_every": self.check_every >= 1,
-            "progress_ms": self.progress_ms > 0,
+            "pools": (self.pools >= 1, ">= 1"), "slots_per_pool": (self.slots_per_pool >= 1, ">= 1"),
+            "tokens_per_s": (self.tokens_per_s > 0, "> 0"),
+            "prefill_ms_per_token": (self.prefill_ms_per_token >= 0, ">= 0"),
+            "first_token_ms": (self.first_token_ms >= 0, ">= 0"),
+            "batch_fraction": (0.0 <= self.batch_fraction <= 1.0, "between 0 and 1"),
+            "sessions": (self.sessions >= 1, ">= 1"), "deadline_ms": (self.deadline_ms >= 1, ">= 1"),
+            "admission_capacity": (self.admission_capacity >= 1, ">= 1"),
+            "poll_interval_ms": (self.poll_interval_ms > 0, "> 0"), "pool_losses": (self.pool_losses >= 0, ">= 0"),
+            "pool_recovery_ms": (self.pool_recovery_ms > 0, "> 0"), "slow_engines": (self.slow_engines >= 0, ">= 0"),
+            "slow_factor": (self.slow_factor >= 1.0, ">= 1"), "slow_window_ms": (self.slow_window_ms > 0, "> 0"),
+            "check_every": (self.check_every >= 1, ">= 1"), "progress_ms": (self.progress_ms > 0, "> 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, expected) in checks.items():
             if not ok:
-                raise UsageError(f"simulation setting {name}={getattr(self, name)!r} is out of range")
+                raise UsageError(f"simulation setting {name}={getattr(self, name)!r} is out of range: expected {expected}")
         try:
             QueuePolicy(self.admission_policy)
         except ValueError:

@@ -288,3 +288,16 @@ def test_round_robin_spreads_tasks():
     for i in range(6):
         run(TaskSubmitted(spec=spec(f"t{i}", session_id=f"s{i}")), i)
     assert [d.pool_id for d in run.of(Dispatch)] == ["pool-a", "pool-b", "pool-c"] * 2
+
+
+@pytest.mark.timeout(20)
+def test_staleness_timer_fires_once_whatever_the_float_rounding():
+    # since + stale_ms - since < stale_ms for these two: the timer must still go off, not re-arm forever.
+    since, stale = 495435.087091941, 17613.548957746607
+    assert (since + stale) - since < stale
+    core, run = make(pool_stale_ms=stale)
+    run(PoolUpdated(snapshot=pool("pool-a", slots_total=1, slots_free=1)), since)
+    run(Tick(), core.next_deadline())  # the timer armed by the first snapshot re-arms from `since`
+    assert core.placer.is_usable("pool-a") and core.next_deadline() == since + stale
+    run(Tick(), since + stale)
+    assert not core.placer.is_usable("pool-a") and core.next_deadline() is None
