@@ -1,0 +1,219 @@
+"""The mock engine: llama-server's HTTP protocol, as observed, with configurable faults.
+
+For benchmarks and fault injection only; tests that check behaviour run the real
+``llama-server``. It answers ``/health`` (503 ``Loading model`` during a configurable start,
+then 200), ``/props``, ``/slots``, ``/metrics``, ``/completion`` (llama.cpp frames, a final
+``stop: true`` frame with ``timings``, no ``[DONE]``), ``/v1/completions`` and
+``/v1/chat/completions`` (OpenAI chunks ending in ``data: [DONE]``). Requests beyond the slot
+count wait for a slot, as llama-server's do. Faults: ``crash_after`` tokens (the process
+exits), ``stall_after`` tokens (the stream goes silent), ``error_rate`` (HTTP 500s, seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+WORDS = ("the", "llama", "orch", "pool", "token", "stream", "queue", "slot", "engine", "model", "fast", "ready")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MockConfig:
+    slots: int = 4
+    ctx: int = 2048
+    tokens_per_s: float = 200.0
+    start_delay_s: float = 0.0
+    crash_after: int | None = None
+    stall_after: int | None = None
+    error_rate: float = 0.0
+    seed: int = 0
+    model: str = "mock.gguf"
+
+
+class MockEngine:
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.slots = asyncio.Semaphore(config.slots)
+        self.busy = [False] * config.slots
+        self.rng = random.Random(config.seed)
+        self.prompt_tokens_total = 0
+        self.predicted_total = 0
+        self.deferred = 0
+
+    def loading(self) -> bool:
+        return time.monotonic() - self.started < self.config.start_delay_s
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.loading():
+            return _json({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, 503)
+        return _json({"status": "ok"})
+
+    async def props(self, request: web.Request) -> web.Response:
+        return _json({"default_generation_settings": {"n_ctx": self.config.ctx, "params": {}},
+                      "total_slots": self.config.slots, "model_path": self.config.model,
+                      "build_info": "mock-engine", "is_sleeping": False})
+
+    async def slots_state(self, request: web.Request) -> web.Response:
+        return _json([{"id": i, "n_ctx": self.config.ctx, "is_processing": busy} for i, busy in enumerate(self.busy)])
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        busy = sum(self.busy)
+        text = (
+            "# TYPE llamacpp:prompt_tokens_total counter\n"
+            f"llamacpp:prompt_tokens_total {self.prompt_tokens_total}\n"
+            "# TYPE llamacpp:tokens_predicted_total counter\n"
+            f"llamacpp:tokens_predicted_total {self.predicted_total}\n"
+            "# TYPE llamacpp:requests_processing gauge\n"
+            f"llamacpp:requests_processing {busy}\n"
+            "# TYPE llamacpp:requests_deferred gauge\n"
+            f"llamacpp:requests_deferred {self.deferred}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "llamacpp")
+
+    async def v1_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "openai-text")
+
+    async def v1_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "openai-chat")
+
+    # -- generation -------------------------------------------------------------------------
+
+    async def _generate(self, request: web.Request, dialect: str) -> web.StreamResponse:
+        if self.loading():
+            return _json({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, 503)
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _json({"error": {"code": 400, "message": "invalid JSON body", "type": "invalid_request_error"}}, 400)
+        if self.config.error_rate and self.rng.random() < self.config.error_rate:
+            return _json({"error": {"code": 500, "message": "injected fault", "type": "server_error"}}, 500)
+        n_predict = int(body.get("n_predict", body.get("max_tokens", 16)) or 16)
+        prompt = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages", []))
+        prompt_tokens = max(1, len(str(prompt).split()))
+        stream = bool(body.get("stream", False))
+        words = random.Random(body.get("seed", 0)).choices(WORDS, k=n_predict)
+        self.deferred += 1
+        async with self.slots:
+            self.deferred -= 1
+            slot = self.busy.index(False)
+            self.busy[slot] = True
+            try:
+                return await self._run(request, dialect, slot, words, prompt_tokens, stream)
+            finally:
+                self.busy[slot] = False
+
+    async def _run(self, request, dialect, slot, words, prompt_tokens, stream) -> web.StreamResponse:
+        self.prompt_tokens_total += prompt_tokens
+        delay = 1.0 / self.config.tokens_per_s
+        started = time.monotonic()
+        if not stream:
+            await asyncio.sleep(delay * len(words))
+            self.predicted_total += len(words)
+            text = "".join(" " + w for w in words)
+            return _json(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        for i, word in enumerate(words):
+            if self.config.crash_after is not None and i >= self.config.crash_after:
+                os._exit(3)  # a crash mid-stream, as an engine would die: no goodbye
+            if self.config.stall_after is not None and i >= self.config.stall_after:
+                await asyncio.sleep(3600)
+            await asyncio.sleep(delay)
+            self.predicted_total += 1
+            await resp.write(b"data: " + orjson.dumps(self._chunk(dialect, " " + word, i, slot)) + b"\n\n")
+        final = self._final(dialect, "", len(words), prompt_tokens, started, slot, stream=True)
+        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        if dialect != "llamacpp":
+            await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    def _chunk(self, dialect: str, text: str, i: int, slot: int) -> dict:
+        if dialect == "llamacpp":
+            return {"index": 0, "content": text, "tokens": [i], "stop": False, "id_slot": slot,
+                    "tokens_predicted": i + 1, "tokens_evaluated": 0}
+        if dialect == "openai-text":
+            return {"id": "cmpl-mock", "object": "text_completion", "model": self.config.model,
+                    "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+        return {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": self.config.model,
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+
+    def _final(self, dialect, text, n, prompt_tokens, started, slot, *, stream: bool) -> dict:
+        ms = (time.monotonic() - started) * 1000
+        if dialect == "llamacpp":
+            return {"index": 0, "content": text, "tokens": [], "id_slot": slot, "stop": True, "model": self.config.model,
+                    "tokens_predicted": n, "tokens_evaluated": prompt_tokens, "stop_type": "limit",
+                    "timings": {"prompt_n": prompt_tokens, "prompt_ms": 0.1, "predicted_n": n, "predicted_ms": ms}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+        if dialect == "openai-text":
+            choice = {"index": 0, "text": text, "finish_reason": "length"}
+            return {"id": "cmpl-mock", "object": "text_completion", "model": self.config.model,
+                    "choices": [choice], "usage": usage}
+        choice = ({"index": 0, "delta": {}, "finish_reason": "length"} if stream else
+                  {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+        return {"id": "chatcmpl-mock", "object": "chat.completion.chunk" if stream else "chat.completion",
+                "model": self.config.model, "choices": [choice], "usage": usage}
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def create_app(config: MockConfig) -> web.Application:
+    engine = MockEngine(config)
+    app = web.Application()
+    app.router.add_get("/health", engine.health)
+    app.router.add_get("/props", engine.props)
+    app.router.add_get("/slots", engine.slots_state)
+    app.router.add_get("/metrics", engine.metrics)
+    app.router.add_post("/completion", engine.completion)
+    app.router.add_post("/completions", engine.completion)
+    app.router.add_post("/v1/completions", engine.v1_completions)
+    app.router.add_post("/v1/chat/completions", engine.v1_chat)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llama-orch mock-engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--parallel", "-np", dest="slots", type=int, default=4)
+    parser.add_argument("--ctx-size", "-c", dest="ctx", type=int, default=2048)
+    parser.add_argument("--tokens-per-s", type=float, default=200.0)
+    parser.add_argument("--start-delay-s", type=float, default=0.0)
+    parser.add_argument("--crash-after", type=int, default=None)
+    parser.add_argument("--stall-after", type=int, default=None)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", "-m", default="mock.gguf")
+    args = parser.parse_args(argv)
+    if args.slots < 1 or args.ctx < 1 or args.tokens_per_s <= 0 or not 0 <= args.error_rate <= 1:
+        parser.error("--parallel and --ctx-size must be >= 1, --tokens-per-s > 0, --error-rate within [0, 1]")
+    config = MockConfig(slots=args.slots, ctx=args.ctx, tokens_per_s=args.tokens_per_s, start_delay_s=args.start_delay_s,
+                        crash_after=args.crash_after, stall_after=args.stall_after, error_rate=args.error_rate,
+                        seed=args.seed, model=os.path.basename(args.model))
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but the engine works without it
+        pass
+    web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

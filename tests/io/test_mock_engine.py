@@ -1,0 +1,119 @@
+"""The mock engine speaks llama-server's protocol: parsed here with the project's own relay."""
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from llama_orch.ext.sse import TokenRelay
+from llama_orch.io.mock_engine import MockConfig, create_app
+
+
+async def client_for(aiohttp_client, **kw):
+    return await aiohttp_client(create_app(MockConfig(**kw)))
+
+
+async def test_health_reports_loading_then_ok(aiohttp_client):
+    client = await client_for(aiohttp_client, start_delay_s=0.3)
+    resp = await client.get("/health")
+    assert resp.status == 503 and (await resp.json())["error"]["message"] == "Loading model"
+    deadline = time.monotonic() + 5
+    while (await client.get("/health")).status != 200:
+        assert time.monotonic() < deadline, "mock engine never finished loading"
+        await asyncio.sleep(0.05)
+
+
+async def test_props_and_slots(aiohttp_client):
+    client = await client_for(aiohttp_client, slots=3, ctx=512)
+    props = await (await client.get("/props")).json()
+    assert props["total_slots"] == 3 and props["default_generation_settings"]["n_ctx"] == 512
+    slots = await (await client.get("/slots")).json()
+    assert [s["is_processing"] for s in slots] == [False, False, False]
+
+
+async def test_streamed_completion_in_llamacpp_frames(aiohttp_client):
+    client = await client_for(aiohttp_client, tokens_per_s=1000)
+    resp = await client.post("/completion", json={"prompt": "hello there", "n_predict": 7, "stream": True})
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    relay = TokenRelay("llamacpp")
+    final = None
+    async for chunk in resp.content.iter_any():
+        frames, _, done = relay.feed(chunk)
+        final = done or final
+    assert relay.tokens == 7
+    assert final["kind"] == "end" and final["tokens_predicted"] == 7 and final["tokens_evaluated"] == 2
+    metrics = await (await client.get("/metrics")).text()
+    assert "llamacpp:tokens_predicted_total 7" in metrics
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True}),
+])
+async def test_openai_streams_end_with_done(aiohttp_client, path, body):
+    client = await client_for(aiohttp_client, tokens_per_s=1000)
+    raw = await (await client.post(path, json=body)).read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    relay = TokenRelay("openai")
+    _, tokens, final = relay.feed(raw)
+    assert tokens == 4 and final["kind"] == "end"
+
+
+async def test_a_busy_engine_defers_requests_until_a_slot_frees(aiohttp_client):
+    client = await client_for(aiohttp_client, slots=1, tokens_per_s=50)
+    first = asyncio.ensure_future(client.post("/completion", json={"prompt": "a", "n_predict": 10}))
+    deadline = time.monotonic() + 5
+    while not (await (await client.get("/slots")).json())[0]["is_processing"]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(client.post("/completion", json={"prompt": "b", "n_predict": 1}))
+    while "llamacpp:requests_deferred 1" not in await (await client.get("/metrics")).text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert not second.done()
+    assert (await (await first).json())["tokens_predicted"] == 10
+    assert (await (await second).json())["tokens_predicted"] == 1
+
+
+async def test_injected_errors(aiohttp_client):
+    client = await client_for(aiohttp_client, error_rate=1.0)
+    resp = await client.post("/completion", json={"prompt": "a"})
+    assert resp.status == 500 and (await resp.json())["error"]["message"] == "injected fault"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_crash_mid_stream_kills_the_process():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.mock_engine", "--port", str(port),
+                             "--crash-after", "3", "--tokens-per-s", "500"])
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "mock engine did not start"
+                await asyncio.sleep(0.05)
+            relay = TokenRelay("llamacpp")
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with session.post(f"http://127.0.0.1:{port}/completion",
+                                        json={"prompt": "x", "n_predict": 50, "stream": True}) as r:
+                    async for chunk in r.content.iter_any():
+                        relay.feed(chunk)
+            assert relay.tokens == 3 and relay.final is None
+        assert proc.wait(timeout=10) == 3
+    finally:
+        proc.kill()
