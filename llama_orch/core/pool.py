@@ -171,7 +171,7 @@ class PoolPolicy:
     breaker_window_ms: float = 60_000.0
     breaker_cooldown_ms: float = 30_000.0
     recovery_ms: float = 10_000.0
-    restart: bool = True
+    restart: bool = True  # False for an observer (pool-managerd): probe on instead of restarting
 
 
 class PoolLifecycle:
@@ -287,7 +287,7 @@ class PoolLifecycle:
             self._start_deadline = None
             if self._healthy_since is None:
                 self._healthy_since = now
-            if self.state is PoolState.UNREADY and (self._exited or self._restart_at is None):
+            if self.state is PoolState.UNREADY and (self._exited or (self._restart_at is None and self.policy.restart)):
                 return []  # a late answer from an engine that exited: wait for EngineStarted
             was_ready = self.state is PoolState.READY
             out = self._go("health_ok", now)
@@ -316,6 +316,10 @@ class PoolLifecycle:
             self._drain_deadline = None
             return out
         if self.state is PoolState.UNREADY:
+            if not self.policy.restart and trigger == "stale":
+                # An observer that cannot restart the engine (pool-managerd) keeps probing:
+                # a hung engine that answers again is ready again.
+                self._probe_at = now + self.policy.health_interval_ms
             out += self._schedule_restart(now)
         return out
 

@@ -785,3 +785,14 @@ def test_provisioning_cancels_a_pending_restart_and_a_failed_provision_stops_pro
     assert pl.state is PoolState.PROVISIONING and pl.next_deadline() is None
     pl.handle(ProvisionFailed(pool_id=pl.pool_id, error="model missing"), 12.0)
     assert pl.state is PoolState.FAILED and pl.last_error == "model missing" and pl.next_deadline() is None
+
+
+def test_an_observer_without_restart_keeps_probing_and_recovers():
+    pl = make(restart=False, stale_after_misses=2)
+    bring_ready(pl, 0.0)
+    for t in (1000.0, 2000.0):
+        assert pl.handle(Tick(), t) == [ProbeHealth(pool_id=P)]
+        out = pl.handle(fail("timeout"), t)
+    assert pl.state is PoolState.UNREADY and out == [changed(PoolState.READY, PoolState.UNREADY, "timeout")]
+    assert not [c for c in pl.handle(Tick(), 3000.0) if isinstance(c, StartEngine)]
+    assert pl.handle(ok(), 3000.0) == [changed(PoolState.UNREADY, PoolState.READY)]

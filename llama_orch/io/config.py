@@ -1,0 +1,130 @@
+"""Settings of the daemons: the contract's environment variables and the matching flags.
+
+Each daemon has one typed, frozen settings object, read once at start-up. Every value is
+validated there: a bad one stops the daemon with one line naming the variable (or flag), the
+value and what was expected (``ConfigError``). Where the contract lists two names for one
+setting, the first one set wins. A flag given on the command line beats the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import urlparse
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Env:
+    """Typed reads from a mapping of environment variables, each failing with a named error."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> None:
+        self.environ = os.environ if environ is None else environ
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    def _raw(self, names: tuple[str, ...]) -> tuple[str, str] | None:
+        for name in names:
+            if name in self.overrides:
+                return name, str(self.overrides[name])
+        for name in names:
+            value = self.environ.get(name)
+            if value is not None and value != "":
+                return name, value
+        return None
+
+    def get(self, *names: str, default: T, parse: Callable[[str], T], expected: str) -> T:
+        found = self._raw(names)
+        if found is None:
+            return default
+        name, raw = found
+        try:
+            return parse(raw)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{name}={raw!r}: expected {expected}") from None
+
+    def text(self, *names: str, default: str) -> str:
+        return self.get(*names, default=default, parse=str, expected="text")
+
+    def integer(self, *names: str, default: int, minimum: int = 0) -> int:
+        def parse(raw: str) -> int:
+            value = int(raw)
+            if value < minimum:
+                raise ValueError
+            return value
+        return self.get(*names, default=default, parse=parse, expected=f"an integer >= {minimum}")
+
+    def boolean(self, *names: str, default: bool) -> bool:
+        def parse(raw: str) -> bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return self.get(*names, default=default, parse=parse, expected="true or false")
+
+    def address(self, *names: str, default: str) -> tuple[str, int]:
+        return self.get(*names, default=parse_address(default), parse=parse_address, expected="HOST:PORT")
+
+    def url(self, *names: str, default: str | None) -> str | None:
+        def parse(raw: str) -> str:
+            u = urlparse(raw)
+            if u.scheme not in ("http", "https") or not u.netloc:
+                raise ValueError
+            return raw.rstrip("/")
+        return self.get(*names, default=default, parse=parse, expected="an http(s) URL")
+
+    def path(self, *names: str, default: str) -> Path:
+        return self.get(*names, default=Path(default).expanduser(), parse=lambda raw: Path(raw).expanduser(),
+                        expected="a path")
+
+
+def parse_address(raw: str) -> tuple[str, int]:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(raw)
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolManagerSettings:
+    host: str = "127.0.0.1"
+    port: int = 9200
+    runtime_dir: Path = Path("/var/lib/llama-orch/engines")
+    watch_interval_ms: int = 1000
+    auto_delete_handoff: bool = True
+    gpu_discovery_interval_ms: int = 10_000
+    health_interval_ms: int = 1000
+    health_timeout_ms: int = 2000
+    stale_after_misses: int = 3
+    callback_url: str | None = None
+    provisioner_url: str | None = "http://127.0.0.1:9300"
+    node_id: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "PoolManagerSettings":
+        env = Env(environ, {"POOL_MANAGERD_BIND_ADDR": flags.get("bind"), "POOL_MANAGERD_RUNTIME_DIR": flags.get("runtime_dir")})
+        host, port = env.address("POOL_MANAGERD_BIND_ADDR", "POOL_MANAGERD_ADDR", default="127.0.0.1:9200")
+        return cls(
+            host=host, port=port,
+            runtime_dir=env.path("POOL_MANAGERD_RUNTIME_DIR", default="/var/lib/llama-orch/engines"),
+            watch_interval_ms=env.integer("POOL_MANAGERD_WATCH_INTERVAL_MS", default=1000, minimum=10),
+            auto_delete_handoff=env.boolean("POOL_MANAGERD_AUTO_DELETE_HANDOFF", default=True),
+            gpu_discovery_interval_ms=env.integer("POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS", default=10_000, minimum=100),
+            health_interval_ms=env.integer("POOL_MANAGERD_HEALTH_INTERVAL_MS", default=1000, minimum=10),
+            health_timeout_ms=env.integer("POOL_MANAGERD_HEALTH_TIMEOUT_MS", default=2000, minimum=10),
+            stale_after_misses=env.integer("POOL_MANAGERD_STALE_AFTER_MISSES", default=3, minimum=1),
+            callback_url=env.url("POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL", default=None),
+            provisioner_url=env.url("POOL_MANAGERD_PROVISIONER_URL", default="http://127.0.0.1:9300"),
+            node_id=env.text("POOL_MANAGERD_NODE_ID", default=os.uname().nodename),
+        )

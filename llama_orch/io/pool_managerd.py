@@ -1,0 +1,467 @@
+"""pool-managerd: one per GPU worker. Turns the engines on this machine into pools over HTTP.
+
+It owns the pool registry of its machine: a handoff watcher on the runtime dir (new and
+changed files; a malformed or half-written file is counted and logged by name, never fatal),
+one ``core.pool.PoolLifecycle`` per pool in observer mode (health probes, staleness, ready or
+not; restarting engines is the provisioner's job), a health poller driven by the lifecycle's
+``ProbeHealth`` commands (``/health``, then ``/slots`` and ``/props`` for slots and ctx), GPU
+discovery over NVML (or system memory for CPU pools), the pool-ready callback to
+orchestratord with retry and backoff, drain, reload forwarded to the local engine-provisioner,
+and Prometheus metrics. The HTTP API is the contract's: ``GET /health``, ``GET /v2/pools``,
+``GET /v2/pools/{id}/status``, ``POST /v2/pools/{id}/drain``, ``POST /v2/pools/{id}/reload``,
+``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..core.commands import PoolStateChanged, ProbeHealth
+from ..core.events import DrainRequested, EngineStarted, HealthChecked, LeasesChanged, Tick
+from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
+from .config import ConfigError, PoolManagerSettings
+from .gpu import GpuDiscovery, select, vram_of
+from .handoff import Handoff, HandoffError, read_handoff
+
+log = logging.getLogger("llama_orch.pool_managerd")
+
+
+@dataclass(slots=True)
+class Pool:
+    handoff: Handoff
+    lifecycle: PoolLifecycle
+    file: str
+    slots_total: int
+    slots_free: int
+    ctx_max: int
+    model_ref: str
+    callback_sent_for: int = -1  # the readiness generation the orchestrator has been told about
+    generation: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.handoffs = Counter("pool_handoff_files_processed", "Handoff files processed", ["pool_id", "outcome"], registry=r)
+        self.handoff_ms = Histogram("pool_handoff_processing_duration_ms", "Time to process a handoff file (ms)",
+                                    ["pool_id"], registry=r, buckets=(0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250))
+        self.slots_total = Gauge("pool_slots_total", "Slots of the pool's engine", ["pool_id"], registry=r)
+        self.slots_free = Gauge("pool_slots_free", "Free slots of the pool's engine", ["pool_id"], registry=r)
+        self.vram_total = Gauge("pool_vram_total_bytes", "VRAM of the pool's devices", ["pool_id"], registry=r)
+        self.vram_free = Gauge("pool_vram_free_bytes", "Free VRAM of the pool's devices", ["pool_id"], registry=r)
+        self.health = Counter("pool_health_checks", "Engine health checks", ["pool_id", "outcome"], registry=r)
+        self.ready = Gauge("pool_ready", "1 when the pool is ready", ["pool_id"], registry=r)
+        self.gpu_util = Gauge("gpu_utilization", "GPU utilisation (%)", ["device"], registry=r)
+        self.vram_used = Gauge("vram_used_bytes", "VRAM in use", ["device"], registry=r)
+
+
+class PoolManager:
+    """The registry and its drivers. Time is the event loop's clock in milliseconds."""
+
+    def __init__(self, settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.pools: dict[str, Pool] = {}
+        self.seen_files: dict[str, tuple[int, int]] = {}
+        self.malformed: dict[str, str] = {}
+        self.gpu = gpu or GpuDiscovery()
+        self.discovery = None
+        self.session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._rng = random.Random(0)
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time() * 1000.0
+
+    # -- lifecycle of the manager ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_ms / 1000))
+        self.refresh_gpus()
+        if self.discovery is not None and not self.discovery.nvml:
+            log.warning("GPU discovery: %s; pools are CPU pools sized by system memory", self.discovery.error)
+        self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.scan()
+        for loop_fn in (self._watch_loop, self._timer_loop, self._gpu_loop):
+            self._spawn(loop_fn())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+        self.gpu.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- handoff watcher ------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.watch_interval_ms / 1000)
+            self.scan()
+
+    def scan(self) -> None:
+        """Process new and changed handoff files; never raises for a bad file."""
+        directory = self.settings.runtime_dir
+        try:
+            entries = [e for e in os.scandir(directory) if e.name.endswith(".json") and not e.name.startswith(".")]
+        except OSError as exc:
+            log.error("handoff watcher cannot read %s: %s", directory, exc.strerror)
+            return
+        for entry in sorted(entries, key=lambda e: e.name):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            if self.seen_files.get(entry.path) == stamp:
+                continue
+            self.seen_files[entry.path] = stamp
+            started = time.perf_counter()
+            try:
+                handoff = read_handoff(entry.path)
+            except HandoffError as exc:
+                self.malformed[entry.name] = str(exc)
+                self.metrics.handoffs.labels(pool_id=Path(entry.name).stem, outcome="malformed").inc()
+                log.error("%s", exc)
+                continue
+            self.malformed.pop(entry.name, None)
+            self.adopt(handoff, entry.path)
+            self.metrics.handoffs.labels(pool_id=handoff.pool_id, outcome="ok").inc()
+            self.metrics.handoff_ms.labels(pool_id=handoff.pool_id).observe((time.perf_counter() - started) * 1000)
+            if self.settings.auto_delete_handoff:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                self.seen_files.pop(entry.path, None)
+
+    def adopt(self, handoff: Handoff, path: str) -> None:
+        pool = self.pools.get(handoff.pool_id)
+        if pool is None:
+            policy = PoolPolicy(health_interval_ms=self.settings.health_interval_ms, restart=False,
+                                stale_after_misses=self.settings.stale_after_misses)
+            pool = Pool(handoff=handoff, lifecycle=PoolLifecycle(handoff.pool_id, policy=policy, rng=self._rng),
+                        file=path, slots_total=handoff.slots_total, slots_free=0, ctx_max=handoff.ctx,
+                        model_ref=handoff.model_id or handoff.model_path)
+            self.pools[handoff.pool_id] = pool
+            log.info("pool %s: engine %s at %s (from %s)", handoff.pool_id, handoff.engine, handoff.url, path)
+        else:
+            log.info("pool %s: handoff changed, engine now at %s (pid %s)", handoff.pool_id, handoff.url, handoff.pid)
+            pool.handoff = handoff
+            pool.file = path
+            pool.slots_total = handoff.slots_total
+            pool.ctx_max = handoff.ctx or pool.ctx_max
+            pool.model_ref = handoff.model_id or handoff.model_path
+        self._apply(pool, pool.lifecycle.handle(EngineStarted(pool_id=handoff.pool_id, engine_url=handoff.url,
+                                                              pid=handoff.pid), self.now()))
+
+    # -- timers and health ----------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            now = self.now()
+            for pool in list(self.pools.values()):
+                due = pool.lifecycle.next_deadline()
+                if due is not None and due <= now:
+                    self._apply(pool, pool.lifecycle.handle(Tick(), now))
+            deadlines = [d for p in self.pools.values() if (d := p.lifecycle.next_deadline()) is not None]
+            timeout = max(0.0, (min(deadlines) - self.now()) / 1000) if deadlines else None
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _apply(self, pool: Pool, commands: list) -> None:
+        for cmd in commands:
+            if isinstance(cmd, ProbeHealth):
+                self._spawn(self._probe(pool, pool.generation))
+            elif isinstance(cmd, PoolStateChanged):
+                log.info("pool %s: %s -> %s%s", cmd.pool_id, cmd.previous, cmd.state,
+                         f" ({cmd.cause})" if cmd.cause else "")
+                self.metrics.ready.labels(pool_id=cmd.pool_id).set(1 if cmd.state == PoolState.READY.value else 0)
+                if cmd.state == PoolState.READY.value:
+                    pool.generation += 1
+                    if self.settings.callback_url:
+                        self._spawn(self._callback(pool, pool.generation))
+        self._wake.set()
+
+    async def _probe(self, pool: Pool, generation: int) -> None:
+        url = pool.handoff.url
+        ok, loading, detail = False, False, None
+        try:
+            assert self.session is not None
+            async with self.session.get(f"{url}/health") as resp:
+                if resp.status == 200:
+                    ok = True
+                elif resp.status == 503:
+                    loading = True
+                    detail = f"engine loading (/health 503: {(await resp.text())[:120]})"
+                else:
+                    detail = f"/health answered HTTP {resp.status}"
+            if ok:
+                await self._read_slots(pool)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            ok, detail = False, f"health check failed: {type(exc).__name__}: {exc}".rstrip(": ")
+        outcome = "ok" if ok else ("loading" if loading else "failed")
+        self.metrics.health.labels(pool_id=pool.handoff.pool_id, outcome=outcome).inc()
+        if pool is not self.pools.get(pool.handoff.pool_id) or url != pool.handoff.url:
+            return  # the pool was replaced while the probe ran
+        now = self.now()
+        self._apply(pool, pool.lifecycle.handle(HealthChecked(pool_id=pool.handoff.pool_id, ok=ok, loading=loading,
+                                                              detail=detail), now))
+        if ok:
+            busy = pool.slots_total - pool.slots_free
+            self._apply(pool, pool.lifecycle.handle(LeasesChanged(pool_id=pool.handoff.pool_id, active=busy), now))
+        self._update_gauges(pool)
+
+    async def _read_slots(self, pool: Pool) -> None:
+        assert self.session is not None
+        async with self.session.get(f"{pool.handoff.url}/slots") as resp:
+            if resp.status == 200:
+                slots = orjson.loads(await resp.read())
+                if isinstance(slots, list) and slots:
+                    pool.slots_total = len(slots)
+                    pool.slots_free = sum(1 for s in slots if not s.get("is_processing"))
+                    ctx = slots[0].get("n_ctx")
+                    if isinstance(ctx, int) and ctx > 0:
+                        pool.ctx_max = ctx
+                    return
+        async with self.session.get(f"{pool.handoff.url}/props") as resp:  # /slots disabled: fall back
+            props = orjson.loads(await resp.read())
+            pool.slots_total = int(props.get("total_slots") or pool.slots_total)
+            pool.ctx_max = int((props.get("default_generation_settings") or {}).get("n_ctx") or pool.ctx_max)
+            pool.slots_free = pool.slots_total
+
+    async def _callback(self, pool: Pool, generation: int) -> None:
+        """Tell orchestratord the pool is ready; retry with capped exponential backoff."""
+        delay = 0.2
+        body = {"pool_id": pool.handoff.pool_id, "node_id": self.settings.node_id,
+                "status_url": f"http://{self.settings.host}:{self.settings.port}/v2/pools/{pool.handoff.pool_id}/status"}
+        while pool.generation == generation and pool.lifecycle.ready:
+            try:
+                assert self.session is not None
+                async with self.session.post(self.settings.callback_url, json=body) as resp:
+                    if resp.status < 300:
+                        pool.callback_sent_for = generation
+                        return
+                    log.warning("pool-ready callback for %s: HTTP %s", pool.handoff.pool_id, resp.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("pool-ready callback for %s failed: %s", pool.handoff.pool_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    # -- GPUs -----------------------------------------------------------------------------------
+
+    def refresh_gpus(self) -> None:
+        self.discovery = self.gpu.discover()
+        for d in self.discovery.devices:
+            self.metrics.vram_used.labels(device=str(d.index)).set(d.vram_total_bytes - d.vram_free_bytes)
+            if d.utilization_pct is not None:
+                self.metrics.gpu_util.labels(device=str(d.index)).set(d.utilization_pct)
+        for pool in self.pools.values():
+            self._update_gauges(pool)
+
+    async def _gpu_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gpu_discovery_interval_ms / 1000)
+            await asyncio.to_thread(self.refresh_gpus)
+
+    def vram(self, pool: Pool) -> tuple[int, int]:
+        if self.discovery is None:
+            return 0, 0
+        try:
+            return vram_of(select(self.discovery, pool.handoff.device_mask))
+        except ValueError:
+            return 0, 0
+
+    def _update_gauges(self, pool: Pool) -> None:
+        pid = pool.handoff.pool_id
+        total, free = self.vram(pool)
+        self.metrics.slots_total.labels(pool_id=pid).set(pool.slots_total)
+        self.metrics.slots_free.labels(pool_id=pid).set(pool.slots_free if pool.lifecycle.ready else 0)
+        self.metrics.vram_total.labels(pool_id=pid).set(total)
+        self.metrics.vram_free.labels(pool_id=pid).set(free)
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def status(self, pool: Pool) -> dict:
+        h = pool.handoff
+        life = pool.lifecycle
+        total, free = self.vram(pool)
+        ready = life.ready
+        return {
+            "pool_id": h.pool_id, "live": life.state not in (PoolState.FAILED, PoolState.DRAINED, PoolState.UNKNOWN),
+            "ready": ready, "draining": life.draining, "state": life.state.value,
+            "slots_total": pool.slots_total, "slots_free": pool.slots_free if ready else 0,
+            "active_leases": max(0, pool.slots_total - pool.slots_free) if ready else 0,
+            "engine": h.engine, "engine_version": h.engine_version, "engine_url": h.url,
+            "device_mask": h.device_mask, "vram_total_bytes": total, "vram_free_bytes": free,
+            "model_ref": pool.model_ref, "ctx_max": pool.ctx_max, "replica_id": h.replica_id,
+            "provisioning_mode": h.provisioning_mode, "last_error": life.last_error,
+        }
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+MANAGER = web.AppKey("manager", PoolManager)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json({"code": code, "message": message}, status)
+
+
+def _pool_or_404(request: web.Request) -> Pool | web.Response:
+    pool_id = request.match_info["pool_id"]
+    pool = request.app[MANAGER].pools.get(pool_id)
+    return pool if pool is not None else _error(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
+
+
+async def health(request: web.Request) -> web.Response:
+    m = request.app[MANAGER]
+    d = m.discovery
+    return _json({"status": "ok", "node_id": m.settings.node_id, "pools": len(m.pools),
+                  "ready_pools": sum(p.lifecycle.ready for p in m.pools.values()),
+                  "nvml": bool(d and d.nvml), "malformed_handoffs": sorted(m.malformed)})
+
+
+async def list_pools(request: web.Request) -> web.Response:
+    m = request.app[MANAGER]
+    devices = [
+        {"index": d.index, "name": d.name, "uuid": d.uuid, "kind": d.kind, "vram_total_bytes": d.vram_total_bytes,
+         "vram_free_bytes": d.vram_free_bytes, "utilization_pct": d.utilization_pct}
+        for d in (m.discovery.devices if m.discovery else ())
+    ]
+    return _json({"node_id": m.settings.node_id, "pools": [m.status(p) for _, p in sorted(m.pools.items())],
+                  "devices": devices})
+
+
+async def pool_status(request: web.Request) -> web.Response:
+    pool = _pool_or_404(request)
+    return pool if isinstance(pool, web.Response) else _json(request.app[MANAGER].status(pool))
+
+
+async def _body(request: web.Request) -> dict | web.Response:
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        return _error(400, "INVALID_PARAMS", "request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _error(400, "INVALID_PARAMS", "request body must be a JSON object")
+    return body
+
+
+async def drain(request: web.Request) -> web.Response:
+    pool = _pool_or_404(request)
+    if isinstance(pool, web.Response):
+        return pool
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    deadline = body.get("deadline_ms", 30_000)
+    if not isinstance(deadline, int) or isinstance(deadline, bool) or deadline < 0:
+        return _error(400, "INVALID_PARAMS", f"deadline_ms must be an integer >= 0, got {deadline!r}")
+    m = request.app[MANAGER]
+    m._apply(pool, pool.lifecycle.handle(DrainRequested(pool_id=pool.handoff.pool_id, deadline_ms=deadline), m.now()))
+    return _json({"pool_id": pool.handoff.pool_id, "state": pool.lifecycle.state.value, "deadline_ms": deadline}, 202)
+
+
+async def reload(request: web.Request) -> web.Response:
+    pool = _pool_or_404(request)
+    if isinstance(pool, web.Response):
+        return pool
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    ref = body.get("new_model_ref")
+    if not isinstance(ref, str) or not ref:
+        return _error(400, "INVALID_PARAMS", "new_model_ref must be a non-empty string")
+    m = request.app[MANAGER]
+    if not m.settings.provisioner_url:
+        return _error(503, "PROVISIONER_UNAVAILABLE", "no engine-provisioner is configured on this node")
+    url = f"{m.settings.provisioner_url}/v2/pools/{pool.handoff.pool_id}/reload"
+    try:
+        assert m.session is not None
+        async with m.session.post(url, json={"new_model_ref": ref}) as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return _error(503, "PROVISIONER_UNAVAILABLE", f"engine-provisioner at {m.settings.provisioner_url}: {exc}")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    m = request.app[MANAGER]
+    for pool in m.pools.values():
+        m._update_gauges(pool)
+    return web.Response(body=generate_latest(m.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None) -> web.Application:
+    app = web.Application()
+    app[MANAGER] = PoolManager(settings, gpu=gpu)
+
+    async def manager_ctx(app: web.Application):
+        await app[MANAGER].start()
+        yield
+        await app[MANAGER].stop()
+
+    app.cleanup_ctx.append(manager_ctx)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v2/pools", list_pools)
+    app.router.add_get("/v2/pools/{pool_id}/status", pool_status)
+    app.router.add_post("/v2/pools/{pool_id}/drain", drain)
+    app.router.add_post("/v2/pools/{pool_id}/reload", reload)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="pool-managerd", description="llama-orch pool manager for one GPU worker")
+    parser.add_argument("--bind", help="HOST:PORT (env POOL_MANAGERD_BIND_ADDR, default 127.0.0.1:9200)")
+    parser.add_argument("--runtime-dir", help="handoff directory (env POOL_MANAGERD_RUNTIME_DIR)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pool-managerd %(levelname)s %(message)s")
+    try:
+        settings = PoolManagerSettings.from_env(bind=args.bind, runtime_dir=args.runtime_dir)
+    except ConfigError as exc:
+        print(f"pool-managerd: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    log.info("listening on %s:%s, watching %s", settings.host, settings.port, settings.runtime_dir)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                handle_signals=True, shutdown_timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
