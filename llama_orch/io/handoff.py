@@ -4,7 +4,9 @@
 directory, fsync, rename) so a reader never sees half a file. Fields: ``engine``,
 ``engine_version``, ``provisioning_mode``, ``url``, ``pool_id``, ``replica_id``, ``model``
 {``id``, ``path``}, ``flags[]``, ``device_mask``, ``slots_total``, ``pid``; readers also accept
-``http_endpoint`` for ``url`` and ``slots`` for ``slots_total``. A malformed file raises
+``http_endpoint`` for ``url`` and ``slots`` for ``slots_total``. A provisioner that could not
+start the engine writes the file with ``error`` (and no ``url``), so the pool shows up unready
+with its cause instead of not at all. A malformed file raises
 ``HandoffError`` naming the file and the field.
 """
 
@@ -41,6 +43,7 @@ class Handoff:
     slots_total: int = 1
     ctx: int = 0
     pid: int | None = None
+    error: str | None = None  # set when provisioning failed: the pool exists but has no engine
 
     @property
     def file_name(self) -> str:
@@ -98,8 +101,11 @@ def parse_handoff(path: str | os.PathLike[str], raw: bytes) -> Handoff:
                 return value
         return default
 
-    url = text("url", "http_endpoint")
-    if not url.startswith(("http://", "https://")):
+    error = data.get("error")
+    if error is not None and not isinstance(error, str):
+        raise HandoffError(path, "field 'error' must be a string")
+    url = text("url", "http_endpoint", required=error is None)
+    if url and not url.startswith(("http://", "https://")):
         raise HandoffError(path, f"field 'url' must be an http(s) URL, got {url!r}")
     mode = text("provisioning_mode", required=False, default="source")
     if mode not in MODES:
@@ -119,7 +125,7 @@ def parse_handoff(path: str | os.PathLike[str], raw: bytes) -> Handoff:
         engine_version=text("engine_version", required=False, default="unknown"), provisioning_mode=mode,
         model_id=str(model.get("id") or ""), model_path=str(model.get("path") or ""), flags=tuple(flags),
         device_mask=str(data.get("device_mask") or ""), slots_total=slots or 1,
-        ctx=integer("ctx", default=0) or 0, pid=integer("pid", default=None))
+        ctx=integer("ctx", default=0) or 0, pid=integer("pid", default=None), error=error)
 
 
 def read_handoff(path: str | os.PathLike[str]) -> Handoff:

@@ -32,7 +32,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..core.commands import PoolStateChanged, ProbeHealth
-from ..core.events import DrainRequested, EngineStarted, HealthChecked, LeasesChanged, Tick
+from ..core.events import (
+    DrainRequested, EngineExited, EngineStarted, HealthChecked, LeasesChanged, ProvisionFailed, ProvisionStarted, Tick,
+)
 from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .config import ConfigError, PoolManagerSettings
 from .gpu import GpuDiscovery, select, vram_of
@@ -175,8 +177,21 @@ class PoolManager:
             pool.slots_total = handoff.slots_total
             pool.ctx_max = handoff.ctx or pool.ctx_max
             pool.model_ref = handoff.model_id or handoff.model_path
-        self._apply(pool, pool.lifecycle.handle(EngineStarted(pool_id=handoff.pool_id, engine_url=handoff.url,
-                                                              pid=handoff.pid), self.now()))
+        life = pool.lifecycle
+        if handoff.error is not None:
+            log.error("pool %s: provisioning failed: %s", handoff.pool_id, handoff.error)
+            now, pid = self.now(), handoff.pool_id
+            out = []
+            if life.state in (PoolState.READY, PoolState.DRAINING):
+                out += life.handle(EngineExited(pool_id=pid, detail=handoff.error), now)
+            if life.state in (PoolState.UNKNOWN, PoolState.FAILED, PoolState.DRAINED, PoolState.UNREADY):
+                out += life.handle(ProvisionStarted(pool_id=pid), now)
+            if life.state in (PoolState.PROVISIONING, PoolState.STARTING):
+                out += life.handle(ProvisionFailed(pool_id=pid, error=handoff.error), now)
+            self._apply(pool, out)
+            return
+        self._apply(pool, life.handle(EngineStarted(pool_id=handoff.pool_id, engine_url=handoff.url,
+                                                    pid=handoff.pid), self.now()))
 
     # -- timers and health ----------------------------------------------------------------------
 

@@ -206,3 +206,20 @@ def test_the_first_of_two_names_wins():
     assert (s.host, s.port) == ("127.0.0.1", 9300)
     s = PoolManagerSettings.from_env({"POOL_MANAGERD_ADDR": "127.0.0.2:9201"})
     assert (s.host, s.port) == ("127.0.0.2", 9201)
+
+
+async def test_a_failed_provisioning_shows_as_a_failed_pool_with_its_cause(aiohttp_server, aiohttp_client, tmp_path):
+    eng = await engine(aiohttp_server)
+    client = await aiohttp_client(create_app(settings(tmp_path)))
+    failed = Handoff(pool_id="pool-0", replica_id="r0", url="", error="model file /m/x.gguf does not exist")
+    write_handoff(tmp_path / "engines", failed)
+
+    async def shown():
+        st = await status(client)
+        return st if st and st["state"] == "failed" else None
+    st = await eventually(shown, what="failed pool listed")
+    assert st["ready"] is False and st["last_error"] == "model file /m/x.gguf does not exist"
+    write_handoff(tmp_path / "engines", handoff_for(eng))  # a later successful provisioning
+    assert (await eventually(lambda: _ready(client)))["last_error"] is None
+    write_handoff(tmp_path / "engines", failed)  # and a failed reprovisioning of a ready pool
+    assert (await eventually(shown))["last_error"].startswith("model file")
