@@ -47,8 +47,12 @@ def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
 
 def write_tiny_model(path: str | os.PathLike[str]) -> Path:
     """Write the tiny GGUF model to ``path`` atomically; return the path."""
+    import logging
+
     import numpy as np
     from gguf import GGUFWriter, TokenType
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer narrates every file at INFO
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

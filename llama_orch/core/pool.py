@@ -163,6 +163,7 @@ class CircuitBreaker:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolPolicy:
     health_interval_ms: float = 1000.0
+    start_probe_interval_ms: float = 100.0
     stale_after_misses: int = 3
     start_timeout_ms: float = 120_000.0
     backoff_base_ms: float = 500.0
@@ -280,7 +281,11 @@ class PoolLifecycle:
     def _health(self, event: HealthChecked, now: float) -> list[Command]:
         if self.state in (PoolState.UNKNOWN, PoolState.PROVISIONING, PoolState.FAILED, PoolState.DRAINED):
             return []  # a late probe answer for an engine this machine no longer tracks
-        self._probe_at = now + self.policy.health_interval_ms
+        # While an engine starts, probe more often: readiness should not wait a full interval.
+        interval = self.policy.health_interval_ms
+        if self.state is PoolState.STARTING and not event.ok:
+            interval = min(interval, self.policy.start_probe_interval_ms)
+        self._probe_at = now + interval
         self._probe_outstanding = False
         if event.ok:
             self._misses = 0

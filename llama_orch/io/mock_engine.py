@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", "-m", default="mock.gguf")
+    parser.add_argument("--metrics", action="store_true", help="accepted for llama-server parity; /metrics is always on")
     args = parser.parse_args(argv)
     if args.slots < 1 or args.ctx < 1 or args.tokens_per_s <= 0 or not 0 <= args.error_rate <= 1:
         parser.error("--parallel and --ctx-size must be >= 1, --tokens-per-s > 0, --error-rate within [0, 1]")

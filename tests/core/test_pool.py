@@ -190,7 +190,7 @@ def test_loading_503_keeps_starting_and_counts_no_miss():
         due = pl.next_deadline()
         assert pl.handle(Tick(), due) == [ProbeHealth(pool_id=P)]
         assert pl.handle(fail("Loading model", loading=True), due + 5) == []
-        assert pl.next_deadline() == due + 5 + 1_000
+        assert pl.next_deadline() == due + 5 + 100  # start_probe_interval_ms while starting
         assert pl.state is PoolState.STARTING
         assert pl.last_error is None
     assert pl.handle(ok(), 20_000) == [changed(PoolState.STARTING, PoolState.READY)]

@@ -1,0 +1,508 @@
+"""engine-provisioner: obtains, starts and supervises the engines of one GPU worker.
+
+For each configured pool it resolves the model (``artifacts``), obtains the engine
+(``source``: a cached ``llama-server`` built from source; ``binary``: an existing
+``llama-server``; ``mock``: the project's mock engine), starts it on a free port with
+``--parallel``, ``-c``, ``--metrics`` and ``CUDA_VISIBLE_DEVICES`` from the GPU mask, waits for
+``/health`` (503 while loading) with a deadline, and writes the handoff file atomically. It
+then supervises: when the engine exits, ``core.pool.PoolLifecycle`` decides when to restart it
+(exponential backoff behind a circuit breaker) and the handoff is rewritten; a failure that
+stops the pool is written as a handoff with ``error`` so pool-managerd shows the cause.
+A restarted provisioner adopts a still-healthy engine it started before (its state file
+records pid, port and flags) instead of starting a duplicate. SIGTERM stops every engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from ..core.commands import PoolStateChanged, ProbeHealth, StartEngine, StopEngine
+from ..core.events import (
+    EngineExited, EngineStarted, HealthChecked, ProvisionFailed, ProvisionStarted, Tick,
+)
+from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
+from .artifacts import ArtifactError, fetch_model, terminal_progress
+from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
+from .handoff import Handoff, write_handoff
+
+log = logging.getLogger("llama_orch.provisioner")
+
+MODES = ("source", "binary", "mock")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSpec:
+    pool_id: str
+    model_ref: str
+    mode: str = "source"
+    slots: int = 2
+    ctx: int = 2048  # per slot
+    replica_id: str = "r0"
+    gpu_mask: str = ""
+    binary: str | None = None
+    host: str = "127.0.0.1"
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"pool {self.pool_id}: mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.slots < 1 or self.ctx < 64:
+            raise ValueError(f"pool {self.pool_id}: slots must be >= 1 and ctx >= 64")
+        if self.mode == "binary" and not self.binary:
+            raise ValueError(f"pool {self.pool_id}: mode 'binary' needs --binary PATH")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProvisionerSettings:
+    handoff_dir: Path
+    cache_dir: Path
+    state_dir: Path
+    start_timeout_s: float = 120.0
+    health_interval_ms: float = 1000.0
+    build: BuildSpec = field(default_factory=BuildSpec)
+    policy: PoolPolicy = field(default_factory=lambda: PoolPolicy(health_interval_ms=1000.0, backoff_base_ms=500.0,
+                                                                 backoff_max_ms=30_000.0, breaker_threshold=5))
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Engine:
+    """One engine process: spawned by us, or adopted from a previous provisioner run."""
+
+    def __init__(self, *, pid: int, url: str, port: int, proc: asyncio.subprocess.Process | None,
+                 log_path: Path) -> None:
+        self.pid = pid
+        self.url = url
+        self.port = port
+        self.proc = proc
+        self.log_path = log_path
+
+    async def wait(self) -> int | None:
+        if self.proc is not None:
+            return await self.proc.wait()
+        while pid_alive(self.pid):  # not our child: we cannot wait(), so watch it
+            await asyncio.sleep(0.5)
+        return None
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.wait(), grace_s)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            await self.wait()
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text[-lines:])
+
+
+class PoolSupervisor:
+    """Provisions one pool and keeps its engine running, as the pool lifecycle decides."""
+
+    def __init__(self, spec: PoolSpec, settings: ProvisionerSettings, session: aiohttp.ClientSession) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.session = session
+        self.lifecycle = PoolLifecycle(spec.pool_id, policy=settings.policy, rng=random.Random(hash(spec.pool_id) & 0xFFFF))
+        self.engine: Engine | None = None
+        self.model_path: Path | None = None
+        self.binary: list[str] | None = None
+        self.engine_version = "unknown"
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self._tasks: set[asyncio.Task] = set()
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time() * 1000.0
+
+    @property
+    def state_file(self) -> Path:
+        return self.settings.state_dir / f"{self.spec.pool_id}-{self.spec.replica_id}.json"
+
+    # -- provisioning -------------------------------------------------------------------------
+
+    async def provision(self) -> bool:
+        """Model and binary in hand; False (and an error handoff) when that fails."""
+        self.lifecycle.handle(ProvisionStarted(pool_id=self.spec.pool_id), self.now())
+        try:
+            self.model_path = await fetch_model(self.spec.model_ref, self.settings.cache_dir,
+                                                progress=terminal_progress(f"model {self.spec.model_ref}"))
+            self.binary = await self._obtain_binary()
+        except (ArtifactError, BuildError, OSError) as exc:
+            self._fail(f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
+            return False
+        return True
+
+    async def _obtain_binary(self) -> list[str]:
+        if self.spec.mode == "mock":
+            self.engine_version = "mock"
+            return [sys.executable, "-m", "llama_orch.io.mock_engine"]
+        if self.spec.mode == "binary":
+            path = Path(self.spec.binary or "")
+            if not (path.is_file() and os.access(path, os.X_OK)):
+                raise ArtifactError("ENGINE_NOT_FOUND", f"llama-server binary {path} does not exist or is not executable")
+        else:
+            build = self.settings.build
+            if self.spec.gpu_mask and not build.cuda:
+                build = default_spec(self.spec.gpu_mask) if build == BuildSpec() else build
+            path = await ensure_llama_server(self.settings.cache_dir, build)
+        self.engine_version = await self._version(path)
+        return [str(path)]
+
+    @staticmethod
+    async def _version(path: Path) -> str:
+        proc = await asyncio.create_subprocess_exec(str(path), "--version", stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        for line in out.decode(errors="replace").splitlines():
+            if line.startswith("version:"):
+                return line.split(":", 1)[1].strip().split()[0] or "unknown"  # "version: 1 (abc123)" -> "1"
+        return "unknown"
+
+    def argv(self, port: int) -> list[str]:
+        s = self.spec
+        assert self.binary is not None and self.model_path is not None
+        return [*self.binary, "-m", str(self.model_path), "--host", s.host, "--port", str(port),
+                "--parallel", str(s.slots), "-c", str(s.ctx * s.slots), "--metrics", *s.extra_args]
+
+    def _fail(self, error: str) -> None:
+        log.error("pool %s: %s", self.spec.pool_id, error)
+        self._apply(self.lifecycle.handle(ProvisionFailed(pool_id=self.spec.pool_id, error=error), self.now()))
+        write_handoff(self.settings.handoff_dir, Handoff(
+            pool_id=self.spec.pool_id, replica_id=self.spec.replica_id, url="", error=error,
+            provisioning_mode=self.spec.mode, model_id=self.spec.model_ref, slots_total=self.spec.slots))
+
+    # -- engines ------------------------------------------------------------------------------
+
+    async def start_engine(self) -> None:
+        """Start (or adopt) the engine and wait until it is healthy or has failed."""
+        adopted = await self._adopt()
+        if adopted is not None:
+            self.engine = adopted
+            log.info("pool %s: adopted healthy engine pid %s at %s", self.spec.pool_id, adopted.pid, adopted.url)
+        else:
+            self.engine = await self._spawn()
+        self._apply(self.lifecycle.handle(EngineStarted(pool_id=self.spec.pool_id, engine_url=self.engine.url,
+                                                        pid=self.engine.pid), self.now()))
+        self._watch(self.engine)
+        if adopted is not None:
+            self._write_handoff()
+
+    async def _spawn(self) -> Engine:
+        s = self.spec
+        port = free_port(s.host)
+        argv = self.argv(port)
+        env = dict(os.environ)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the mask uses NVML (PCI bus) numbering
+        if s.gpu_mask:
+            env["CUDA_VISIBLE_DEVICES"] = s.gpu_mask
+        log_path = self.settings.state_dir / f"{s.pool_id}-{s.replica_id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as logf:
+            logf.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                                                        env=env, start_new_session=True)
+        url = f"http://{s.host if ':' not in s.host else f'[{s.host}]'}:{port}"
+        log.info("pool %s: started %s (pid %s) on %s", s.pool_id, Path(argv[0]).name, proc.pid, url)
+        engine = Engine(pid=proc.pid, url=url, port=port, proc=proc, log_path=log_path)
+        self.state_file.write_bytes(orjson.dumps({"pid": proc.pid, "url": url, "port": port, "argv": argv}))
+        return engine
+
+    async def _adopt(self) -> Engine | None:
+        try:
+            state = orjson.loads(self.state_file.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        pid, url, argv = state.get("pid"), state.get("url"), state.get("argv")
+        if not (isinstance(pid, int) and pid_alive(pid) and argv == self.argv(state.get("port", 0))):
+            return None
+        try:
+            async with self.session.get(f"{url}/health") as resp:
+                if resp.status != 200:
+                    return None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+        return Engine(pid=pid, url=url, port=state["port"], proc=None,
+                      log_path=self.settings.state_dir / f"{self.spec.pool_id}-{self.spec.replica_id}.log")
+
+    def _watch(self, engine: Engine) -> None:
+        async def watch() -> None:
+            code = await engine.wait()
+            if self.engine is engine and not self.stopping:
+                detail = f"engine exited with status {code}" if code is not None else "engine process disappeared"
+                tail = engine.log_tail()
+                self._apply(self.lifecycle.handle(EngineExited(pool_id=self.spec.pool_id,
+                                                               detail=f"{detail}: {tail}" if tail else detail), self.now()))
+        self._spawn_task(watch())
+
+    def _write_handoff(self) -> None:
+        assert self.engine is not None and self.model_path is not None
+        s = self.spec
+        write_handoff(self.settings.handoff_dir, Handoff(
+            pool_id=s.pool_id, replica_id=s.replica_id, url=self.engine.url, engine="llamacpp",
+            engine_version=self.engine_version, provisioning_mode=s.mode, model_id=s.model_ref,
+            model_path=str(self.model_path), flags=tuple(self.argv(self.engine.port)[len(self.binary or []):]),
+            device_mask=s.gpu_mask, slots_total=s.slots, ctx=s.ctx, pid=self.engine.pid))
+
+    # -- the lifecycle's commands ---------------------------------------------------------------
+
+    def _apply(self, commands: list) -> None:
+        for cmd in commands:
+            if isinstance(cmd, ProbeHealth):
+                self._spawn_task(self._probe())
+            elif isinstance(cmd, StartEngine):
+                self._spawn_task(self._restart(cmd.attempt))
+            elif isinstance(cmd, StopEngine):
+                if self.engine is not None:
+                    self._spawn_task(self.engine.stop())
+            elif isinstance(cmd, PoolStateChanged):
+                log.info("pool %s: %s -> %s%s", cmd.pool_id, cmd.previous, cmd.state, f" ({cmd.cause})" if cmd.cause else "")
+                if cmd.state == PoolState.READY.value:
+                    self._write_handoff()
+                elif cmd.state == PoolState.FAILED.value and cmd.previous != PoolState.PROVISIONING.value:
+                    write_handoff(self.settings.handoff_dir, Handoff(
+                        pool_id=self.spec.pool_id, replica_id=self.spec.replica_id, url="",
+                        error=cmd.cause or "engine failed", provisioning_mode=self.spec.mode,
+                        model_id=self.spec.model_ref, slots_total=self.spec.slots))
+        self.wake.set()
+
+    async def _restart(self, attempt: int) -> None:
+        log.info("pool %s: restarting the engine (attempt %s)", self.spec.pool_id, attempt)
+        old = self.engine
+        if old is not None and old.proc is not None and old.proc.returncode is None:
+            await old.stop()
+        await self.start_engine()
+
+    async def _probe(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        ok, loading, detail = False, False, None
+        try:
+            async with self.session.get(f"{engine.url}/health") as resp:
+                ok = resp.status == 200
+                loading = resp.status == 503
+                detail = None if ok else f"/health answered HTTP {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            detail = f"health check failed: {type(exc).__name__}: {exc}"
+        if engine is self.engine:
+            if not ok and engine.proc is not None and engine.proc.returncode is not None:
+                return  # the exit watcher reports this one, with the exit status
+            self._apply(self.lifecycle.handle(HealthChecked(pool_id=self.spec.pool_id, ok=ok, loading=loading,
+                                                            detail=detail), self.now()))
+
+    async def run(self) -> None:
+        """Drive the lifecycle's timers until stopped."""
+        while not self.stopping:
+            now = self.now()
+            due = self.lifecycle.next_deadline()
+            if due is not None and due <= now:
+                self._apply(self.lifecycle.handle(Tick(), now))
+                continue
+            self.wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), None if due is None else (due - now) / 1000)
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self.lifecycle.state is not PoolState.READY:
+            if self.lifecycle.state is PoolState.FAILED or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class Provisioner:
+    """All pools of this worker; the ``engine-provisioner`` process."""
+
+    def __init__(self, specs: list[PoolSpec], settings: ProvisionerSettings) -> None:
+        ids = [f"{s.pool_id}-{s.replica_id}" for s in specs]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate pool ids in {ids}")
+        self.specs = specs
+        self.settings = settings
+        self.supervisors: dict[str, PoolSupervisor] = {}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> dict[str, bool]:
+        """Provision and start every pool; returns which became ready within the start timeout."""
+        for d in (self.settings.handoff_dir, self.settings.cache_dir, self.settings.state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        for spec in self.specs:
+            self.supervisors[spec.pool_id] = PoolSupervisor(spec, self.settings, self.session)
+
+        async def bring_up(sup: PoolSupervisor) -> bool:
+            if not await sup.provision():
+                return False
+            await sup.start_engine()
+            sup._spawn_task(sup.run())
+            ready = await sup.wait_ready(self.settings.start_timeout_s)
+            if not ready and sup.lifecycle.state is not PoolState.FAILED:
+                log.warning("pool %s: not ready after %.0f s (%s)", sup.spec.pool_id, self.settings.start_timeout_s,
+                            sup.lifecycle.last_error or sup.lifecycle.state.value)
+            return ready
+
+        results = await asyncio.gather(*(bring_up(s) for s in self.supervisors.values()))
+        return dict(zip(self.supervisors, results))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.stop() for s in self.supervisors.values()), return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+
+def _specs_from_args(args, env) -> list[PoolSpec]:
+    if args.config:
+        try:
+            data = orjson.loads(Path(args.config).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise ValueError(f"config file {args.config}: {exc}") from None
+        pools = data.get("pools") if isinstance(data, dict) else None
+        if not isinstance(pools, list) or not pools:
+            raise ValueError(f"config file {args.config}: expected {{\"pools\": [{{...}}, ...]}}")
+        specs = []
+        for i, p in enumerate(pools):
+            if not isinstance(p, dict) or "pool_id" not in p:
+                raise ValueError(f"config file {args.config}: pools[{i}] needs at least a pool_id")
+            known = {"pool_id", "model", "mode", "slots", "ctx", "replica_id", "gpu_mask", "binary", "host"}
+            unknown = set(p) - known
+            if unknown:
+                raise ValueError(f"config file {args.config}: pools[{i}] has unknown keys {sorted(unknown)}")
+            specs.append(PoolSpec(pool_id=p["pool_id"], model_ref=p.get("model") or args.model,
+                                  mode=p.get("mode", args.mode), slots=int(p.get("slots", args.slots)),
+                                  ctx=int(p.get("ctx", args.ctx)), replica_id=p.get("replica_id", "r0"),
+                                  gpu_mask=str(p.get("gpu_mask", args.gpu_mask)), binary=p.get("binary", args.binary),
+                                  host=p.get("host", args.host)))
+        return specs
+    return [PoolSpec(pool_id=args.pool_id, model_ref=args.model, mode=args.mode, slots=args.slots, ctx=args.ctx,
+                     gpu_mask=args.gpu_mask, binary=args.binary, host=args.host)]
+
+
+def build_parser():
+    import argparse
+
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="engine-provisioner", description="llama-orch engine provisioner for one GPU worker")
+    p.add_argument("--pool-id", default=env("ENGINE_PROVISIONER_POOL_ID", "pool-0"))
+    p.add_argument("--model", default=env("ENGINE_PROVISIONER_MODEL"),
+                   help="file:/path.gguf, a path, https://... or hf:org/repo/file.gguf (default: the tiny model)")
+    p.add_argument("--mode", choices=MODES, default=env("ENGINE_PROVISIONER_MODE", "source"))
+    p.add_argument("--slots", type=int, default=int(env("ENGINE_PROVISIONER_SLOTS", "2")))
+    p.add_argument("--ctx", type=int, default=int(env("ENGINE_PROVISIONER_CTX", "2048")), help="context per slot")
+    p.add_argument("--handoff-dir", default=env("ENGINE_PROVISIONER_HANDOFF_DIR") or env("POOL_MANAGERD_RUNTIME_DIR")
+                   or "/var/lib/llama-orch/engines")
+    p.add_argument("--cache-dir", default=env("ENGINE_PROVISIONER_CACHE_DIR", "/var/cache/llama-orch"))
+    p.add_argument("--gpu-mask", default=env("ENGINE_PROVISIONER_GPU_MASK", ""))
+    p.add_argument("--binary", default=env("ENGINE_PROVISIONER_BINARY"), help="llama-server path for --mode binary")
+    p.add_argument("--host", default=env("ENGINE_PROVISIONER_ENGINE_HOST", "127.0.0.1"), help="engine bind address")
+    p.add_argument("--config", default=env("ENGINE_PROVISIONER_CONFIG"), help='JSON {"pools": [{pool_id, model, ...}]}')
+    p.add_argument("--start-timeout-s", type=float, default=float(env("ENGINE_PROVISIONER_START_TIMEOUT_S", "120")))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except ValueError as exc:  # a bad number in an environment variable
+        print(f"engine-provisioner: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-provisioner %(levelname)s %(message)s")
+    cache = Path(args.cache_dir).expanduser()
+    if not args.model:
+        from ..tiny_model import write_tiny_model
+
+        tiny = cache / "models" / "tiny.gguf"
+        if not tiny.exists():
+            write_tiny_model(tiny)
+            log.info("no --model given: wrote the tiny model to %s", tiny)
+        args.model = f"file:{tiny}"
+    try:
+        specs = _specs_from_args(args, os.environ)
+    except ValueError as exc:
+        print(f"engine-provisioner: error: {exc}", file=sys.stderr)
+        return 2
+    settings = ProvisionerSettings(handoff_dir=Path(args.handoff_dir).expanduser(), cache_dir=cache,
+                                   state_dir=cache / "state", start_timeout_s=args.start_timeout_s)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    return asyncio.run(_serve(specs, settings))
+
+
+async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
+    provisioner = Provisioner(specs, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.ensure_future(provisioner.start())
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            results = starting.result()
+            log.info("pools: %s", ", ".join(f"{k} {'ready' if v else 'NOT ready'}" for k, v in results.items()))
+            await waiter
+        else:
+            starting.cancel()
+    finally:
+        log.info("stopping engines")
+        await provisioner.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""engine-provisioner as a real process with the mock engine: handoff, restart, adoption, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llama_orch.io.provisioner import pid_alive
+
+
+def wait_for(check, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Run:
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.handoffs = tmp_path / "engines"
+        self.cache = tmp_path / "cache"
+        self.log = (tmp_path / "provisioner.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_orch.io.provisioner", "--handoff-dir", str(self.handoffs),
+             "--cache-dir", str(self.cache), *args], stdout=self.log, stderr=subprocess.STDOUT)
+
+    def handoff(self, name="pool-0-r0.json"):
+        try:
+            return json.loads((self.handoffs / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def runs():
+    started = []
+    yield started
+    for run in started:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        for name in os.listdir(run.handoffs) if run.handoffs.exists() else ():
+            try:
+                pid = json.loads((run.handoffs / name).read_text()).get("pid")
+            except ValueError:
+                continue
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_mock_pool_is_provisioned_restarted_after_kill_9_and_stopped_on_sigterm(tmp_path, runs):
+    run = Run(tmp_path, "--mode", "mock", "--slots", "3", "--ctx", "512")
+    runs.append(run)
+    h = wait_for(lambda: run.handoff(), what="handoff")
+    assert h["pool_id"] == "pool-0" and h["slots_total"] == 3 and h["provisioning_mode"] == "mock"
+    assert h["url"].startswith("http://127.0.0.1:") and "--parallel" in h["flags"] and h["error"] is None
+    assert Path(h["model"]["path"]).read_bytes()[:4] == b"GGUF"  # no --model: the tiny model
+    first = h["pid"]
+    os.kill(first, signal.SIGKILL)
+    h2 = wait_for(lambda: (x := run.handoff()) and x["pid"] != first and x, what="handoff rewritten after restart")
+    assert pid_alive(h2["pid"]) and not pid_alive(first)
+    assert run.stop() == 0
+    wait_for(lambda: not pid_alive(h2["pid"]), what="engine stopped on SIGTERM")
+
+
+def test_a_restarted_provisioner_adopts_its_healthy_engine(tmp_path, runs):
+    run = Run(tmp_path, "--mode", "mock")
+    runs.append(run)
+    pid = wait_for(lambda: run.handoff(), what="handoff")["pid"]
+    run.proc.kill()  # the provisioner dies; its engine lives on in its own session
+    run.proc.wait()
+    (run.handoffs / "pool-0-r0.json").unlink()
+    again = Run(tmp_path, "--mode", "mock")
+    runs.append(again)
+    h = wait_for(lambda: again.handoff(), what="handoff from the adopting provisioner")
+    assert h["pid"] == pid and pid_alive(pid)
+    assert again.stop() == 0
+    wait_for(lambda: not pid_alive(pid), what="adopted engine stopped")
+
+
+@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a model", "not a GGUF file")])
+def test_missing_or_corrupt_model_writes_an_error_handoff(tmp_path, runs, content, message):
+    model = tmp_path / "model.gguf"
+    if content is not None:
+        model.write_bytes(content)
+    run = Run(tmp_path, "--mode", "mock", "--model", f"file:{model}")
+    runs.append(run)
+    h = wait_for(lambda: run.handoff(), what="error handoff")
+    assert h["url"] == "" and message in h["error"] and str(model) in h["error"]
+    assert run.proc.poll() is None  # the provisioner stays up for its other pools
+    assert run.stop() == 0
+
+
+def test_bad_config_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "pools.json"
+    cfg.write_text(json.dumps({"pools": [{"pool_id": "a", "slotz": 2}]}))
+    out = subprocess.run([sys.executable, "-m", "llama_orch.io.provisioner", "--config", str(cfg), "--mode", "mock",
+                          "--handoff-dir", str(tmp_path / "h"), "--cache-dir", str(tmp_path / "c")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown keys ['slotz']" in out.stderr and str(cfg) in out.stderr
+
+
+def test_config_file_provisions_several_pools(tmp_path, runs):
+    cfg = tmp_path / "pools.json"
+    cfg.write_text(json.dumps({"pools": [{"pool_id": "a", "slots": 1}, {"pool_id": "b", "slots": 2}]}))
+    run = Run(tmp_path, "--mode", "mock", "--config", str(cfg))
+    runs.append(run)
+    a = wait_for(lambda: run.handoff("a-r0.json"), what="pool a")
+    b = wait_for(lambda: run.handoff("b-r0.json"), what="pool b")
+    assert (a["slots_total"], b["slots_total"]) == (1, 2) and a["url"] != b["url"]
+    assert run.stop() == 0
