@@ -242,7 +242,10 @@ class Orchestrator:
         task.dispatched_at = now
         task.kv_warmth = pick.kv_warmth and task.kv_warmth
         self.placer.acquire(pool_id)
-        self.in_flight.setdefault(pool_id, set()).add(task.task_id)
+        flying = self.in_flight.get(pool_id)
+        if flying is None:  # not setdefault: that would build a set on every dispatch
+            flying = self.in_flight[pool_id] = set()
+        flying.add(task.task_id)
         self._session(task.spec.session_id).pool_id = pool_id
         self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task.task_id)
         if task.first_dispatched_at is None:

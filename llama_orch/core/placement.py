@@ -179,7 +179,7 @@ class Placer:
             p.last_seen = now
             p.lost = False
             p.stale = False
-        group = self._groups.setdefault(p.group, _Group())
+        group = self._group(p.group)
         group.members.add(snapshot.pool_id)
         group.stats = None
         self._index(p)
@@ -251,10 +251,17 @@ class Placer:
             return (p.leases / max(1, s.slots_total), -s.vram_free_bytes, s.replica_id, s.pool_id)
         return (s.pool_id,)
 
+    def _group(self, group_key: tuple[str, str]) -> _Group:
+        # get-then-create rather than setdefault, which would build a _Group on every call
+        group = self._groups.get(group_key)
+        if group is None:
+            group = self._groups[group_key] = _Group()
+        return group
+
     def _index(self, p: _Pool) -> None:
         if p.usable and p.free > 0:
             key = self._key(p)
-            group = self._groups.setdefault(p.group, _Group())
+            group = self._group(p.group)
             insort(group.ranked, key)
             insort(group.ids, p.snapshot.pool_id)
             p.key = key
@@ -410,13 +417,14 @@ class Placer:
                 return Pick(pool_id=p.snapshot.pool_id, kv_warmth=session_pool in (None, p.snapshot.pool_id))
             return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
                           message=f"pinned pool {p.snapshot.pool_id} is {self._unavailable(p) or 'unfit'}")
-        group = self._groups.get((spec.engine, normalize_model_ref(spec.model_ref)))
+        group_key = self._group_key(spec)
+        group = self._groups.get(group_key)
         if group is None or not group.ranked:
             return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no free slot")
         avoid = placement.avoid_pools
         if session_pool is not None and session_pool not in avoid and session_pool not in exclude:
             p = self._pools.get(session_pool)
-            if p is not None and p.key is not None and p.group == self._group_key(spec) and self._misfit(p, spec) is None:
+            if p is not None and p.key is not None and p.group == group_key and self._misfit(p, spec) is None:
                 if self._allowed_without_fallback(session_pool, spec) or placement.mode is PlacementMode.AUTO:
                     return self._chose(session_pool, True)
         prefer = placement.prefer_pools if placement.mode is PlacementMode.PREFER else ()

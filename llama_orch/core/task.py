@@ -41,13 +41,14 @@ class Task:
     """The orchestrator's mutable record of one admitted task."""
 
     __slots__ = (
-        "spec", "phase", "outcome", "submitted_at", "deadline_at", "pool_id", "attempts",
+        "spec", "task_id", "phase", "outcome", "submitted_at", "deadline_at", "pool_id", "attempts",
         "tokens_out", "dispatched_at", "first_token_at", "last_token_at", "tried_pools",
         "queue_position", "predicted_start_ms", "kv_warmth", "first_dispatched_at",
     )
 
     def __init__(self, spec: TaskSpec, now: float, *, queue_position: int, predicted_start_ms: int) -> None:
         self.spec = spec
+        self.task_id = spec.task_id  # a plain attribute: read on every event for the task
         self.phase = TaskPhase.QUEUED
         self.outcome: Outcome | None = None
         self.submitted_at = now
@@ -64,9 +65,10 @@ class Task:
         self.predicted_start_ms = predicted_start_ms
         self.kv_warmth = True
 
-    @property
-    def task_id(self) -> str:
-        return self.spec.task_id
-
     def go(self, trigger: str) -> None:
-        self.phase = transition(TASK_TRANSITIONS, self.phase, trigger, what=f"task {self.spec.task_id}")
+        # A direct lookup in the table; fsm.transition, on the same table, raises for a missing
+        # cell. This keeps the error message from being formatted on every legal transition.
+        target = TASK_TRANSITIONS.get((self.phase, trigger))
+        if target is None:
+            target = transition(TASK_TRANSITIONS, self.phase, trigger, what=f"task {self.task_id}")
+        self.phase = target

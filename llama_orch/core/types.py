@@ -1,7 +1,8 @@
 """Value types shared by the core's state machines: enums, the task spec, pool snapshots.
 
 All are frozen, slotted, keyword-only dataclasses validated in ``__post_init__``; a bad value
-is misuse of the core (``UsageError``). Parsing client JSON into these types (with 400 errors
+is misuse of the core (``UsageError``). The checks are plain ``if ...: raise`` so an error
+message is formatted only when it is raised: a ``TaskSpec`` is built for every request. Parsing client JSON into these types (with 400 errors
 that name the field) belongs to the wire layer, which calls these constructors last.
 """
 
@@ -50,11 +51,6 @@ class BreakerState(Enum):
     HALF_OPEN = "half_open"
 
 
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise UsageError(message)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlacementRequest:
     mode: PlacementMode = PlacementMode.AUTO
@@ -65,11 +61,15 @@ class PlacementRequest:
     allow_fallback: bool = True
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.mode, PlacementMode), f"placement.mode must be a PlacementMode, got {self.mode!r}")
+        if not isinstance(self.mode, PlacementMode):
+            raise UsageError(f"placement.mode must be a PlacementMode, got {self.mode!r}")
         if self.mode is PlacementMode.PIN:
-            _require(bool(self.pin_pool_id), "placement.pin_pool_id is required when mode is 'pin'")
-        _require(isinstance(self.prefer_pools, tuple), "placement.prefer_pools must be a tuple")
-        _require(isinstance(self.avoid_pools, tuple), "placement.avoid_pools must be a tuple")
+            if not self.pin_pool_id:
+                raise UsageError("placement.pin_pool_id is required when mode is 'pin'")
+        if not isinstance(self.prefer_pools, tuple):
+            raise UsageError("placement.prefer_pools must be a tuple")
+        if not isinstance(self.avoid_pools, tuple):
+            raise UsageError("placement.avoid_pools must be a tuple")
 
 
 DEFAULT_PLACEMENT = PlacementRequest()
@@ -96,16 +96,26 @@ class TaskSpec:
     placement: PlacementRequest = DEFAULT_PLACEMENT
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.task_id, str) and self.task_id != "", "task_id must be a non-empty string")
-        _require(isinstance(self.session_id, str), "session_id must be a string")
-        _require(isinstance(self.model_ref, str) and self.model_ref != "", "model_ref must be a non-empty string")
-        _require(isinstance(self.priority, Priority), f"priority must be a Priority, got {self.priority!r}")
-        _require(isinstance(self.ctx, int) and self.ctx >= 0, f"ctx must be an int >= 0, got {self.ctx!r}")
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        _require(isinstance(self.deadline_ms, int), f"deadline_ms must be an int, got {self.deadline_ms!r}")
-        _require(isinstance(self.prompt_tokens, int) and self.prompt_tokens >= 0, "prompt_tokens must be an int >= 0")
-        _require(isinstance(self.determinism, Determinism), "determinism must be a Determinism")
-        _require(isinstance(self.placement, PlacementRequest), "placement must be a PlacementRequest")
+        if not (isinstance(self.task_id, str) and self.task_id != ""):
+            raise UsageError("task_id must be a non-empty string")
+        if not isinstance(self.session_id, str):
+            raise UsageError("session_id must be a string")
+        if not (isinstance(self.model_ref, str) and self.model_ref != ""):
+            raise UsageError("model_ref must be a non-empty string")
+        if not isinstance(self.priority, Priority):
+            raise UsageError(f"priority must be a Priority, got {self.priority!r}")
+        if not (isinstance(self.ctx, int) and self.ctx >= 0):
+            raise UsageError(f"ctx must be an int >= 0, got {self.ctx!r}")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise UsageError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.deadline_ms, int):
+            raise UsageError(f"deadline_ms must be an int, got {self.deadline_ms!r}")
+        if not (isinstance(self.prompt_tokens, int) and self.prompt_tokens >= 0):
+            raise UsageError("prompt_tokens must be an int >= 0")
+        if not isinstance(self.determinism, Determinism):
+            raise UsageError("determinism must be a Determinism")
+        if not isinstance(self.placement, PlacementRequest):
+            raise UsageError("placement must be a PlacementRequest")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -140,14 +150,16 @@ class PoolSnapshot:
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.pool_id, str) and self.pool_id != "", "pool_id must be a non-empty string")
-        _require(isinstance(self.slots_total, int) and self.slots_total >= 0, f"pool {self.pool_id}: slots_total must be an int >= 0")
-        _require(
-            isinstance(self.slots_free, int) and 0 <= self.slots_free <= max(self.slots_total, self.slots_free) and self.slots_free >= 0,
-            f"pool {self.pool_id}: slots_free must be an int >= 0",
-        )
-        _require(isinstance(self.ctx_max, int) and self.ctx_max >= 0, f"pool {self.pool_id}: ctx_max must be an int >= 0")
-        _require(self.vram_total_bytes >= 0 and self.vram_free_bytes >= 0, f"pool {self.pool_id}: VRAM figures must be >= 0")
+        if not (isinstance(self.pool_id, str) and self.pool_id != ""):
+            raise UsageError("pool_id must be a non-empty string")
+        if not (isinstance(self.slots_total, int) and self.slots_total >= 0):
+            raise UsageError(f"pool {self.pool_id}: slots_total must be an int >= 0")
+        if not (isinstance(self.slots_free, int) and self.slots_free >= 0):
+            raise UsageError(f"pool {self.pool_id}: slots_free must be an int >= 0")
+        if not (isinstance(self.ctx_max, int) and self.ctx_max >= 0):
+            raise UsageError(f"pool {self.pool_id}: ctx_max must be an int >= 0")
+        if not (self.vram_total_bytes >= 0 and self.vram_free_bytes >= 0):
+            raise UsageError(f"pool {self.pool_id}: VRAM figures must be >= 0")
 
     @property
     def strict_capable(self) -> bool:

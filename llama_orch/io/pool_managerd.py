@@ -334,7 +334,7 @@ class PoolManager:
             "engine": h.engine, "engine_version": h.engine_version, "engine_url": h.url,
             "device_mask": h.device_mask, "vram_total_bytes": total, "vram_free_bytes": free,
             "model_ref": pool.model_ref, "ctx_max": pool.ctx_max, "replica_id": h.replica_id,
-            "provisioning_mode": h.provisioning_mode, "last_error": life.last_error,
+            "provisioning_mode": h.provisioning_mode, "engine_pid": h.pid, "last_error": life.last_error,
         }
 
 

@@ -293,7 +293,9 @@ class PoolSupervisor:
                 log.info("pool %s: %s -> %s%s", cmd.pool_id, cmd.previous, cmd.state, f" ({cmd.cause})" if cmd.cause else "")
                 if cmd.state == PoolState.READY.value:
                     self._write_handoff()
-                elif cmd.state == PoolState.FAILED.value and cmd.previous != PoolState.PROVISIONING.value:
+                elif cmd.state in (PoolState.UNREADY.value, PoolState.FAILED.value) and \
+                        cmd.previous != PoolState.PROVISIONING.value:
+                    # pool-managerd learns of the outage and its cause now, not at the next probe
                     write_handoff(self.settings.handoff_dir, Handoff(
                         pool_id=self.spec.pool_id, replica_id=self.spec.replica_id, url="",
                         error=cmd.cause or "engine failed", provisioning_mode=self.spec.mode,

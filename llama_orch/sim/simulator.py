@@ -149,6 +149,7 @@ class Simulation:
         }
         self.now = 0.0
         self._heap: list[tuple[float, int, int, object]] = []
+        self._arrivals: list[tuple[float, int, int, int]] = []  # (time, seq, _ARRIVAL, index), in heap order
         self._seq = 0
         self._tasks: dict[str, _Ledger] = {}
         self._depth: list[tuple[float, int]] = [(0.0, 0)]
@@ -178,8 +179,14 @@ class Simulation:
         span = self._span = self.records[-1].arrival_ms
         for pool in self.pools.values():
             self._push(0.0, _POLL, pool.pool_id)
-        for index, record in enumerate(self.records):
-            self._push(record.arrival_ms, _ARRIVAL, index)
+        # Arrivals are known up front: they wait in their own time-ordered list, merged with the
+        # heap as the clock reaches them, so that heap operations do not pay for thousands of
+        # pending arrivals. Each keeps the sequence number it would have had on the heap, so
+        # ties break as they would there.
+        first = self._seq + 1
+        self._arrivals = sorted((record.arrival_ms, first + index, _ARRIVAL, index)
+                                for index, record in enumerate(self.records))
+        self._seq += len(self.records)
         fault_rng = random.Random(self.seed * 7919 + 1)
         names = sorted(self.pools)
         for _ in range(c.pool_losses):
@@ -197,10 +204,22 @@ class Simulation:
         arrivals = 0
         report_every = max(1, total // 20)
         check_every = self.config.check_every
+        pending = self._arrivals
+        next_arrival = 0
         while True:
             deadline = core.next_deadline()
-            if heap and (deadline is None or heap[0][0] < deadline):
-                when, _, kind, payload = heapq.heappop(heap)
+            # The next simulated event: the next arrival or the heap's top, whichever is first.
+            event = heap[0] if heap else None
+            arrival = pending[next_arrival] if next_arrival < total else None
+            from_heap = arrival is None or (event is not None and event < arrival)
+            if not from_heap:
+                event = arrival
+            if event is not None and (deadline is None or event[0] < deadline):
+                if from_heap:
+                    heapq.heappop(heap)
+                else:
+                    next_arrival += 1
+                when, _, kind, payload = event
                 self.now = when
                 if kind == _ARRIVAL:
                     arrivals += 1
