@@ -9,12 +9,12 @@ STAMP  := $(VENV)/.installed-stamp
 TRACE  ?= conv
 OUT    ?= out/replay
 
-.PHONY: run test test-compiled test-pure bench-smoke bench build clean
+.PHONY: run test test-compiled test-pure bench-smoke bench build engine clean
 
 run: build
 	$(BIN)/llama-orch replay $(TRACE) --seed 0 --out $(OUT)
 
-test: build
+test: build engine
 	$(BIN)/python -c "import llama_orch.ext.queue as q, llama_orch.ext.sse as s; print('ext implementations:', q.IMPLEMENTATION, s.IMPLEMENTATION)"
 	$(MAKE) --no-print-directory test-compiled test-pure bench-smoke
 
@@ -29,6 +29,10 @@ bench-smoke:
 
 bench: build
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
+
+# llama-server from source, once per machine (cached under ~/.cache/llama-orch; minutes the first time)
+engine: $(STAMP)
+	$(BIN)/llama-orch build-engine
 
 build: $(STAMP)
 	$(BIN)/python setup.py -q build_ext --inplace

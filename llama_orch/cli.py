@@ -1,12 +1,14 @@
 """``llama-orch``: the command line.
 
-Subcommands so far: ``replay`` (the simulator over a recorded trace). Bad input or
+Subcommands so far: ``replay`` (the simulator over a recorded trace), ``make-tiny-model``,
+``build-engine``. Bad input or
 configuration ends the command with one line naming what was wrong and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,27 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny_model import write_tiny_model
+
+    path = write_tiny_model(args.out)
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .io.engine_build import BuildError, default_spec, ensure_llama_server
+
+    try:
+        path = asyncio.run(ensure_llama_server(Path(args.cache_dir).expanduser(), default_spec(args.gpu_mask)))
+    except BuildError as exc:
+        return _fail(str(exc))
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llama-orch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--slow-engines", type=int, default=1, help="seeded slow-engine windows")
     rp.add_argument("--quiet", action="store_true", help="no progress line")
     rp.set_defaults(func=_replay)
+
+    tm = sub.add_parser("make-tiny-model", help="write the small llama GGUF used by the tests and the demo")
+    tm.add_argument("out", help="output path, e.g. tiny.gguf")
+    tm.set_defaults(func=_make_tiny_model)
+
+    be = sub.add_parser("build-engine", help="build llama-server from source into the cache (once), print its path")
+    be.add_argument("--cache-dir", default=os.environ.get("ENGINE_PROVISIONER_CACHE_DIR", "~/.cache/llama-orch"))
+    be.add_argument("--gpu-mask", default=os.environ.get("ENGINE_PROVISIONER_GPU_MASK", ""),
+                    help="non-empty with nvcc on PATH: a CUDA build")
+    be.set_defaults(func=_build_engine)
     return parser
 
 

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -185,12 +186,16 @@ class PoolSupervisor:
 
     @staticmethod
     async def _version(path: Path) -> str:
+        """``version: 0.5.0-dev (build 1, commit 0c1e570)`` -> ``0.5.0-dev+0c1e570``."""
         proc = await asyncio.create_subprocess_exec(str(path), "--version", stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.STDOUT)
         out, _ = await proc.communicate()
         for line in out.decode(errors="replace").splitlines():
             if line.startswith("version:"):
-                return line.split(":", 1)[1].strip().split()[0] or "unknown"  # "version: 1 (abc123)" -> "1"
+                text = line.split(":", 1)[1].strip()
+                number = text.split()[0] if text else "unknown"
+                commit = re.search(r"commit ([0-9a-f]+)", text) or re.search(r"\(([0-9a-f]{6,})\)", text)
+                return f"{number}+{commit.group(1)}" if commit else number
         return "unknown"
 
     def argv(self, port: int) -> list[str]:

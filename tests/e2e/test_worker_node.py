@@ -1,0 +1,212 @@
+"""A worker node for real: engine-provisioner and pool-managerd processes, a real llama-server
+built from source (cached), the tiny model. Provision, ready, slots in use, kill -9, restart,
+metrics, drain, callback, and a corrupt model."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llama_orch.ext.sse import TokenRelay
+from llama_orch.io.engine_build import cached_binary, default_spec, ensure_llama_server
+from llama_orch.io.provisioner import pid_alive
+
+CACHE = Path(os.environ.get("LLAMA_ORCH_CACHE_DIR", "~/.cache/llama-orch")).expanduser()
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    # `make test` builds it first (with progress); this only builds when run on its own.
+    return cached_binary(CACHE, default_spec()) or asyncio.run(ensure_llama_server(CACHE))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def eventually(check, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+class Node:
+    """pool-managerd + engine-provisioner on this machine, as an operator would start them."""
+
+    def __init__(self, tmp_path: Path, callback_url: str | None = None) -> None:
+        self.tmp = tmp_path
+        self.runtime = tmp_path / "engines"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, POOL_MANAGERD_BIND_ADDR=f"127.0.0.1:{self.port}", POOL_MANAGERD_RUNTIME_DIR=str(self.runtime),
+                   POOL_MANAGERD_WATCH_INTERVAL_MS="100", POOL_MANAGERD_HEALTH_INTERVAL_MS="100",
+                   POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS="1000")
+        if callback_url:
+            env["POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL"] = callback_url
+        self.procs: list[subprocess.Popen] = []
+        self.pmd = self._start([sys.executable, "-m", "llama_orch.io.pool_managerd"], env, "pool-managerd.log")
+        self.prov: subprocess.Popen | None = None
+
+    def _start(self, argv, env, log_name) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, env=env, stdout=(self.tmp / log_name).open("ab"), stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def provision(self, *args: str) -> subprocess.Popen:
+        self.prov = self._start([sys.executable, "-m", "llama_orch.io.provisioner", "--mode", "source",
+                                 "--cache-dir", str(CACHE), "--handoff-dir", str(self.runtime), *args],
+                                dict(os.environ), "provisioner.log")
+        return self.prov
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.tmp.glob("*.log"))
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+async def get_json(session, url):
+    try:
+        async with session.get(url) as r:
+            return await r.json() if r.status == 200 else None
+    except aiohttp.ClientError:
+        return None
+
+
+async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, session, aiohttp_server):
+    callbacks = []
+
+    async def pool_ready(request):
+        callbacks.append(await request.json())
+        return web.json_response({"bound": True}, status=202)
+
+    orchd = web.Application()
+    orchd.router.add_post("/callbacks/pool-ready", pool_ready)
+    orchd_server = await aiohttp_server(orchd)
+    node = Node(tmp_path, callback_url=str(orchd_server.make_url("/callbacks/pool-ready")))
+    try:
+        node.provision("--pool-id", "pool-0", "--slots", "2", "--ctx", "2048")
+        status_url = f"{node.url}/v2/pools/pool-0/status"
+
+        async def ready():
+            st = await get_json(session, status_url)
+            return st if st and st["ready"] else None
+        st = await eventually(ready, what="pool ready\n" + node.logs())
+        assert st["slots_total"] == 2 and st["slots_free"] == 2 and st["ctx_max"] == 2048
+        assert st["engine"] == "llamacpp" and "+" in st["engine_version"] and st["provisioning_mode"] == "source"
+        assert st["model_ref"].endswith("tiny.gguf") and st["last_error"] is None and st["live"] is True
+        listing = await get_json(session, f"{node.url}/v2/pools")
+        assert [p["pool_id"] for p in listing["pools"]] == ["pool-0"]
+        await eventually(lambda: _truthy(callbacks), timeout=10, what="pool-ready callback")
+        assert callbacks[0]["pool_id"] == "pool-0"
+
+        # Two long completions at once: pool-managerd sees both slots taken while they stream.
+        engine_url = st["engine_url"]
+        seen_free = set()
+
+        async def complete():
+            relay = TokenRelay("llamacpp")
+            async with session.post(f"{engine_url}/completion",
+                                    json={"prompt": "hello", "n_predict": 1800, "stream": True}) as r:
+                async for chunk in r.content.iter_any():
+                    relay.feed(chunk)
+            return relay
+
+        async def watch():
+            while True:
+                st = await get_json(session, status_url)
+                seen_free.add(st["slots_free"])
+                await asyncio.sleep(0.02)
+        watcher = asyncio.ensure_future(watch())
+        relays = await asyncio.gather(complete(), complete())
+        watcher.cancel()
+        assert all(r.tokens > 0 and r.final and r.final["kind"] == "end" for r in relays)
+        assert min(seen_free) < 2, f"slots_free never dropped: {seen_free}"
+
+        # kill -9 of the engine: unready with the cause, restarted with backoff, ready again.
+        os.kill(st["engine_pid"], signal.SIGKILL)
+
+        async def down():
+            s = await get_json(session, status_url)
+            return s if s and not s["ready"] and s["last_error"] else None
+        st_down = await eventually(down, what="pool unready after kill -9")
+        assert "exited" in st_down["last_error"] or "health check failed" in st_down["last_error"]
+
+        async def back():
+            s = await get_json(session, status_url)
+            return s if s and s["ready"] and s["engine_pid"] != st["engine_pid"] else None
+        st_back = await eventually(back, what="pool ready again\n" + node.logs())
+        assert pid_alive(st_back["engine_pid"]) and st_back["last_error"] is None
+
+        metrics = await (await session.get(f"{node.url}/metrics")).text()
+        assert 'pool_ready{pool_id="pool-0"} 1.0' in metrics and 'pool_slots_total{pool_id="pool-0"} 2.0' in metrics
+
+        async with session.post(f"{node.url}/v2/pools/pool-0/drain", json={"deadline_ms": 5000}) as r:
+            assert r.status == 202
+
+        async def drained():
+            s = await get_json(session, status_url)
+            return s if s["state"] == "drained" else None
+        assert (await eventually(drained, what="drained"))["ready"] is False
+
+        node.prov.send_signal(signal.SIGTERM)
+        assert node.prov.wait(timeout=30) == 0
+        assert not pid_alive(st_back["engine_pid"])
+    finally:
+        node.close()
+
+
+async def _truthy(x):
+    return bool(x)
+
+
+async def test_a_corrupt_model_leaves_the_pool_unready_with_last_error(llama_server, tmp_path, session):
+    model = tmp_path / "corrupt.gguf"
+    model.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4096))
+    node = Node(tmp_path)
+    try:
+        node.provision("--pool-id", "bad", "--model", f"file:{model}")
+
+        async def reported():
+            s = await get_json(session, f"{node.url}/v2/pools/bad/status")
+            return s if s and s["last_error"] else None
+        st = await eventually(reported, what="last_error for the corrupt model\n" + node.logs())
+        assert st["ready"] is False and "exited" in st["last_error"]
+
+        async def failed_again():  # each failed restart is reported by a new error handoff
+            text = await (await session.get(f"{node.url}/metrics")).text()
+            line = next((x for x in text.splitlines()
+                         if x.startswith('pool_handoff_files_processed_total{outcome="ok",pool_id="bad"}')), "")
+            return line and float(line.split()[-1]) >= 3
+        await eventually(failed_again, what="restarts of the corrupt model failing")
+        st = await get_json(session, f"{node.url}/v2/pools/bad/status")
+        assert st["ready"] is False and st["last_error"]
+    finally:
+        node.close()
