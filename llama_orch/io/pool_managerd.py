@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field

@@ -390,7 +390,6 @@ def test_healthy_for_recovery_ms_closes_the_breaker_and_resets_backoff():
         out = pl.handle(Tick(), due)
         assert out == [ProbeHealth(pool_id=P)]
         pl.handle(ok(), due)
-        t = due
         assert pl.breaker.state is BreakerState.HALF_OPEN
     assert pl.next_deadline() == healthy_at + 10_000
     pl.handle(Tick(), healthy_at + 10_000)
@@ -522,7 +521,6 @@ def test_drain_deadline_stops_the_engine_with_leases_left():
     pl.handle(LeasesChanged(pool_id=P, active=3), 0)
     pl.handle(DrainRequested(pool_id=P, deadline_ms=2_500), 100)
     seen = []
-    now = 0
     while True:
         due = pl.next_deadline()
         assert due is not None and due <= 2_600

@@ -3,7 +3,6 @@ built from source (cached), the tiny model. Provision, ready, slots in use, kill
 metrics, drain, callback, and a corrupt model."""
 
 import asyncio
-import json
 import os
 import signal
 import socket
