@@ -382,7 +382,6 @@ def test_healthy_for_recovery_ms_closes_the_breaker_and_resets_backoff():
     assert pl.handle(ok(), healthy_at) == [changed(PoolState.STARTING, PoolState.READY)]
     assert pl.backoff.failures > 0
     # answer every probe; the breaker stays half-open until recovery_ms of health
-    t = healthy_at
     while True:
         due = pl.next_deadline()
         if due >= healthy_at + 10_000:
