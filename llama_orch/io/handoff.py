@@ -44,6 +44,7 @@ class Handoff:
     ctx: int = 0
     pid: int | None = None
     error: str | None = None  # set when provisioning failed: the pool exists but has no engine
+    notice: str | None = None  # a problem that left the engine serving, e.g. a reload rolled back
 
     @property
     def file_name(self) -> str:
@@ -101,9 +102,11 @@ def parse_handoff(path: str | os.PathLike[str], raw: bytes) -> Handoff:
                 return value
         return default
 
-    error = data.get("error")
+    error, notice = data.get("error"), data.get("notice")
     if error is not None and not isinstance(error, str):
         raise HandoffError(path, "field 'error' must be a string")
+    if notice is not None and not isinstance(notice, str):
+        raise HandoffError(path, "field 'notice' must be a string")
     url = text("url", "http_endpoint", required=error is None)
     if url and not url.startswith(("http://", "https://")):
         raise HandoffError(path, f"field 'url' must be an http(s) URL, got {url!r}")
@@ -125,7 +128,8 @@ def parse_handoff(path: str | os.PathLike[str], raw: bytes) -> Handoff:
         engine_version=text("engine_version", required=False, default="unknown"), provisioning_mode=mode,
         model_id=str(model.get("id") or ""), model_path=str(model.get("path") or ""), flags=tuple(flags),
         device_mask=str(data.get("device_mask") or ""), slots_total=slots or 1,
-        ctx=integer("ctx", default=0) or 0, pid=integer("pid", default=None), error=error)
+        ctx=integer("ctx", default=0) or 0, pid=integer("pid", default=None), error=error,
+        notice=notice)
 
 
 def read_handoff(path: str | os.PathLike[str]) -> Handoff:

@@ -30,7 +30,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..core.commands import PoolStateChanged, ProbeHealth
+from ..core.commands import PoolStateChanged, ProbeHealth, StopEngine
 from ..core.events import (
     DrainRequested, EngineExited, EngineStarted, HealthChecked, LeasesChanged, ProvisionFailed, ProvisionStarted, Tick,
 )
@@ -170,12 +170,18 @@ class PoolManager:
             self.pools[handoff.pool_id] = pool
             log.info("pool %s: engine %s at %s (from %s)", handoff.pool_id, handoff.engine, handoff.url, path)
         else:
-            log.info("pool %s: handoff changed, engine now at %s (pid %s)", handoff.pool_id, handoff.url, handoff.pid)
+            same_engine = (handoff.url, handoff.pid) == (pool.handoff.url, pool.handoff.pid) and handoff.error is None
             pool.handoff = handoff
             pool.file = path
             pool.slots_total = handoff.slots_total
             pool.ctx_max = handoff.ctx or pool.ctx_max
             pool.model_ref = handoff.model_id or handoff.model_path
+            if same_engine and pool.lifecycle.state is not PoolState.FAILED:
+                return  # news about the engine we already watch (a notice): no restart of its lifecycle
+            log.info("pool %s: handoff changed, engine now at %s (pid %s)", handoff.pool_id, handoff.url, handoff.pid)
+            if handoff.error is None and pool.lifecycle.ready:
+                self._spawn(self._switch(pool, handoff))  # a reload: stay ready while the new engine is checked
+                return
         life = pool.lifecycle
         if handoff.error is not None:
             log.error("pool %s: provisioning failed: %s", handoff.pool_id, handoff.error)
@@ -191,6 +197,23 @@ class PoolManager:
             return
         self._apply(pool, life.handle(EngineStarted(pool_id=handoff.pool_id, engine_url=handoff.url,
                                                     pid=handoff.pid), self.now()))
+
+    async def _switch(self, pool: Pool, handoff: Handoff) -> None:
+        """Move a ready pool to its new engine without an unready gap when the engine is healthy."""
+        healthy = False
+        try:
+            assert self.session is not None
+            async with self.session.get(f"{handoff.url}/health") as resp:
+                healthy = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        if pool.handoff is not handoff:
+            return  # superseded by a newer handoff meanwhile
+        now, pid = self.now(), handoff.pool_id
+        out = pool.lifecycle.handle(EngineStarted(pool_id=pid, engine_url=handoff.url, pid=handoff.pid), now)
+        if healthy:
+            out += pool.lifecycle.handle(HealthChecked(pool_id=pid, ok=True), now)
+        self._apply(pool, out)
 
     # -- timers and health ----------------------------------------------------------------------
 
@@ -211,6 +234,9 @@ class PoolManager:
         for cmd in commands:
             if isinstance(cmd, ProbeHealth):
                 self._spawn(self._probe(pool, pool.generation))
+            elif isinstance(cmd, StopEngine):
+                if self.settings.provisioner_url:
+                    self._spawn(self._stop_engine(pool))
             elif isinstance(cmd, PoolStateChanged):
                 log.info("pool %s: %s -> %s%s", cmd.pool_id, cmd.previous, cmd.state,
                          f" ({cmd.cause})" if cmd.cause else "")
@@ -267,6 +293,18 @@ class PoolManager:
             pool.slots_total = int(props.get("total_slots") or pool.slots_total)
             pool.ctx_max = int((props.get("default_generation_settings") or {}).get("n_ctx") or pool.ctx_max)
             pool.slots_free = pool.slots_total
+
+    async def _stop_engine(self, pool: Pool) -> None:
+        """A drained pool's engine is stopped by the provisioner that owns the process."""
+        url = f"{self.settings.provisioner_url}/v2/pools/{pool.handoff.pool_id}/stop"
+        try:
+            assert self.session is not None
+            async with self.session.post(url, timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                if resp.status >= 300:
+                    log.warning("pool %s: provisioner refused to stop the engine: HTTP %s",
+                                pool.handoff.pool_id, resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("pool %s: could not ask the provisioner to stop the engine: %s", pool.handoff.pool_id, exc)
 
     async def _callback(self, pool: Pool, generation: int) -> None:
         """Tell orchestratord the pool is ready; retry with capped exponential backoff."""
@@ -333,7 +371,8 @@ class PoolManager:
             "engine": h.engine, "engine_version": h.engine_version, "engine_url": h.url,
             "device_mask": h.device_mask, "vram_total_bytes": total, "vram_free_bytes": free,
             "model_ref": pool.model_ref, "ctx_max": pool.ctx_max, "replica_id": h.replica_id,
-            "provisioning_mode": h.provisioning_mode, "engine_pid": h.pid, "last_error": life.last_error,
+            "provisioning_mode": h.provisioning_mode, "engine_pid": h.pid,
+            "last_error": life.last_error or h.notice,
         }
 
 

@@ -24,19 +24,21 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from ..core.commands import PoolStateChanged, ProbeHealth, StartEngine, StopEngine
 from ..core.events import (
-    EngineExited, EngineStarted, HealthChecked, ProvisionFailed, ProvisionStarted, Tick,
+    DrainRequested, EngineExited, EngineStarted, HealthChecked, ProvisionFailed, ProvisionStarted, Tick,
 )
 from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .artifacts import ArtifactError, fetch_model, terminal_progress
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
+from .config import parse_address
 from .handoff import Handoff, write_handoff
 
 log = logging.getLogger("llama_orch.provisioner")
@@ -72,6 +74,7 @@ class ProvisionerSettings:
     cache_dir: Path
     state_dir: Path
     start_timeout_s: float = 120.0
+    control: tuple[str, int] = ("127.0.0.1", 9300)
     health_interval_ms: float = 1000.0
     build: BuildSpec = field(default_factory=BuildSpec)
     policy: PoolPolicy = field(default_factory=lambda: PoolPolicy(health_interval_ms=1000.0, backoff_base_ms=500.0,
@@ -144,6 +147,8 @@ class PoolSupervisor:
         self.engine_version = "unknown"
         self.wake = asyncio.Event()
         self.stopping = False
+        self.reloading: str | None = None  # the model ref being loaded by a reload in progress
+        self.notice: str | None = None  # the outcome of the last failed reload, for the handoff
         self._tasks: set[asyncio.Task] = set()
 
     @staticmethod
@@ -227,7 +232,7 @@ class PoolSupervisor:
         if adopted is not None:
             self._write_handoff()
 
-    async def _spawn(self) -> Engine:
+    async def _spawn(self, *, record: bool = True) -> Engine:
         s = self.spec
         port = free_port(s.host)
         argv = self.argv(port)
@@ -244,8 +249,14 @@ class PoolSupervisor:
         url = f"http://{s.host if ':' not in s.host else f'[{s.host}]'}:{port}"
         log.info("pool %s: started %s (pid %s) on %s", s.pool_id, Path(argv[0]).name, proc.pid, url)
         engine = Engine(pid=proc.pid, url=url, port=port, proc=proc, log_path=log_path)
-        self.state_file.write_bytes(orjson.dumps({"pid": proc.pid, "url": url, "port": port, "argv": argv}))
+        if record:
+            self._record(engine)
         return engine
+
+    def _record(self, engine: Engine) -> None:
+        """The state file a restarted provisioner reads to adopt this engine."""
+        self.state_file.write_bytes(orjson.dumps({"pid": engine.pid, "url": engine.url, "port": engine.port,
+                                                  "argv": self.argv(engine.port)}))
 
     async def _adopt(self) -> Engine | None:
         try:
@@ -281,7 +292,90 @@ class PoolSupervisor:
             pool_id=s.pool_id, replica_id=s.replica_id, url=self.engine.url, engine="llamacpp",
             engine_version=self.engine_version, provisioning_mode=s.mode, model_id=s.model_ref,
             model_path=str(self.model_path), flags=tuple(self.argv(self.engine.port)[len(self.binary or []):]),
-            device_mask=s.gpu_mask, slots_total=s.slots, ctx=s.ctx, pid=self.engine.pid))
+            device_mask=s.gpu_mask, slots_total=s.slots, ctx=s.ctx, pid=self.engine.pid, notice=self.notice))
+
+    # -- reload and stop (asked for by pool-managerd through the control API) -------------------
+
+    async def reload(self, new_ref: str) -> None:
+        """Swap the model atomically: the old engine serves until one with the new model is
+        healthy; if the new one never gets there it is stopped and the old one stays."""
+        old_spec, old_model, old_engine = self.spec, self.model_path, self.engine
+        self.reloading = new_ref
+        try:
+            try:
+                new_model = await fetch_model(new_ref, self.settings.cache_dir)
+            except ArtifactError as exc:
+                return self._reload_failed(new_ref, str(exc))
+            self.spec = replace(self.spec, model_ref=new_ref)
+            self.model_path = new_model
+            candidate = await self._spawn(record=False)
+            error = await self._wait_healthy(candidate, self.settings.start_timeout_s)
+            if error is not None:
+                await candidate.stop()
+                self.spec, self.model_path = old_spec, old_model
+                return self._reload_failed(new_ref, f"{error}: {candidate.log_tail()}".rstrip(": "))
+            log.info("pool %s: reloaded %s -> %s, engine pid %s", self.spec.pool_id, old_spec.model_ref, new_ref,
+                     candidate.pid)
+            self.notice = None
+            self.engine = candidate
+            self._record(candidate)
+            self._watch(candidate)
+            self._apply(self.lifecycle.handle(EngineStarted(pool_id=self.spec.pool_id, engine_url=candidate.url,
+                                                            pid=candidate.pid), self.now()))
+            self._write_handoff()
+            if old_engine is not None:
+                self._spawn_task(self._retire(old_engine))
+        finally:
+            self.reloading = None
+
+    def _reload_failed(self, new_ref: str, error: str) -> None:
+        self.notice = f"reload to {new_ref} failed, rolled back to {self.spec.model_ref}: {error}"
+        log.error("pool %s: %s", self.spec.pool_id, self.notice)
+        if self.engine is not None and self.lifecycle.ready:
+            self._write_handoff()
+
+    async def _wait_healthy(self, engine: Engine, timeout_s: float) -> str | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if engine.proc is not None and engine.proc.returncode is not None:
+                return f"engine exited with status {engine.proc.returncode}"
+            try:
+                async with self.session.get(f"{engine.url}/health") as resp:
+                    if resp.status == 200:
+                        return None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                pass
+            await asyncio.sleep(0.1)
+        return f"engine not healthy within {timeout_s:.0f} s"
+
+    async def _retire(self, engine: Engine, grace_s: float = 60.0) -> None:
+        """Let the old engine finish what it is streaming, then stop it."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                async with self.session.get(f"{engine.url}/slots") as resp:
+                    slots = orjson.loads(await resp.read()) if resp.status == 200 else []
+                if not any(isinstance(x, dict) and x.get("is_processing") for x in slots):
+                    break
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+                break
+            await asyncio.sleep(0.2)
+        await engine.stop()
+
+    async def stop_engine(self, reason: str) -> None:
+        """Stop the engine for good (a drained pool); no restart until a reload."""
+        engine = self.engine
+        self._apply(self.lifecycle.handle(DrainRequested(pool_id=self.spec.pool_id, deadline_ms=0), self.now()))
+        if engine is not None:  # the lifecycle's StopEngine is under way: wait for it
+            await engine.wait()
+        log.info("pool %s: engine stopped (%s)", self.spec.pool_id, reason)
+
+    def view(self) -> dict:
+        e = self.engine
+        return {"pool_id": self.spec.pool_id, "replica_id": self.spec.replica_id, "state": self.lifecycle.state.value,
+                "model_ref": self.spec.model_ref, "engine_url": e.url if e else None, "pid": e.pid if e else None,
+                "reloading": self.reloading, "notice": self.notice, "last_error": self.lifecycle.last_error,
+                "restarts": self.lifecycle.restarts, "breaker": self.lifecycle.breaker.state.value}
 
     # -- the lifecycle's commands ---------------------------------------------------------------
 
@@ -409,6 +503,66 @@ class Provisioner:
             await self.session.close()
 
 
+# -- the control API: pool-managerd on the same machine asks for reloads and stops --------------
+
+PROVISIONER = web.AppKey("provisioner", Provisioner)
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _supervisor(request: web.Request) -> PoolSupervisor | web.Response:
+    pool_id = request.match_info["pool_id"]
+    sup = request.app[PROVISIONER].supervisors.get(pool_id)
+    return sup if sup is not None else _json({"code": "POOL_NOT_FOUND", "message": f"pool {pool_id} not found"}, 404)
+
+
+async def _control_health(request: web.Request) -> web.Response:
+    return _json({"status": "ok", "pools": len(request.app[PROVISIONER].supervisors)})
+
+
+async def _control_pools(request: web.Request) -> web.Response:
+    return _json({"pools": [s.view() for _, s in sorted(request.app[PROVISIONER].supervisors.items())]})
+
+
+async def _control_reload(request: web.Request) -> web.Response:
+    sup = _supervisor(request)
+    if isinstance(sup, web.Response):
+        return sup
+    try:
+        body = orjson.loads(await request.read() or b"{}")
+    except orjson.JSONDecodeError:
+        body = None
+    ref = body.get("new_model_ref") if isinstance(body, dict) else None
+    if not isinstance(ref, str) or not ref:
+        return _json({"code": "INVALID_PARAMS", "message": "new_model_ref must be a non-empty string"}, 400)
+    if sup.reloading is not None:
+        return _json({"code": "RELOAD_IN_PROGRESS", "message": f"pool {sup.spec.pool_id} is already reloading "
+                                                                f"{sup.reloading}"}, 409)
+    sup.reloading = ref
+    sup._spawn_task(sup.reload(ref))
+    return _json({"pool_id": sup.spec.pool_id, "reloading": ref, "serving": sup.spec.model_ref}, 202)
+
+
+async def _control_stop(request: web.Request) -> web.Response:
+    sup = _supervisor(request)
+    if isinstance(sup, web.Response):
+        return sup
+    await sup.stop_engine("stop requested")
+    return _json(sup.view())
+
+
+def create_control_app(provisioner: Provisioner) -> web.Application:
+    app = web.Application()
+    app[PROVISIONER] = provisioner
+    app.router.add_get("/health", _control_health)
+    app.router.add_get("/v2/pools", _control_pools)
+    app.router.add_post("/v2/pools/{pool_id}/reload", _control_reload)
+    app.router.add_post("/v2/pools/{pool_id}/stop", _control_stop)
+    return app
+
+
 def _specs_from_args(args, env) -> list[PoolSpec]:
     if args.config:
         try:
@@ -455,6 +609,8 @@ def build_parser():
     p.add_argument("--host", default=env("ENGINE_PROVISIONER_ENGINE_HOST", "127.0.0.1"), help="engine bind address")
     p.add_argument("--config", default=env("ENGINE_PROVISIONER_CONFIG"), help='JSON {"pools": [{pool_id, model, ...}]}')
     p.add_argument("--start-timeout-s", type=float, default=float(env("ENGINE_PROVISIONER_START_TIMEOUT_S", "120")))
+    p.add_argument("--control-bind", default=env("ENGINE_PROVISIONER_CONTROL_ADDR", "127.0.0.1:9300"),
+                   help="HOST:PORT of the control API that pool-managerd calls for reload and stop")
     return p
 
 
@@ -479,8 +635,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"engine-provisioner: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        control = parse_address(args.control_bind)
+    except ValueError:
+        print(f"engine-provisioner: error: --control-bind / ENGINE_PROVISIONER_CONTROL_ADDR={args.control_bind!r}: "
+              "expected HOST:PORT", file=sys.stderr)
+        return 2
     settings = ProvisionerSettings(handoff_dir=Path(args.handoff_dir).expanduser(), cache_dir=cache,
-                                   state_dir=cache / "state", start_timeout_s=args.start_timeout_s)
+                                   state_dir=cache / "state", start_timeout_s=args.start_timeout_s, control=control)
     try:
         import uvloop
         uvloop.install()
@@ -491,6 +653,17 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
     provisioner = Provisioner(specs, settings)
+    runner = web.AppRunner(create_control_app(provisioner), access_log=None)
+    await runner.setup()
+    host, port = settings.control
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        print(f"engine-provisioner: error: cannot listen on {host}:{port} for the control API: {exc.strerror}",
+              file=sys.stderr)
+        await runner.cleanup()
+        return 2
+    log.info("control API on http://%s:%s", host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -508,6 +681,7 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
     finally:
         log.info("stopping engines")
         await provisioner.stop()
+        await runner.cleanup()
     return 0
 
 

@@ -52,9 +52,10 @@ class Node:
         self.runtime = tmp_path / "engines"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.control = f"127.0.0.1:{free_port()}"
         env = dict(os.environ, POOL_MANAGERD_BIND_ADDR=f"127.0.0.1:{self.port}", POOL_MANAGERD_RUNTIME_DIR=str(self.runtime),
                    POOL_MANAGERD_WATCH_INTERVAL_MS="100", POOL_MANAGERD_HEALTH_INTERVAL_MS="100",
-                   POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS="1000")
+                   POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS="1000", POOL_MANAGERD_PROVISIONER_URL=f"http://{self.control}")
         if callback_url:
             env["POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL"] = callback_url
         self.procs: list[subprocess.Popen] = []
@@ -68,7 +69,8 @@ class Node:
 
     def provision(self, *args: str) -> subprocess.Popen:
         self.prov = self._start([sys.executable, "-m", "llama_orch.io.provisioner", "--mode", "source",
-                                 "--cache-dir", str(CACHE), "--handoff-dir", str(self.runtime), *args],
+                                 "--cache-dir", str(CACHE), "--handoff-dir", str(self.runtime),
+                                 "--control-bind", self.control, *args],
                                 dict(os.environ), "provisioner.log")
         return self.prov
 
@@ -167,6 +169,41 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         metrics = await (await session.get(f"{node.url}/metrics")).text()
         assert 'pool_ready{pool_id="pool-0"} 1.0' in metrics and 'pool_slots_total{pool_id="pool-0"} 2.0' in metrics
 
+        # Reload through pool-managerd: a corrupt model is rolled back, a good one swapped in,
+        # and the pool stays ready all along.
+        watcher_ready = []
+
+        async def watch_ready():
+            while True:
+                s = await get_json(session, status_url)
+                watcher_ready.append(s["ready"])
+                await asyncio.sleep(0.02)
+        watcher = asyncio.ensure_future(watch_ready())
+        corrupt = tmp_path / "corrupt.gguf"
+        corrupt.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4096))
+        async with session.post(f"{node.url}/v2/pools/pool-0/reload", json={"new_model_ref": f"file:{corrupt}"}) as r:
+            assert r.status == 202, await r.text()
+
+        async def rolled_back():
+            s = await get_json(session, status_url)
+            return s if s["last_error"] and "rolled back" in s["last_error"] else None
+        st_rb = await eventually(rolled_back, what="reload rolled back\n" + node.logs())
+        assert st_rb["ready"] and st_rb["engine_pid"] == st_back["engine_pid"] and st_rb["model_ref"] == st["model_ref"]
+        second = tmp_path / "second.gguf"
+        second.write_bytes(Path(st["model_ref"].removeprefix("file:")).read_bytes())
+        async with session.post(f"{node.url}/v2/pools/pool-0/reload", json={"new_model_ref": f"file:{second}"}) as r:
+            assert r.status == 202
+
+        async def reloaded():
+            s = await get_json(session, status_url)
+            return s if s["model_ref"] == f"file:{second}" and s["ready"] else None
+        st_new = await eventually(reloaded, what="reloaded\n" + node.logs())
+        watcher.cancel()
+        assert all(watcher_ready), "the pool went unready during a reload"
+        assert st_new["engine_pid"] != st_back["engine_pid"] and st_new["last_error"] is None
+        await eventually(lambda: _truthy(not pid_alive(st_back["engine_pid"])), what="old engine retired")
+
+        # Drain: no new work, then the provisioner stops the engine.
         async with session.post(f"{node.url}/v2/pools/pool-0/drain", json={"deadline_ms": 5000}) as r:
             assert r.status == 202
 
@@ -174,10 +211,10 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
             s = await get_json(session, status_url)
             return s if s["state"] == "drained" else None
         assert (await eventually(drained, what="drained"))["ready"] is False
+        await eventually(lambda: _truthy(not pid_alive(st_new["engine_pid"])), what="drained engine stopped")
 
         node.prov.send_signal(signal.SIGTERM)
         assert node.prov.wait(timeout=30) == 0
-        assert not pid_alive(st_back["engine_pid"])
     finally:
         node.close()
 

@@ -8,9 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import socket
+
 import pytest
 
 from llama_orch.io.provisioner import pid_alive
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(check, timeout=20.0, what="condition"):
@@ -28,9 +36,11 @@ class Run:
         self.handoffs = tmp_path / "engines"
         self.cache = tmp_path / "cache"
         self.log = (tmp_path / "provisioner.log").open("ab")
+        self.control = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llama_orch.io.provisioner", "--handoff-dir", str(self.handoffs),
-             "--cache-dir", str(self.cache), *args], stdout=self.log, stderr=subprocess.STDOUT)
+             "--cache-dir", str(self.cache), "--control-bind", self.control.removeprefix("http://"), *args],
+            stdout=self.log, stderr=subprocess.STDOUT)
 
     def handoff(self, name="pool-0-r0.json"):
         try:
@@ -108,6 +118,7 @@ def test_bad_config_is_one_clear_line(tmp_path):
     cfg = tmp_path / "pools.json"
     cfg.write_text(json.dumps({"pools": [{"pool_id": "a", "slotz": 2}]}))
     out = subprocess.run([sys.executable, "-m", "llama_orch.io.provisioner", "--config", str(cfg), "--mode", "mock",
+                          "--control-bind", f"127.0.0.1:{free_port()}",
                           "--handoff-dir", str(tmp_path / "h"), "--cache-dir", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown keys ['slotz']" in out.stderr and str(cfg) in out.stderr
@@ -121,4 +132,39 @@ def test_config_file_provisions_several_pools(tmp_path, runs):
     a = wait_for(lambda: run.handoff("a-r0.json"), what="pool a")
     b = wait_for(lambda: run.handoff("b-r0.json"), what="pool b")
     assert (a["slots_total"], b["slots_total"]) == (1, 2) and a["url"] != b["url"]
+    assert run.stop() == 0
+
+
+def test_reload_swaps_the_model_and_rolls_back_a_missing_one(tmp_path, runs):
+    import urllib.request
+
+    run = Run(tmp_path, "--mode", "mock")
+    runs.append(run)
+    first = wait_for(lambda: run.handoff(), what="handoff")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(Path(first["model"]["path"]).read_bytes())
+
+    def post(path, body):
+        req = urllib.request.Request(run.control + path, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = post("/v2/pools/pool-0/reload", {"new_model_ref": f"file:{other}"})
+    assert status == 202 and body["reloading"] == f"file:{other}"
+    swapped = wait_for(lambda: (h := run.handoff()) and h["model"]["id"] == f"file:{other}" and h, what="reload")
+    assert swapped["pid"] != first["pid"] and pid_alive(swapped["pid"])
+    wait_for(lambda: not pid_alive(first["pid"]), what="old engine retired")
+    status, body = post("/v2/pools/pool-0/reload", {"new_model_ref": f"file:{tmp_path}/missing.gguf"})
+    assert status == 202
+    kept = wait_for(lambda: (h := run.handoff()) and h.get("notice") and h, what="rollback notice")
+    assert "rolled back" in kept["notice"] and "missing.gguf" in kept["notice"]
+    assert kept["pid"] == swapped["pid"] and kept["model"]["id"] == f"file:{other}" and pid_alive(kept["pid"])
+    assert post("/v2/pools/nope/reload", {"new_model_ref": "x"})[0] == 404
+    assert post("/v2/pools/pool-0/reload", {})[0] == 400
+    status, view = post("/v2/pools/pool-0/stop", {})
+    assert status == 200 and view["state"] == "drained"
+    wait_for(lambda: not pid_alive(kept["pid"]), what="engine stopped")
     assert run.stop() == 0
