@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import time
 
 from llama_orch.core.commands import Admitted, Finish, ForwardTokens, Rejected
 from llama_orch.core.errors import InvariantViolation
@@ -63,3 +65,14 @@ class Ledger:
 
     def of(self, kind, task_id: str | None = None) -> list:
         return [c for c in self.log if isinstance(c, kind) and (task_id is None or c.task_id == task_id)]
+
+
+async def eventually(check, timeout: float = 30.0, what: str = "condition"):
+    """Await ``check()`` until it returns something truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from .http import json_response
+
 WORDS = ("the", "llama", "orch", "pool", "token", "stream", "queue", "slot", "engine", "model", "fast", "ready")
 
 
@@ -56,16 +58,16 @@ class MockEngine:
 
     async def health(self, request: web.Request) -> web.Response:
         if self.loading():
-            return _json({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, 503)
-        return _json({"status": "ok"})
+            return json_response({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, 503)
+        return json_response({"status": "ok"})
 
     async def props(self, request: web.Request) -> web.Response:
-        return _json({"default_generation_settings": {"n_ctx": self.config.ctx, "params": {}},
+        return json_response({"default_generation_settings": {"n_ctx": self.config.ctx, "params": {}},
                       "total_slots": self.config.slots, "model_path": self.config.model,
                       "build_info": "mock-engine", "is_sleeping": False})
 
     async def slots_state(self, request: web.Request) -> web.Response:
-        return _json([{"id": i, "n_ctx": self.config.ctx, "is_processing": busy} for i, busy in enumerate(self.busy)])
+        return json_response([{"id": i, "n_ctx": self.config.ctx, "is_processing": busy} for i, busy in enumerate(self.busy)])
 
     async def metrics(self, request: web.Request) -> web.Response:
         busy = sum(self.busy)
@@ -94,13 +96,13 @@ class MockEngine:
 
     async def _generate(self, request: web.Request, dialect: str) -> web.StreamResponse:
         if self.loading():
-            return _json({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, 503)
+            return json_response({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}, 503)
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return _json({"error": {"code": 400, "message": "invalid JSON body", "type": "invalid_request_error"}}, 400)
+            return json_response({"error": {"code": 400, "message": "invalid JSON body", "type": "invalid_request_error"}}, 400)
         if self.config.error_rate and self.rng.random() < self.config.error_rate:
-            return _json({"error": {"code": 500, "message": "injected fault", "type": "server_error"}}, 500)
+            return json_response({"error": {"code": 500, "message": "injected fault", "type": "server_error"}}, 500)
         n_predict = int(body.get("n_predict", body.get("max_tokens", 16)) or 16)
         prompt = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages", []))
         prompt_tokens = max(1, len(str(prompt).split()))
@@ -124,7 +126,7 @@ class MockEngine:
             await asyncio.sleep(delay * len(words))
             self.predicted_total += len(words)
             text = "".join(" " + w for w in words)
-            return _json(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
+            return json_response(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         for i, word in enumerate(words):
@@ -167,10 +169,6 @@ class MockEngine:
                   {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
         return {"id": "chatcmpl-mock", "object": "chat.completion.chunk" if stream else "chat.completion",
                 "model": self.config.model, "choices": [choice], "usage": usage}
-
-
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 def create_app(config: MockConfig) -> web.Application:

@@ -38,6 +38,7 @@ from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .config import ConfigError, PoolManagerSettings
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
+from .http import fail, json_body, json_response
 
 log = logging.getLogger("llama_orch.pool_managerd")
 
@@ -381,24 +382,18 @@ class PoolManager:
 MANAGER = web.AppKey("manager", PoolManager)
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"code": code, "message": message}, status)
-
-
-def _pool_or_404(request: web.Request) -> Pool | web.Response:
+def _pool(request: web.Request) -> Pool:
     pool_id = request.match_info["pool_id"]
     pool = request.app[MANAGER].pools.get(pool_id)
-    return pool if pool is not None else _error(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
+    if pool is None:
+        fail(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
+    return pool
 
 
 async def health(request: web.Request) -> web.Response:
     m = request.app[MANAGER]
     d = m.discovery
-    return _json({"status": "ok", "node_id": m.settings.node_id, "pools": len(m.pools),
+    return json_response({"status": "ok", "node_id": m.settings.node_id, "pools": len(m.pools),
                   "ready_pools": sum(p.lifecycle.ready for p in m.pools.values()),
                   "nvml": bool(d and d.nvml), "malformed_handoffs": sorted(m.malformed)})
 
@@ -410,60 +405,39 @@ async def list_pools(request: web.Request) -> web.Response:
          "vram_free_bytes": d.vram_free_bytes, "utilization_pct": d.utilization_pct}
         for d in (m.discovery.devices if m.discovery else ())
     ]
-    return _json({"node_id": m.settings.node_id, "pools": [m.status(p) for _, p in sorted(m.pools.items())],
+    return json_response({"node_id": m.settings.node_id, "pools": [m.status(p) for _, p in sorted(m.pools.items())],
                   "devices": devices})
 
 
 async def pool_status(request: web.Request) -> web.Response:
-    pool = _pool_or_404(request)
-    return pool if isinstance(pool, web.Response) else _json(request.app[MANAGER].status(pool))
-
-
-async def _body(request: web.Request) -> dict | web.Response:
-    try:
-        body = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError:
-        return _error(400, "INVALID_PARAMS", "request body is not valid JSON")
-    if not isinstance(body, dict):
-        return _error(400, "INVALID_PARAMS", "request body must be a JSON object")
-    return body
+    return json_response(request.app[MANAGER].status(_pool(request)))
 
 
 async def drain(request: web.Request) -> web.Response:
-    pool = _pool_or_404(request)
-    if isinstance(pool, web.Response):
-        return pool
-    body = await _body(request)
-    if isinstance(body, web.Response):
-        return body
-    deadline = body.get("deadline_ms", 30_000)
+    pool = _pool(request)
+    deadline = (await json_body(request)).get("deadline_ms", 30_000)
     if not isinstance(deadline, int) or isinstance(deadline, bool) or deadline < 0:
-        return _error(400, "INVALID_PARAMS", f"deadline_ms must be an integer >= 0, got {deadline!r}")
+        fail(400, "INVALID_PARAMS", f"deadline_ms must be an integer >= 0, got {deadline!r}")
     m = request.app[MANAGER]
     m._apply(pool, pool.lifecycle.handle(DrainRequested(pool_id=pool.handoff.pool_id, deadline_ms=deadline), m.now()))
-    return _json({"pool_id": pool.handoff.pool_id, "state": pool.lifecycle.state.value, "deadline_ms": deadline}, 202)
+    return json_response({"pool_id": pool.handoff.pool_id, "state": pool.lifecycle.state.value, "deadline_ms": deadline}, 202)
 
 
 async def reload(request: web.Request) -> web.Response:
-    pool = _pool_or_404(request)
-    if isinstance(pool, web.Response):
-        return pool
-    body = await _body(request)
-    if isinstance(body, web.Response):
-        return body
-    ref = body.get("new_model_ref")
+    pool = _pool(request)
+    ref = (await json_body(request)).get("new_model_ref")
     if not isinstance(ref, str) or not ref:
-        return _error(400, "INVALID_PARAMS", "new_model_ref must be a non-empty string")
+        fail(400, "INVALID_PARAMS", "new_model_ref must be a non-empty string")
     m = request.app[MANAGER]
     if not m.settings.provisioner_url:
-        return _error(503, "PROVISIONER_UNAVAILABLE", "no engine-provisioner is configured on this node")
+        fail(503, "PROVISIONER_UNAVAILABLE", "no engine-provisioner is configured on this node")
     url = f"{m.settings.provisioner_url}/v2/pools/{pool.handoff.pool_id}/reload"
     try:
         assert m.session is not None
         async with m.session.post(url, json={"new_model_ref": ref}) as resp:
             return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return _error(503, "PROVISIONER_UNAVAILABLE", f"engine-provisioner at {m.settings.provisioner_url}: {exc}")
+        fail(503, "PROVISIONER_UNAVAILABLE", f"engine-provisioner at {m.settings.provisioner_url}: {exc}")
 
 
 async def metrics(request: web.Request) -> web.Response:

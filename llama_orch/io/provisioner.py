@@ -40,6 +40,7 @@ from .artifacts import ArtifactError, fetch_model, terminal_progress
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
 from .config import parse_address
 from .handoff import Handoff, write_handoff
+from .http import fail, json_body, json_response
 
 log = logging.getLogger("llama_orch.provisioner")
 
@@ -508,49 +509,38 @@ class Provisioner:
 PROVISIONER = web.AppKey("provisioner", Provisioner)
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
-
-
-def _supervisor(request: web.Request) -> PoolSupervisor | web.Response:
+def _supervisor(request: web.Request) -> PoolSupervisor:
     pool_id = request.match_info["pool_id"]
     sup = request.app[PROVISIONER].supervisors.get(pool_id)
-    return sup if sup is not None else _json({"code": "POOL_NOT_FOUND", "message": f"pool {pool_id} not found"}, 404)
+    if sup is None:
+        fail(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
+    return sup
 
 
 async def _control_health(request: web.Request) -> web.Response:
-    return _json({"status": "ok", "pools": len(request.app[PROVISIONER].supervisors)})
+    return json_response({"status": "ok", "pools": len(request.app[PROVISIONER].supervisors)})
 
 
 async def _control_pools(request: web.Request) -> web.Response:
-    return _json({"pools": [s.view() for _, s in sorted(request.app[PROVISIONER].supervisors.items())]})
+    return json_response({"pools": [s.view() for _, s in sorted(request.app[PROVISIONER].supervisors.items())]})
 
 
 async def _control_reload(request: web.Request) -> web.Response:
     sup = _supervisor(request)
-    if isinstance(sup, web.Response):
-        return sup
-    try:
-        body = orjson.loads(await request.read() or b"{}")
-    except orjson.JSONDecodeError:
-        body = None
-    ref = body.get("new_model_ref") if isinstance(body, dict) else None
+    ref = (await json_body(request)).get("new_model_ref")
     if not isinstance(ref, str) or not ref:
-        return _json({"code": "INVALID_PARAMS", "message": "new_model_ref must be a non-empty string"}, 400)
+        fail(400, "INVALID_PARAMS", "new_model_ref must be a non-empty string")
     if sup.reloading is not None:
-        return _json({"code": "RELOAD_IN_PROGRESS", "message": f"pool {sup.spec.pool_id} is already reloading "
-                                                                f"{sup.reloading}"}, 409)
+        fail(409, "RELOAD_IN_PROGRESS", f"pool {sup.spec.pool_id} is already reloading {sup.reloading}")
     sup.reloading = ref
     sup._spawn_task(sup.reload(ref))
-    return _json({"pool_id": sup.spec.pool_id, "reloading": ref, "serving": sup.spec.model_ref}, 202)
+    return json_response({"pool_id": sup.spec.pool_id, "reloading": ref, "serving": sup.spec.model_ref}, 202)
 
 
 async def _control_stop(request: web.Request) -> web.Response:
     sup = _supervisor(request)
-    if isinstance(sup, web.Response):
-        return sup
     await sup.stop_engine("stop requested")
-    return _json(sup.view())
+    return json_response(sup.view())
 
 
 def create_control_app(provisioner: Provisioner) -> web.Application:

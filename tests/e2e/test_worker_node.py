@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from support import eventually
 
 from llama_orch.ext.sse import TokenRelay
 from llama_orch.io.engine_build import cached_binary, default_spec, ensure_llama_server
@@ -32,16 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def eventually(check, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 class Node:
@@ -119,7 +109,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         async def ready():
             st = await get_json(session, status_url)
             return st if st and st["ready"] else None
-        st = await eventually(ready, what="pool ready\n" + node.logs())
+        st = await eventually(ready, timeout=60, what="pool ready\n" + node.logs())
         assert st["slots_total"] == 2 and st["slots_free"] == 2 and st["ctx_max"] == 2048
         assert st["engine"] == "llamacpp" and "+" in st["engine_version"] and st["provisioning_mode"] == "source"
         assert st["model_ref"].endswith("tiny.gguf") and st["last_error"] is None and st["live"] is True

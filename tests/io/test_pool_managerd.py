@@ -1,27 +1,17 @@
 """pool-managerd in process, against mock engines on loopback: watcher, registry, health, API."""
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from support import eventually
 
 from llama_orch.io.config import ConfigError, PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.mock_engine import MockConfig
 from llama_orch.io.mock_engine import create_app as mock_engine_app
 from llama_orch.io.pool_managerd import create_app
-
-
-async def eventually(check, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def settings(tmp_path: Path, **kw) -> PoolManagerSettings:
