@@ -1,0 +1,110 @@
+"""Pool discovery for orchestratord: poll every pool-managerd, turn answers into core events.
+
+Each manager in ``ORCHD_POOL_MANAGERS`` is polled (``GET /v2/pools``) every interval with a
+timeout, never on a client's request path. A pool it lists becomes ``PoolUpdated`` with a
+``PoolSnapshot``; a pool it stopped listing, ``PoolRemoved``; a manager that does not answer
+makes its pools ``PoolLost`` (its engines may be fine, but nobody vouches for them). The last
+answer of each manager is kept, with its time and error, for ``GET /v2/pools`` and probes.
+The events go to a callback: the driver that owns the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiohttp
+import orjson
+
+from ..core.events import Event, PoolLost, PoolRemoved, PoolUpdated
+from ..core.types import PoolSnapshot
+
+
+def snapshot_from_status(status: dict, manager_url: str) -> PoolSnapshot:
+    """The contract's pool status shape -> the core's snapshot (KeyError/ValueError if malformed)."""
+    slots_total = int(status.get("slots_total") or 0)
+    return PoolSnapshot(
+        pool_id=str(status["pool_id"]), ready=bool(status.get("ready")), draining=bool(status.get("draining")),
+        live=bool(status.get("live", True)), slots_total=slots_total,
+        slots_free=min(slots_total, max(0, int(status.get("slots_free") or 0))),
+        vram_total_bytes=max(0, int(status.get("vram_total_bytes") or 0)),
+        vram_free_bytes=max(0, int(status.get("vram_free_bytes") or 0)),
+        engine=str(status.get("engine") or "llamacpp"), engine_version=status.get("engine_version"),
+        model_ref=str(status.get("model_ref") or ""), model_digest=status.get("model_digest"),
+        sampler_profile_version=status.get("sampler_profile_version"), ctx_max=max(0, int(status.get("ctx_max") or 0)),
+        device_mask=str(status.get("device_mask") or ""), replica_id=str(status.get("replica_id") or ""),
+        engine_url=status.get("engine_url"), last_error=status.get("last_error"), manager_url=manager_url)
+
+
+@dataclass(slots=True)
+class ManagerState:
+    url: str
+    pools: dict[str, dict] = field(default_factory=dict)
+    last_ok: float | None = None  # monotonic seconds
+    last_error: str | None = None
+    reachable: bool = False
+
+
+class PoolDiscovery:
+    def __init__(self, manager_urls: list[str], emit: Callable[[Event], None], *, interval_ms: int = 5000,
+                 timeout_ms: int = 2000, session: aiohttp.ClientSession | None = None) -> None:
+        self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/")) for url in manager_urls}
+        self.emit = emit
+        self.interval_s = interval_ms / 1000
+        self.timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
+        self._session = session
+        self._own_session = session is None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        await self.poll_all()  # one round before serving, so the first requests see pools
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._own_session and self._session is not None:
+            await self._session.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.poll_all()
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll(m) for m in self.managers.values()))
+
+    async def poll(self, manager: ManagerState) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{manager.url}/v2/pools", timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"GET /v2/pools answered HTTP {resp.status}")
+                listing = orjson.loads(await resp.read())
+            pools = {p["pool_id"]: p for p in listing["pools"]}
+            snapshots = [snapshot_from_status(p, manager.url) for p in pools.values()]
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
+            manager.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if manager.reachable:
+                manager.reachable = False
+                for pool_id in sorted(manager.pools):
+                    self.emit(PoolLost(pool_id=pool_id, reason=f"pool-managerd {manager.url}: {manager.last_error}"))
+            return
+        for pool_id in sorted(set(manager.pools) - set(pools)):
+            self.emit(PoolRemoved(pool_id=pool_id))
+        for snap in snapshots:
+            self.emit(PoolUpdated(snapshot=snap))
+        manager.pools = pools
+        manager.reachable = True
+        manager.last_ok = time.monotonic()
+        manager.last_error = None
+
+    def owner_of(self, pool_id: str) -> ManagerState | None:
+        return next((m for m in self.managers.values() if pool_id in m.pools), None)

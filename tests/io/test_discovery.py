@@ -1,0 +1,76 @@
+"""Discovery against real pool-managerd apps with mock engines: updates, loss, removal."""
+
+import pytest
+from aiohttp import web
+from support import eventually
+
+from llama_orch.core.events import PoolLost, PoolRemoved, PoolUpdated
+from llama_orch.io.config import PoolManagerSettings
+from llama_orch.io.discovery import PoolDiscovery, snapshot_from_status
+from llama_orch.io.handoff import Handoff, write_handoff
+from llama_orch.io.mock_engine import MockConfig
+from llama_orch.io.mock_engine import create_app as mock_engine_app
+from llama_orch.io.pool_managerd import create_app as pool_managerd_app
+
+
+def test_snapshot_from_the_contract_status_shape():
+    status = {"pool_id": "pool-0", "live": True, "ready": True, "draining": False, "slots_total": 4, "slots_free": 9,
+              "active_leases": 2, "engine": "llamacpp", "engine_version": "b1234", "engine_url": "http://10.0.0.5:41231",
+              "device_mask": "0", "vram_total_bytes": 24_000_000_000, "vram_free_bytes": 18_000_000_000,
+              "model_ref": "file:/models/x.gguf", "last_error": None}
+    snap = snapshot_from_status(status, "http://gpu-1:9200")
+    assert (snap.pool_id, snap.ready, snap.slots_total, snap.slots_free) == ("pool-0", True, 4, 4)
+    assert snap.vram_free_bytes == 18_000_000_000 and snap.manager_url == "http://gpu-1:9200"
+    with pytest.raises(KeyError):
+        snapshot_from_status({"ready": True}, "http://x")
+
+
+async def test_discovery_follows_a_pool_managerd(aiohttp_server, tmp_path):
+    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=2)))
+    settings = PoolManagerSettings(runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30,
+                                   provisioner_url=None, node_id="n1")
+    pmd = await aiohttp_server(pool_managerd_app(settings))
+    events = []
+    pmd_url = str(pmd.make_url("")).rstrip("/")
+    disc = PoolDiscovery([pmd_url], events.append, interval_ms=30, timeout_ms=300)
+    await disc.start()
+    try:
+        write_handoff(tmp_path / "engines", Handoff(pool_id="pool-0", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
+                                                    slots_total=2, model_id="file:/m/tiny.gguf"))
+
+        async def ready_seen():
+            return any(isinstance(e, PoolUpdated) and e.snapshot.ready for e in events)
+        await eventually(ready_seen, what="a ready PoolUpdated")
+        snap = next(e.snapshot for e in events if isinstance(e, PoolUpdated) and e.snapshot.ready)
+        assert snap.slots_total == 2 and snap.model_ref == "file:/m/tiny.gguf" and snap.engine_url.startswith("http://")
+        assert disc.owner_of("pool-0").reachable
+        await pmd.close()  # the manager goes away: its pools are lost, once
+
+        async def lost():
+            return [e for e in events if isinstance(e, PoolLost)]
+        gone = await eventually(lost, what="PoolLost")
+        assert gone[0].pool_id == "pool-0" and "pool-managerd" in gone[0].reason
+        assert disc.managers[pmd_url].last_error and not disc.managers[pmd_url].reachable
+        await disc.poll_all()
+        await disc.poll_all()
+        assert len(await lost()) == 1  # reported once, not at every failed poll
+    finally:
+        await disc.stop()
+
+
+async def test_a_pool_no_longer_listed_is_removed(aiohttp_server):
+    listing = {"pools": [{"pool_id": "a", "ready": True, "slots_total": 1}, {"pool_id": "b", "ready": True, "slots_total": 1}]}
+
+    async def pools(request):
+        return web.json_response(listing)
+    app = web.Application()
+    app.router.add_get("/v2/pools", pools)
+    server = await aiohttp_server(app)
+    events = []
+    disc = PoolDiscovery([str(server.make_url(""))], events.append, interval_ms=10_000)
+    await disc.start()
+    listing["pools"].pop()
+    await disc.poll_all()
+    await disc.stop()
+    assert [type(e).__name__ for e in events] == ["PoolUpdated", "PoolUpdated", "PoolRemoved", "PoolUpdated"]
+    assert events[2] == PoolRemoved(pool_id="b")
