@@ -6,7 +6,7 @@ raises an aiohttp HTTP exception whose body is the contract's envelope ``{code, 
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Mapping, NoReturn, TypeVar
 
 import orjson
 from aiohttp import web
@@ -23,6 +23,18 @@ def json_response(data: object, status: int = 200) -> web.Response:
 
 def fail(status: int, code: str, message: str) -> NoReturn:
     raise _ERRORS[status](text=orjson.dumps({"code": code, "message": message}).decode(), content_type="application/json")
+
+
+T = TypeVar("T")
+
+
+def pool_or_404(pools: Mapping[str, T], request: web.Request) -> T:
+    """The pool named by the route's ``{pool_id}``, or the contract's 404 envelope."""
+    pool_id = request.match_info["pool_id"]
+    pool = pools.get(pool_id)
+    if pool is None:
+        fail(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
+    return pool
 
 
 async def json_body(request: web.Request) -> dict:

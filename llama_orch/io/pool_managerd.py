@@ -38,7 +38,7 @@ from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .config import ConfigError, PoolManagerSettings
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
-from .http import fail, json_body, json_response
+from .http import fail, json_body, json_response, pool_or_404
 
 log = logging.getLogger("llama_orch.pool_managerd")
 
@@ -383,11 +383,7 @@ MANAGER = web.AppKey("manager", PoolManager)
 
 
 def _pool(request: web.Request) -> Pool:
-    pool_id = request.match_info["pool_id"]
-    pool = request.app[MANAGER].pools.get(pool_id)
-    if pool is None:
-        fail(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
-    return pool
+    return pool_or_404(request.app[MANAGER].pools, request)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -40,7 +40,7 @@ from .artifacts import ArtifactError, fetch_model, terminal_progress
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
 from .config import parse_address
 from .handoff import Handoff, write_handoff
-from .http import fail, json_body, json_response
+from .http import fail, json_body, json_response, pool_or_404
 
 log = logging.getLogger("llama_orch.provisioner")
 
@@ -510,11 +510,7 @@ PROVISIONER = web.AppKey("provisioner", Provisioner)
 
 
 def _supervisor(request: web.Request) -> PoolSupervisor:
-    pool_id = request.match_info["pool_id"]
-    sup = request.app[PROVISIONER].supervisors.get(pool_id)
-    if sup is None:
-        fail(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
-    return sup
+    return pool_or_404(request.app[PROVISIONER].supervisors, request)
 
 
 async def _control_health(request: web.Request) -> web.Response:
