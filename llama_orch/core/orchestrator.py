@@ -30,14 +30,14 @@ from typing import Iterable
 
 from .admission import Admission, QueuePolicy, ServiceTimeEstimator
 from .commands import (
-    Admitted, CloseUpstream, Command, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected,
+    CloseUpstream, Command, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected,
 )
 from .errors import InvariantViolation, UsageError
 from .events import (
     DispatchFailed, Event, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed,
     TaskCanceled, TaskSubmitted, Tick, TokensReceived,
 )
-from .placement import Explanation, NoPick, Pick, Placer, Strategy
+from .placement import Explanation, Pick, Placer, Strategy
 from .pool import CircuitBreaker
 from .task import Task, TaskPhase
 from .types import BreakerState, Outcome, Priority, TaskSpec
@@ -158,35 +158,38 @@ class Orchestrator:
         out.append(rejected)
 
     def _on_submit(self, spec: TaskSpec, now: float, out: list[Command]) -> None:
-        if spec.task_id in self.tasks:
-            self._reject(out, Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
-                                       message=f"task_id {spec.task_id} is already in use"))
+        task_id = spec.task_id
+        if task_id in self.tasks:
+            self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS",
+                                       message=f"task_id {task_id} is already in use"))
             return
         budget = self.config.session_token_budget
-        session = self.sessions.get(spec.session_id)
-        if budget is not None and (session.tokens_used if session else 0) + spec.max_tokens > budget:
+        if budget is not None:
+            session = self.sessions.get(spec.session_id)
             used = session.tokens_used if session else 0
-            self._reject(out, Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
-                                       message=f"session token budget exceeded: {used} used + max_tokens "
-                                               f"{spec.max_tokens} > budget {budget}"))
-            return
-        refusal = self.placer.check_submission(spec)
+            if used + spec.max_tokens > budget:
+                self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS",
+                                           message=f"session token budget exceeded: {used} used + max_tokens "
+                                                   f"{spec.max_tokens} > budget {budget}"))
+                return
+        placer = self.placer
+        refusal = placer.check_submission(spec)
         if refusal is not None:
-            retry = self.admission.estimator.retry_after_ms(self.placer.slots()[1]) if refusal.http_status == 503 else None
-            self._reject(out, Rejected(task_id=spec.task_id, http_status=refusal.http_status, code=refusal.code,
+            retry = self.admission.estimator.retry_after_ms(placer.slots()[1]) if refusal.http_status == 503 else None
+            self._reject(out, Rejected(task_id=task_id, http_status=refusal.http_status, code=refusal.code,
                                        message=refusal.message, retriable=refusal.http_status == 503,
                                        retry_after_ms=retry, pool_id=spec.placement.pin_pool_id))
             return
-        free, total = self.placer.slots(spec)
+        free, total = placer.slots(spec)
         result = self.admission.submit(spec, free_slots=free, slots=total)
         decision = result.decision
         if isinstance(decision, Rejected):
             self._reject(out, decision)
             return
         task = Task(spec, now, queue_position=decision.queue_position, predicted_start_ms=decision.predicted_start_ms)
-        self.tasks[spec.task_id] = task
+        self.tasks[task_id] = task
         self._session(spec.session_id).tasks += 1
-        self._arm(task.deadline_at, _DEADLINE, spec.task_id)
+        self._arm(task.deadline_at, _DEADLINE, task_id)
         out.append(decision)
         if result.evicted is not None:
             victim = self.tasks[result.evicted]
@@ -212,16 +215,17 @@ class Orchestrator:
 
     def _pump(self, now: float, out: list[Command]) -> None:
         """Dispatch queued tasks while some pool has a free slot for them."""
-        admission = self.admission
-        queue = admission.queue
+        queue = self.admission.queue
         placer = self.placer
+        tasks = self.tasks
+        sessions = self.sessions
         scan = self.config.dispatch_scan
         while len(queue) and placer.free_total > 0:
             dispatched = False
             for rank in (0, 1):
                 for task_id in queue.head(rank, scan):
-                    task = self.tasks[task_id]
-                    session = self.sessions.get(task.spec.session_id)
+                    task = tasks[task_id]
+                    session = sessions.get(task.spec.session_id)
                     decision = placer.pick(task.spec, session.pool_id if session else None)
                     if isinstance(decision, Pick):
                         queue.remove(task_id)
@@ -235,27 +239,29 @@ class Orchestrator:
 
     def _dispatch(self, task: Task, pick: Pick, now: float, out: list[Command]) -> None:
         pool_id = pick.pool_id
+        task_id = task.task_id
+        placer = self.placer
         task.go("dispatch" if task.phase is TaskPhase.QUEUED else "redispatch")
         task.pool_id = pool_id
         task.attempts += 1
         task.tried_pools += (pool_id,)
         task.dispatched_at = now
-        task.kv_warmth = pick.kv_warmth and task.kv_warmth
-        self.placer.acquire(pool_id)
+        task.kv_warmth = kv_warmth = pick.kv_warmth and task.kv_warmth
+        placer.acquire(pool_id)
         flying = self.in_flight.get(pool_id)
         if flying is None:  # not setdefault: that would build a set on every dispatch
             flying = self.in_flight[pool_id] = set()
-        flying.add(task.task_id)
+        flying.add(task_id)
         self._session(task.spec.session_id).pool_id = pool_id
-        self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task.task_id)
+        self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task_id)
         if task.first_dispatched_at is None:
             task.first_dispatched_at = now
-            out.append(EmitEvent(task_id=task.task_id, kind="started", data={
+            out.append(EmitEvent(task_id=task_id, kind="started", data={
                 "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms,
-                "pool_id": pool_id, "kv_warmth": task.kv_warmth,
+                "pool_id": pool_id, "kv_warmth": kv_warmth,
                 "queued_ms": int(now - task.submitted_at)}))
-        out.append(Dispatch(task_id=task.task_id, pool_id=pool_id, attempt=task.attempts, kv_warmth=task.kv_warmth,
-                            engine_url=self.placer.snapshot(pool_id).engine_url))  # type: ignore[union-attr]
+        out.append(Dispatch(task_id=task_id, pool_id=pool_id, attempt=task.attempts, kv_warmth=kv_warmth,
+                            engine_url=placer.snapshot(pool_id).engine_url))  # type: ignore[union-attr]
 
     def _release(self, task: Task) -> None:
         pool_id = task.pool_id
@@ -271,9 +277,11 @@ class Orchestrator:
 
     def _on_tokens(self, event: TokensReceived, now: float, out: list[Command]) -> None:
         task = self.tasks.get(event.task_id)
-        if task is None or event.count == 0 or (event.attempt is not None and event.attempt != task.attempts):
+        count = event.count
+        if task is None or count == 0 or (event.attempt is not None and event.attempt != task.attempts):
             return
-        if task.phase is TaskPhase.DISPATCHING:
+        phase = task.phase
+        if phase is TaskPhase.DISPATCHING:
             task.go("first_token")
             task.first_token_at = now
             self._arm(now + self.config.token_timeout_ms, _BETWEEN_TOKENS, task.task_id)
@@ -281,11 +289,11 @@ class Orchestrator:
             if breaker is not None and breaker.state is not BreakerState.CLOSED:
                 breaker.record_success()
                 self.placer.set_flags(task.pool_id, breaker_open=False)  # type: ignore[arg-type]
-        elif task.phase is not TaskPhase.STREAMING:
+        elif phase is not TaskPhase.STREAMING:
             return  # a late read from an attempt already given up (the task is queued again)
         task.last_token_at = now
-        out.append(ForwardTokens(task_id=task.task_id, first_index=task.tokens_out, count=event.count))
-        task.tokens_out += event.count
+        out.append(ForwardTokens(task_id=task.task_id, first_index=task.tokens_out, count=count))
+        task.tokens_out += count
 
     def _on_end(self, event: StreamEnded, now: float, out: list[Command]) -> None:
         task = self.tasks.get(event.task_id)
@@ -373,25 +381,26 @@ class Orchestrator:
                 code: str | None = None, message: str = "", retriable: bool = False,
                 retry_after_ms: int | None = None) -> None:
         pool_id = task.pool_id
+        task_id = task.task_id
         if pool_id is not None and outcome is not Outcome.COMPLETED and outcome is not Outcome.CANCELED:
-            out.append(CloseUpstream(task_id=task.task_id, pool_id=pool_id, reason=code or outcome.value))
+            out.append(CloseUpstream(task_id=task_id, pool_id=pool_id, reason=code or outcome.value))
         self._release(task)
         task.go("finish")
         task.outcome = outcome
-        del self.tasks[task.task_id]
+        del self.tasks[task_id]
         self.outcomes[outcome.value] += 1
         session = self.sessions.get(task.spec.session_id)
         if session is not None:
             session.tokens_used += task.tokens_out
         if code is None:
-            out.append(Finish(task_id=task.task_id, outcome=outcome, kind="end", data=data or {}, pool_id=pool_id))
+            out.append(Finish(task_id=task_id, outcome=outcome, kind="end", data=data or {}, pool_id=pool_id))
             return
         err: dict = {"code": code, "message": message, "retriable": retriable}
         if retry_after_ms is not None:
             err["retry_after_ms"] = retry_after_ms
         if pool_id is not None:
             err["pool_id"] = pool_id
-        out.append(Finish(task_id=task.task_id, outcome=outcome, kind="error", data=err, pool_id=pool_id))
+        out.append(Finish(task_id=task_id, outcome=outcome, kind="error", data=err, pool_id=pool_id))
 
     # -- pools --------------------------------------------------------------------------------
 

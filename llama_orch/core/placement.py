@@ -139,6 +139,7 @@ class Placer:
         self._pools: dict[str, _Pool] = {}
         self._groups: dict[tuple[str, str], _Group] = {}
         self._rr_last: dict[tuple[str, str], str] = {}
+        self._picks: dict[tuple[str, bool], Pick] = {}  # see _chose
         self.free_total = 0  # free slots over all usable pools, kept by _index/_unindex
 
     # -- pool table ---------------------------------------------------------------------------
@@ -259,15 +260,16 @@ class Placer:
         return group
 
     def _index(self, p: _Pool) -> None:
-        if p.usable and p.free > 0:
+        free = p.free
+        if free > 0 and p.usable:
             key = self._key(p)
-            group = self._group(p.group)
+            group = self._groups[p.group]  # update() creates a pool's group before indexing it
             insort(group.ranked, key)
             insort(group.ids, p.snapshot.pool_id)
             p.key = key
-            p.indexed_free = p.free
-            self.free_total += p.indexed_free
-            group.free += p.indexed_free
+            p.indexed_free = free
+            self.free_total += free
+            group.free += free
 
     def _unindex(self, p: _Pool) -> None:
         if p.key is None:
@@ -425,7 +427,7 @@ class Placer:
         if session_pool is not None and session_pool not in avoid and session_pool not in exclude:
             p = self._pools.get(session_pool)
             if p is not None and p.key is not None and p.group == group_key and self._misfit(p, spec) is None:
-                if self._allowed_without_fallback(session_pool, spec) or placement.mode is PlacementMode.AUTO:
+                if placement.mode is PlacementMode.AUTO or self._allowed_without_fallback(session_pool, spec):
                     return self._chose(session_pool, True)
         prefer = placement.prefer_pools if placement.mode is PlacementMode.PREFER else ()
         fallback: str | None = None     # best fitting pool that is only not preferred
@@ -456,7 +458,12 @@ class Placer:
     def _chose(self, pool_id: str, kv_warmth: bool) -> Pick:
         if self.strategy is Strategy.ROUND_ROBIN:
             self._rr_last[self._pools[pool_id].group] = pool_id
-        return Pick(pool_id=pool_id, kv_warmth=kv_warmth)
+        # A Pick is an immutable value with few distinct instances (two per pool), so each is
+        # built once and handed out again; building one costs more than the lookup.
+        pick = self._picks.get((pool_id, kv_warmth))
+        if pick is None:
+            pick = self._picks[(pool_id, kv_warmth)] = Pick(pool_id=pool_id, kv_warmth=kv_warmth)
+        return pick
 
     def explain(self, spec: TaskSpec, session_pool: str | None = None) -> Explanation:
         """The whole decision as a record: every pool, why it was filtered, its score, the pick.

@@ -22,6 +22,10 @@ class TaskPhase(Enum):
     STREAMING = "streaming"
     DONE = "done"
 
+    # Members are singletons compared by identity, so the identity hash is consistent with
+    # equality; it spares the Python-level Enum.__hash__ on every transition-table lookup.
+    __hash__ = object.__hash__
+
 
 P = TaskPhase
 TASK_TRANSITIONS: dict[tuple[TaskPhase, str], TaskPhase] = {

@@ -63,9 +63,8 @@ class PlacementRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.mode, PlacementMode):
             raise UsageError(f"placement.mode must be a PlacementMode, got {self.mode!r}")
-        if self.mode is PlacementMode.PIN:
-            if not self.pin_pool_id:
-                raise UsageError("placement.pin_pool_id is required when mode is 'pin'")
+        if self.mode is PlacementMode.PIN and not self.pin_pool_id:
+            raise UsageError("placement.pin_pool_id is required when mode is 'pin'")
         if not isinstance(self.prefer_pools, tuple):
             raise UsageError("placement.prefer_pools must be a tuple")
         if not isinstance(self.avoid_pools, tuple):

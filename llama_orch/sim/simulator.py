@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from ..core.admission import QueuePolicy
-from ..core.commands import CloseUpstream, Dispatch, Finish, ForwardTokens, Rejected
+from ..core.commands import Admitted, CloseUpstream, Dispatch, Finish, ForwardTokens, Rejected
 from ..core.errors import InvariantViolation, UsageError
 from ..core.events import (
     PoolLost, PoolUpdated, StreamEnded, TaskSubmitted, Tick, TokensReceived,
@@ -87,7 +87,8 @@ class SimConfig:
                              f"got {self.placement_strategy!r}") from None
 
 
-# Heap item kinds, in tie-break order irrelevant (seq breaks ties FIFO).
+# Heap item kinds, in tie-break order irrelevant (seq breaks ties FIFO); each number is also the
+# index of the kind's handler in _drive.
 _ARRIVAL, _FIRST, _END, _POLL, _LOSS, _RECOVER, _SLOW_ON, _SLOW_OFF = range(8)
 
 
@@ -156,6 +157,8 @@ class Simulation:
         self._faults: list[str] = []
         self._events = 0
         self._span = 0.0
+        self._snapshots: dict[tuple[str, bool, int], PoolSnapshot] = {}
+        self._session_ids = [f"s{session:04d}" for session in range(self.config.sessions)]
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -164,13 +167,23 @@ class Simulation:
         heapq.heappush(self._heap, (when, self._seq, kind, payload))
 
     def _snapshot(self, pool: _Pool) -> PoolSnapshot:
+        """The pool as its pool-managerd would report it now.
+
+        A snapshot is an immutable value and a pool has few distinct states (up or not, free
+        slots), so each is built once and handed out again by later polls.
+        """
         c = self.config
-        return PoolSnapshot(
-            pool_id=pool.pool_id, ready=pool.up, live=pool.up, slots_total=c.slots_per_pool,
-            slots_free=max(0, c.slots_per_pool - len(pool.running)), vram_total_bytes=pool.vram_total,
-            vram_free_bytes=pool.vram_total // 2, engine="llamacpp", engine_version="sim",
-            model_ref=MODEL_REF, ctx_max=c.ctx_max, device_mask=pool.pool_id.split("-")[1],
-            replica_id=pool.pool_id, engine_url=f"sim://{pool.pool_id}")
+        slots_free = max(0, c.slots_per_pool - len(pool.running))
+        key = (pool.pool_id, pool.up, slots_free)
+        snapshot = self._snapshots.get(key)
+        if snapshot is None:
+            snapshot = self._snapshots[key] = PoolSnapshot(
+                pool_id=pool.pool_id, ready=pool.up, live=pool.up, slots_total=c.slots_per_pool,
+                slots_free=slots_free, vram_total_bytes=pool.vram_total,
+                vram_free_bytes=pool.vram_total // 2, engine="llamacpp", engine_version="sim",
+                model_ref=MODEL_REF, ctx_max=c.ctx_max, device_mask=pool.pool_id.split("-")[1],
+                replica_id=pool.pool_id, engine_url=f"sim://{pool.pool_id}")
+        return snapshot
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -179,14 +192,15 @@ class Simulation:
         span = self._span = self.records[-1].arrival_ms
         for pool in self.pools.values():
             self._push(0.0, _POLL, pool.pool_id)
-        # Arrivals are known up front: they wait in their own time-ordered list, merged with the
-        # heap as the clock reaches them, so that heap operations do not pay for thousands of
-        # pending arrivals. Each keeps the sequence number it would have had on the heap, so
-        # ties break as they would there.
+        # Arrivals are known up front, but only the next one waits on the heap (each arrival
+        # pushes its successor), so that heap operations do not pay for thousands of pending
+        # arrivals. Each keeps the sequence number it would have had if all were pushed here,
+        # so ties break the same way.
         first = self._seq + 1
         self._arrivals = sorted((record.arrival_ms, first + index, _ARRIVAL, index)
                                 for index, record in enumerate(self.records))
         self._seq += len(self.records)
+        heapq.heappush(self._heap, self._arrivals[0])
         fault_rng = random.Random(self.seed * 7919 + 1)
         names = sorted(self.pools)
         for _ in range(c.pool_losses):
@@ -205,83 +219,86 @@ class Simulation:
         report_every = max(1, total // 20)
         check_every = self.config.check_every
         pending = self._arrivals
-        next_arrival = 0
+        events = self._events
+        handlers = (self._arrive, self._on_first_token, self._on_decode, self._on_poll, self._on_loss,
+                    self._on_recover, self._on_slow_on, self._on_slow_off)  # indexed by kind
         while True:
             deadline = core.next_deadline()
-            # The next simulated event: the next arrival or the heap's top, whichever is first.
-            event = heap[0] if heap else None
-            arrival = pending[next_arrival] if next_arrival < total else None
-            from_heap = arrival is None or (event is not None and event < arrival)
-            if not from_heap:
-                event = arrival
-            if event is not None and (deadline is None or event[0] < deadline):
-                if from_heap:
-                    heapq.heappop(heap)
-                else:
-                    next_arrival += 1
-                when, _, kind, payload = event
+            if heap and (deadline is None or heap[0][0] < deadline):
+                when, _, kind, payload = heapq.heappop(heap)
                 self.now = when
                 if kind == _ARRIVAL:
                     arrivals += 1
+                    if arrivals < total:
+                        heapq.heappush(heap, pending[arrivals])  # the next arrival takes its place
                     if self.progress and arrivals % report_every == 0:
                         self.progress(arrivals, total)
-                self._step(kind, payload)
+                handlers[kind](payload)
             elif deadline is not None:
                 self.now = max(self.now, deadline)
                 self._apply(core.handle(Tick(), self.now))
             else:
                 break
-            self._events += 1
-            if self._events % check_every == 0:
+            events += 1
+            if events % check_every == 0:
                 core.check_invariants()
+        self._events = events
         if self.progress:
             self.progress(total, total)
 
-    def _step(self, kind: int, payload: object) -> None:
+    # One handler per heap item kind, indexed by the kind's number (see _drive).
+
+    def _on_first_token(self, payload: tuple[str, int]) -> None:
+        task_id, attempt = payload
+        ledger = self._tasks[task_id]
+        if ledger.attempt == attempt:
+            ledger.tokens_sent = 1
+            event = TokensReceived(task_id=task_id, count=1, attempt=ledger.core_attempt)
+            self._apply(self.core.handle(event, self.now))
+
+    def _on_decode(self, payload: tuple[str, int]) -> None:
+        task_id, attempt = payload
+        ledger = self._tasks[task_id]
+        if ledger.attempt == attempt:
+            self._decode_progress(task_id, ledger, attempt)
+
+    def _on_poll(self, pool_id: str) -> None:
         now = self.now
-        core = self.core
-        if kind == _ARRIVAL:
-            self._arrive(payload)  # type: ignore[arg-type]
-        elif kind == _FIRST:
-            task_id, attempt = payload  # type: ignore[misc]
-            ledger = self._tasks[task_id]
-            if ledger.attempt == attempt:
-                ledger.tokens_sent = 1
-                self._apply(core.handle(TokensReceived(task_id=task_id, count=1, attempt=ledger.core_attempt), now))
-        elif kind == _END:
-            task_id, attempt = payload  # type: ignore[misc]
-            ledger = self._tasks[task_id]
-            if ledger.attempt == attempt:
-                self._decode_progress(task_id, ledger, attempt)
-        elif kind == _POLL:
-            pool = self.pools[payload]  # type: ignore[index]
-            if pool.up:
-                self._apply(core.handle(PoolUpdated(snapshot=self._snapshot(pool)), now))
-            if now < self._span or core.tasks:
-                self._push(now + self.config.poll_interval_ms, _POLL, pool.pool_id)
-        elif kind == _LOSS:
-            pool = self.pools[payload]  # type: ignore[index]
-            if pool.up:
-                pool.up = False
-                self._faults.append(f"t={now:.1f}ms {pool.pool_id} lost ({len(pool.running)} tasks running)")
-                for task_id in sorted(pool.running):
-                    self._stop_attempt(task_id)
-                self._apply(core.handle(PoolLost(pool_id=pool.pool_id, reason="simulated loss"), now))
-                self._push(now + self.config.pool_recovery_ms, _RECOVER, pool.pool_id)
-        elif kind == _RECOVER:
-            pool = self.pools[payload]  # type: ignore[index]
-            pool.up = True
-            self._faults.append(f"t={now:.1f}ms {pool.pool_id} recovered")
-            self._apply(core.handle(PoolUpdated(snapshot=self._snapshot(pool)), now))
-        elif kind == _SLOW_ON:
-            pool = self.pools[payload]  # type: ignore[index]
-            pool.slow = self.config.slow_factor
-            self._faults.append(f"t={now:.1f}ms {pool.pool_id} slow (x{self.config.slow_factor:g})")
-            self._push(now + self.config.slow_window_ms, _SLOW_OFF, pool.pool_id)
-        elif kind == _SLOW_OFF:
-            pool = self.pools[payload]  # type: ignore[index]
-            pool.slow = 1.0
-            self._faults.append(f"t={now:.1f}ms {pool.pool_id} back to speed")
+        pool = self.pools[pool_id]
+        if pool.up:
+            self._apply(self.core.handle(PoolUpdated(snapshot=self._snapshot(pool)), now))
+        if now < self._span or self.core.tasks:
+            self._push(now + self.config.poll_interval_ms, _POLL, pool.pool_id)
+
+    def _on_loss(self, pool_id: str) -> None:
+        now = self.now
+        pool = self.pools[pool_id]
+        if pool.up:
+            pool.up = False
+            self._faults.append(f"t={now:.1f}ms {pool.pool_id} lost ({len(pool.running)} tasks running)")
+            for task_id in sorted(pool.running):
+                self._stop_attempt(task_id)
+            self._apply(self.core.handle(PoolLost(pool_id=pool.pool_id, reason="simulated loss"), now))
+            self._push(now + self.config.pool_recovery_ms, _RECOVER, pool.pool_id)
+
+    def _on_recover(self, pool_id: str) -> None:
+        now = self.now
+        pool = self.pools[pool_id]
+        pool.up = True
+        self._faults.append(f"t={now:.1f}ms {pool.pool_id} recovered")
+        self._apply(self.core.handle(PoolUpdated(snapshot=self._snapshot(pool)), now))
+
+    def _on_slow_on(self, pool_id: str) -> None:
+        now = self.now
+        pool = self.pools[pool_id]
+        pool.slow = self.config.slow_factor
+        self._faults.append(f"t={now:.1f}ms {pool.pool_id} slow (x{self.config.slow_factor:g})")
+        self._push(now + self.config.slow_window_ms, _SLOW_OFF, pool.pool_id)
+
+    def _on_slow_off(self, pool_id: str) -> None:
+        pool = self.pools[pool_id]
+        pool.slow = 1.0
+        self._faults.append(f"t={self.now:.1f}ms {pool.pool_id} back to speed")
 
     def _decode_progress(self, task_id: str, ledger: _Ledger, attempt: int) -> None:
         """Deliver the tokens decoded since the last delivery; end the stream when all are out.
@@ -311,7 +328,7 @@ class Simulation:
         session = self.rng.randrange(c.sessions)
         task_id = f"t{index:06d}"
         self._tasks[task_id] = _Ledger(record=record, priority=priority)
-        spec = TaskSpec(task_id=task_id, session_id=f"s{session:04d}", model_ref=MODEL_REF, priority=priority,
+        spec = TaskSpec(task_id=task_id, session_id=self._session_ids[session], model_ref=MODEL_REF, priority=priority,
                         ctx=min(record.context_tokens + record.generated_tokens, c.ctx_max),
                         prompt_tokens=record.context_tokens, max_tokens=max(1, record.generated_tokens),
                         deadline_ms=c.deadline_ms)
@@ -347,6 +364,9 @@ class Simulation:
             elif kind is Dispatch:
                 self._dispatch(cmd)
                 depth_changed = True
+            elif kind is Admitted:
+                self._tasks[cmd.task_id].answered += 1
+                depth_changed = True
             elif kind is Finish:
                 ledger = self._tasks[cmd.task_id]
                 self._stop_attempt(cmd.task_id)
@@ -365,10 +385,7 @@ class Simulation:
                 ledger.outcome = "rejected"
                 ledger.reason = cmd.code
                 ledger.end_ms = now
-            else:
-                if hasattr(cmd, "queue_position"):  # Admitted
-                    self._tasks[cmd.task_id].answered += 1
-                    depth_changed = True
+            # EmitEvent ("started") carries nothing the ledger does not already have
         if depth_changed:
             depth = len(self.core.admission)
             if depth != self._depth[-1][1]:
