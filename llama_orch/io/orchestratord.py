@@ -1,0 +1,326 @@
+"""orchestratord: the control plane. Clients in, admission and placement by the core, tokens out.
+
+The ``CoreDriver`` owns the one ``core.Orchestrator``: it stamps every event with the loop's
+clock, executes the commands that come back (start an upstream stream, forward tokens, close an
+upstream, end a stream) and arms the single timer for the core's next deadline. Handlers stay
+thin: parse, hand an event to the driver, stream what comes back. Pools come from
+``PoolDiscovery`` (polling every pool-managerd) and the pool-ready callback. The ``llamacpp``
+adapter streams ``/completion`` from the engine and relays each upstream read, framed by the
+ext relay, in one write; closing it frees the engine's slot.
+
+Implemented so far: ``POST /v2/tasks``, ``GET /v2/tasks/{id}/events``, ``POST
+/v2/tasks/{id}/cancel``, ``GET /v2/pools``, ``POST /callbacks/pool-ready``, ``/livez``,
+``/readyz``; every non-204 response carries ``X-Correlation-Id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import uuid
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from ..core.commands import Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected
+from ..core.events import (
+    DispatchFailed, Event, StreamEnded, StreamFailed, TaskCanceled, TaskSubmitted, Tick, TokensReceived,
+)
+from ..core.orchestrator import Orchestrator, OrchestratorConfig
+from ..ext.sse import TokenRelay, frame_event
+from .discovery import PoolDiscovery
+from .http import json_body, json_response
+from .wire import TaskPayload, WireError, parse_task_request
+
+log = logging.getLogger("llama_orch.orchestratord")
+
+
+@dataclass(slots=True)
+class Stream:
+    """What a task's SSE reader will see: frames so far, and whether the terminal one is in."""
+
+    frames: list[bytes] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+    upstream: asyncio.Task | None = None
+    payload: TaskPayload | None = None
+
+    def push(self, frame: bytes, *, last: bool = False) -> None:
+        self.frames.append(frame)
+        self.done = self.done or last
+        self.changed.set()
+
+
+class CoreDriver:
+    def __init__(self, core: Orchestrator, *, connect_timeout_s: float = 5.0, stream_ttl_s: float = 300.0) -> None:
+        self.core = core
+        self.streams: dict[str, Stream] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self.connect_timeout_s = connect_timeout_s
+        self.stream_ttl_s = stream_ttl_s
+        self._timer: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time() * 1000.0
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s))
+
+    async def stop(self) -> None:
+        for task_id in list(self.core.tasks):
+            self.handle(TaskCanceled(task_id=task_id, reason="shutdown"))
+        upstreams = [s.upstream for s in self.streams.values() if s.upstream is not None]
+        for task in upstreams:
+            task.cancel()
+        await asyncio.gather(*upstreams, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.session is not None:
+            await self.session.close()
+
+    # -- events in, commands out --------------------------------------------------------------
+
+    def submit(self, body: object) -> Admitted | Rejected:
+        spec, payload = parse_task_request(body)  # WireError -> 400 in the handler
+        self.streams[spec.task_id] = Stream(payload=payload)
+        decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
+                        and isinstance(c, (Admitted, Rejected)))
+        if isinstance(decision, Rejected):
+            self.streams.pop(spec.task_id, None)
+        return decision
+
+    def handle(self, event: Event) -> tuple:
+        commands = self.core.handle(event, self.now())
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is Dispatch:
+                self._dispatch(cmd)
+            elif kind is EmitEvent:
+                stream = self.streams.get(cmd.task_id)
+                if stream is not None:
+                    stream.push(frame_event(cmd.kind, orjson.dumps(cmd.data)))
+            elif kind is Finish:
+                self._finish(cmd)
+            elif kind is CloseUpstream:
+                stream = self.streams.get(cmd.task_id)
+                if stream is not None and stream.upstream is not None:
+                    stream.upstream.cancel()  # closing the connection frees the engine slot
+        self._arm()
+        return commands
+
+    def _arm(self) -> None:
+        deadline = self.core.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline / 1000.0, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self.handle(Tick())
+
+    def _finish(self, cmd: Finish) -> None:
+        stream = self.streams.get(cmd.task_id)
+        if stream is None:
+            return
+        stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
+        asyncio.get_running_loop().call_later(self.stream_ttl_s, self.streams.pop, cmd.task_id, None)
+
+    # -- the llamacpp adapter -------------------------------------------------------------------
+
+    def _dispatch(self, cmd: Dispatch) -> None:
+        stream = self.streams[cmd.task_id]
+        if stream.upstream is not None:
+            stream.upstream.cancel()
+        stream.upstream = asyncio.ensure_future(self._relay(cmd, stream))
+
+    async def _relay(self, cmd: Dispatch, stream: Stream) -> None:
+        task = self.core.task(cmd.task_id)
+        if task is None or cmd.engine_url is None:
+            return
+        spec, payload = task.spec, stream.payload
+        body = {"prompt": (payload.prompt if payload and payload.prompt is not None else " ".join(payload.inputs if payload else ())),
+                "n_predict": spec.max_tokens, "stream": True, "cache_prompt": True}
+        if spec.seed is not None:
+            body["seed"] = spec.seed
+        relay = TokenRelay("llamacpp", start_index=0)
+        got_any = False
+        try:
+            assert self.session is not None
+            async with self.session.post(f"{cmd.engine_url}/completion", json=body) as resp:
+                if resp.status != 200:
+                    text = (await resp.text())[:200]
+                    self.handle(DispatchFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
+                                               message=f"engine answered HTTP {resp.status}: {text}"))
+                    return
+                async for chunk in resp.content.iter_any():
+                    frames, count, final = relay.feed(chunk)
+                    if count:
+                        got_any = True
+                        out = self.handle(TokensReceived(task_id=cmd.task_id, count=count, attempt=cmd.attempt))
+                        if any(type(c) is ForwardTokens for c in out):
+                            stream.push(frames)  # every token of this read, in one write
+                    if final is not None:
+                        if final.get("kind") == "error":
+                            self.handle(StreamFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="INTERNAL",
+                                                     message=f"engine error: {final.get('message')}"))
+                        else:
+                            self.handle(StreamEnded(task_id=cmd.task_id, attempt=cmd.attempt,
+                                                    tokens_out=final.get("tokens_predicted"),
+                                                    decode_ms=final.get("predicted_ms")))
+                        return
+            self.handle(StreamFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
+                                     message="engine closed the stream before its final frame"))
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            event = StreamFailed if got_any else DispatchFailed
+            self.handle(event(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
+                              message=f"{type(exc).__name__}: {exc}"))
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+DRIVER = web.AppKey("driver", CoreDriver)
+CORRELATION_ID = web.RequestKey("correlation_id", str)
+DISCOVERY = web.AppKey("discovery", PoolDiscovery)
+
+
+@web.middleware
+async def correlation(request: web.Request, handler):
+    cid = request.headers.get("X-Correlation-Id") or str(uuid.uuid4())
+    request[CORRELATION_ID] = cid
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        resp = exc
+    if resp.status != 204:
+        resp.headers["X-Correlation-Id"] = cid
+    if isinstance(resp, web.HTTPException):
+        raise resp
+    return resp
+
+
+def _rejection(decision: Rejected) -> web.Response:
+    body = {"code": decision.code, "message": decision.message, "retriable": decision.retriable}
+    for name in ("retry_after_ms", "policy_label", "pool_id"):
+        if getattr(decision, name) is not None:
+            body[name] = getattr(decision, name)
+    resp = json_response(body, decision.http_status)
+    if decision.http_status in (429, 503):
+        retry = decision.retry_after_ms or 1000
+        resp.headers["Retry-After"] = str(max(1, math.ceil(retry / 1000)))
+        resp.headers["X-Backoff-Ms"] = str(retry)
+    return resp
+
+
+async def create_task(request: web.Request) -> web.Response:
+    driver = request.app[DRIVER]
+    try:
+        decision = driver.submit(await json_body(request))
+    except WireError as exc:
+        return json_response({"code": "INVALID_PARAMS", "message": str(exc), "field": exc.field}, 400)
+    if isinstance(decision, Rejected):
+        return _rejection(decision)
+    tid = decision.task_id
+    return json_response({
+        "task_id": tid, "queue_position": decision.queue_position, "predicted_start_ms": decision.predicted_start_ms,
+        "backoff_ms": decision.backoff_ms,
+        "streams": {"sse": f"/v2/tasks/{tid}/events", "sse_verbose": f"/v2/tasks/{tid}/events?verbose=true"}}, 202)
+
+
+async def task_events(request: web.Request) -> web.StreamResponse:
+    driver = request.app[DRIVER]
+    tid = request.match_info["task_id"]
+    stream = driver.streams.get(tid)
+    if stream is None:
+        return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Correlation-Id": request[CORRELATION_ID]})
+    await resp.prepare(request)
+    sent = 0
+    try:
+        while True:
+            if sent < len(stream.frames):
+                await resp.write(b"".join(stream.frames[sent:]))
+                sent = len(stream.frames)
+                continue
+            if stream.done:
+                break
+            stream.changed.clear()
+            await stream.changed.wait()
+    except (ConnectionResetError, asyncio.CancelledError):
+        driver.handle(TaskCanceled(task_id=tid, reason="disconnect"))  # nobody listens: free the slot
+        raise
+    await resp.write_eof()
+    return resp
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    driver = request.app[DRIVER]
+    tid = request.match_info["task_id"]
+    if tid not in driver.streams:
+        return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
+    driver.handle(TaskCanceled(task_id=tid, reason="client"))
+    return web.Response(status=204)
+
+
+async def list_pools(request: web.Request) -> web.Response:
+    placer = request.app[DRIVER].core.placer
+    pools = []
+    for pool_id in placer.pool_ids():
+        snap = placer.snapshot(pool_id)
+        pools.append({"pool_id": pool_id, "ready": placer.is_usable(pool_id), "slots_total": snap.slots_total,
+                      "leases": placer.leases(pool_id), "model_ref": snap.model_ref, "engine": snap.engine,
+                      "engine_version": snap.engine_version, "vram_free_bytes": snap.vram_free_bytes,
+                      "manager_url": snap.manager_url, "last_error": snap.last_error})
+    return json_response({"pools": pools})
+
+
+async def pool_ready_callback(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    discovery = request.app[DISCOVERY]
+    await discovery.poll_all()  # bind at once instead of waiting for the next poll
+    return json_response({"pool_id": body.get("pool_id"), "known": body.get("pool_id") in request.app[DRIVER].core.placer},
+                         202)
+
+
+async def livez(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    placer = request.app[DRIVER].core.placer
+    ready = [p for p in placer.pool_ids() if placer.is_usable(p)]
+    return json_response({"ready": bool(ready), "ready_pools": len(ready)}, 200 if ready else 503)
+
+
+def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
+               seed: int = 0) -> web.Application:
+    app = web.Application(middlewares=[correlation])
+    driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)))
+    app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms)
+
+    async def resources(app: web.Application):
+        await driver.start()
+        await app[DISCOVERY].start()
+        yield
+        await app[DISCOVERY].stop()
+        await driver.stop()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_post("/v2/tasks", create_task)
+    app.router.add_get("/v2/tasks/{task_id}/events", task_events)
+    app.router.add_post("/v2/tasks/{task_id}/cancel", cancel_task)
+    app.router.add_get("/v2/pools", list_pools)
+    app.router.add_post("/callbacks/pool-ready", pool_ready_callback)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    return app

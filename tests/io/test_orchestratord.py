@@ -1,0 +1,124 @@
+"""orchestratord in process, with a pool-managerd and mock engines on loopback."""
+
+import uuid
+
+import orjson
+from support import eventually
+
+from llama_orch.core.admission import QueuePolicy
+from llama_orch.core.orchestrator import OrchestratorConfig
+from llama_orch.ext.sse import SSEParser
+from llama_orch.io.config import PoolManagerSettings
+from llama_orch.io.handoff import Handoff, write_handoff
+from llama_orch.io.mock_engine import MockConfig
+from llama_orch.io.mock_engine import create_app as mock_engine_app
+from llama_orch.io.orchestratord import create_app
+from llama_orch.io.pool_managerd import create_app as pool_managerd_app
+
+MODEL = "file:/models/tiny.gguf"
+
+
+async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_per_s=500.0, **cfg):
+    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=slots, tokens_per_s=tokens_per_s)))
+    pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
+        runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
+    write_handoff(tmp_path / "engines", Handoff(pool_id="pool-0", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
+                                                slots_total=slots, model_id=MODEL))
+    client = await aiohttp_client(create_app(OrchestratorConfig(**cfg), [str(pmd.make_url("")).rstrip("/")],
+                                             poll_interval_ms=30))
+
+    async def ready():
+        r = await client.get("/readyz")
+        return r.status == 200
+    await eventually(ready, what="a ready pool")
+    return client
+
+
+def task(**kw):
+    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
+            "model_ref": MODEL, "engine": "llamacpp", "ctx": 256, "priority": "interactive", "max_tokens": 12,
+            "deadline_ms": 30_000, "prompt": "hello"}
+    body.update(kw)
+    return body
+
+
+async def events_of(client, tid):
+    resp = await client.get(f"/v2/tasks/{tid}/events")
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    parser = SSEParser()
+    out = []
+    async for chunk in resp.content.iter_any():
+        out += [(name, orjson.loads(data)) for name, data in parser.feed(chunk)]
+    return out
+
+
+async def test_a_task_streams_started_tokens_end(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    body = task()
+    resp = await client.post("/v2/tasks", json=body, headers={"X-Correlation-Id": "corr-1"})
+    assert resp.status == 202 and resp.headers["X-Correlation-Id"] == "corr-1"
+    adm = await resp.json()
+    assert adm["task_id"] == body["task_id"] and adm["queue_position"] == 0 and adm["predicted_start_ms"] == 0
+    assert adm["streams"]["sse"] == f"/v2/tasks/{body['task_id']}/events"
+    events = await events_of(client, body["task_id"])
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "started" and kinds[-1] == "end" and kinds.count("token") == 12
+    assert [d["i"] for k, d in events if k == "token"] == list(range(12))
+    assert events[-1][1]["tokens_out"] == 12 and events[0][1]["pool_id"] == "pool-0"
+
+
+async def test_bad_requests_name_the_field(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    resp = await client.post("/v2/tasks", json=task(max_tokens=0))
+    body = await resp.json()
+    assert resp.status == 400 and body["code"] == "INVALID_PARAMS" and body["field"] == "max_tokens"
+    assert resp.headers["X-Correlation-Id"]  # generated when the client sent none
+    resp = await client.post("/v2/tasks", json=task(model_ref="file:/models/none.gguf"))
+    assert resp.status == 503 and (await resp.json())["code"] == "POOL_UNREADY"
+    assert int(resp.headers["Retry-After"]) >= 1 and int(resp.headers["X-Backoff-Ms"]) >= 1
+    for path in (f"/v2/tasks/{uuid.uuid4()}/events",):
+        assert (await client.get(path)).status == 404
+    assert (await client.post(f"/v2/tasks/{uuid.uuid4()}/cancel")).status == 404
+
+
+async def test_cancel_while_streaming_ends_the_stream_with_no_token_after(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=50)
+    body = task(max_tokens=500)
+    await client.post("/v2/tasks", json=body)
+    resp = await client.get(f"/v2/tasks/{body['task_id']}/events")
+    parser, events = SSEParser(), []
+    async for chunk in resp.content.iter_any():
+        events += parser.feed(chunk)
+        if sum(1 for k, _ in events if k == "token") >= 3 and not any(k == "end" for k, _ in events):
+            cancel = await client.post(f"/v2/tasks/{body['task_id']}/cancel")
+            assert cancel.status == 204 and "X-Correlation-Id" not in cancel.headers
+            tokens_at_cancel = sum(1 for k, _ in events if k == "token")
+            break
+    async for chunk in resp.content.iter_any():
+        events += parser.feed(chunk)
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "end" and b'"canceled":true' in events[-1][1]
+    assert kinds.count("token") == tokens_at_cancel  # nothing after the 204
+
+
+async def test_full_queue_is_a_429_with_retry_after(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=1, tokens_per_s=20,
+                           admission_capacity=1, admission_policy=QueuePolicy.REJECT)
+    first, second, third = task(max_tokens=200), task(max_tokens=200), task(max_tokens=200)
+    assert (await client.post("/v2/tasks", json=first)).status == 202
+    assert (await client.post("/v2/tasks", json=second)).status == 202
+    resp = await client.post("/v2/tasks", json=third)
+    body = await resp.json()
+    assert resp.status == 429 and body["code"] == "ADMISSION_REJECT" and body["policy_label"] == "reject"
+    assert body["retriable"] is True and int(resp.headers["Retry-After"]) >= 1
+    for t in (first, second):
+        await client.post(f"/v2/tasks/{t['task_id']}/cancel")
+    events = await events_of(client, second["task_id"])
+    assert events[-1][0] == "end" and events[-1][1]["canceled"] is True
+
+
+async def test_pools_listing(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    pools = (await (await client.get("/v2/pools")).json())["pools"]
+    assert [p["pool_id"] for p in pools] == ["pool-0"] and pools[0]["ready"] and pools[0]["model_ref"] == MODEL
+    assert (await client.get("/livez")).status == 200
