@@ -87,6 +87,11 @@ class CoreDriver:
 
     def submit(self, body: object) -> Admitted | Rejected:
         spec, payload = parse_task_request(body)  # WireError -> 400 in the handler
+        # A task id already streaming (or recently ended) keeps its stream; the core refuses a
+        # live duplicate, and a finished one may not be reused while its stream is retained.
+        if spec.task_id in self.streams:
+            return Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
+                            message=f"task_id {spec.task_id} is already in use")
         self.streams[spec.task_id] = Stream(payload=payload)
         decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
                         and isinstance(c, (Admitted, Rejected)))

@@ -122,3 +122,13 @@ async def test_pools_listing(aiohttp_server, aiohttp_client, tmp_path):
     pools = (await (await client.get("/v2/pools")).json())["pools"]
     assert [p["pool_id"] for p in pools] == ["pool-0"] and pools[0]["ready"] and pools[0]["model_ref"] == MODEL
     assert (await client.get("/livez")).status == 200
+
+
+async def test_a_task_id_in_use_is_refused_without_touching_the_first(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    body = task()
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    again = await client.post("/v2/tasks", json=body)
+    assert again.status == 400 and "already in use" in (await again.json())["message"]
+    events = await events_of(client, body["task_id"])
+    assert events[0][0] == "started" and events[-1][0] == "end"
