@@ -128,3 +128,50 @@ class PoolManagerSettings:
             provisioner_url=env.url("POOL_MANAGERD_PROVISIONER_URL", default="http://127.0.0.1:9300"),
             node_id=env.text("POOL_MANAGERD_NODE_ID", default=os.uname().nodename),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OrchdSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    pool_managers: tuple[str, ...] = ()
+    poll_interval_ms: int = 5000
+    admission_capacity: int = 100
+    admission_policy: str = "reject"
+    placement_strategy: str = "vram-aware"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
+        env = Env(environ, {"ORCHD_BIND_ADDR": flags.get("bind"), "ORCHD_POOL_MANAGERS": flags.get("pool_managers")})
+        host, port = env.address("ORCHD_BIND_ADDR", "ORCHD_ADDR", default="127.0.0.1:8080")
+        if not is_loopback(host) and not (env.environ.get("ORCHD_API_KEYS") or env.environ.get("ORCHD_OIDC_ISSUER")):
+            raise ConfigError(f"ORCHD_BIND_ADDR={host}:{port}: a non-loopback address needs client auth configured "
+                              "(ORCHD_API_KEYS or ORCHD_OIDC_ISSUER)")
+
+        def managers(raw: str) -> tuple[str, ...]:
+            urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+            for u in urls:
+                parsed = urlparse(u)
+                if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                    raise ValueError(u)
+            return urls
+
+        def choice(*allowed: str) -> Callable[[str], str]:
+            def parse(raw: str) -> str:
+                if raw not in allowed:
+                    raise ValueError(raw)
+                return raw
+            return parse
+
+        return cls(
+            host=host, port=port,
+            pool_managers=env.get("ORCHD_POOL_MANAGERS", default=(), parse=managers,
+                                  expected="comma-separated http(s) URLs of pool-managerd"),
+            poll_interval_ms=env.integer("ORCHD_POOL_POLL_INTERVAL_MS", default=5000, minimum=10),
+            admission_capacity=env.integer("ORCHD_ADMISSION_CAPACITY", default=100, minimum=1),
+            admission_policy=env.get("ORCHD_ADMISSION_POLICY", default="reject", parse=choice("reject", "drop-lru"),
+                                     expected="reject or drop-lru"),
+            placement_strategy=env.get("ORCHD_PLACEMENT_STRATEGY", default="vram-aware",
+                                       parse=choice("vram-aware", "least-loaded", "round-robin", "random"),
+                                       expected="vram-aware, least-loaded, round-robin or random"),
+        )

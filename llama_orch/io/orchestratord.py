@@ -329,3 +329,42 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from ..core.admission import QueuePolicy
+    from ..core.placement import Strategy
+    from .config import ConfigError, OrchdSettings
+
+    parser = argparse.ArgumentParser(prog="orchestratord", description="llama-orch control plane")
+    parser.add_argument("--bind", help="HOST:PORT (env ORCHD_BIND_ADDR, default 127.0.0.1:8080)")
+    parser.add_argument("--pool-managers", help="comma-separated pool-managerd URLs (env ORCHD_POOL_MANAGERS)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestratord %(levelname)s %(message)s")
+    try:
+        settings = OrchdSettings.from_env(bind=args.bind, pool_managers=args.pool_managers)
+    except ConfigError as exc:
+        print(f"orchestratord: error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.pool_managers:
+        log.warning("no pool managers configured (ORCHD_POOL_MANAGERS): every task will get 503 until one is")
+    config = OrchestratorConfig(admission_capacity=settings.admission_capacity,
+                                admission_policy=QueuePolicy(settings.admission_policy),
+                                placement_strategy=Strategy(settings.placement_strategy),
+                                pool_stale_ms=settings.poll_interval_ms * 3)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
+    web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms),
+                host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -97,8 +97,11 @@ async def test_cancel_while_streaming_ends_the_stream_with_no_token_after(aiohtt
     async for chunk in resp.content.iter_any():
         events += parser.feed(chunk)
     kinds = [k for k, _ in events]
-    assert kinds[-1] == "end" and b'"canceled":true' in events[-1][1]
-    assert kinds.count("token") == tokens_at_cancel  # nothing after the 204
+    end = orjson.loads(events[-1][1])
+    assert kinds[-1] == "end" and end["canceled"] is True
+    # Nothing was sent after the cancel was processed: the stream holds exactly the tokens the
+    # core had forwarded then (tokens written just before may still be arriving after the 204).
+    assert kinds.count("token") == end["tokens_out"] >= tokens_at_cancel
 
 
 async def test_full_queue_is_a_429_with_retry_after(aiohttp_server, aiohttp_client, tmp_path):
