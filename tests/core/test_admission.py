@@ -1,12 +1,12 @@
 """Admission on its own: queue bound, policies, positions, and the drain-rate estimates."""
 
 import pytest
+from support import spec
 
 from llama_orch.core.admission import Admission, QueuePolicy, ServiceTimeEstimator
 from llama_orch.core.commands import Admitted, Rejected
 from llama_orch.core.errors import UsageError
 from llama_orch.core.types import Priority
-from support import spec
 
 
 def test_estimator_uses_the_prior_until_it_measures():

@@ -3,21 +3,35 @@
 import random
 
 import pytest
+from support import Ledger, pool, spec
 
 from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.commands import (
-    Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected,
+    Admitted,
+    CloseUpstream,
+    Dispatch,
+    EmitEvent,
+    Finish,
+    ForwardTokens,
+    Rejected,
 )
 from llama_orch.core.errors import UsageError
 from llama_orch.core.events import (
-    DispatchFailed, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed, TaskCanceled,
-    TaskSubmitted, Tick, TokensReceived,
+    DispatchFailed,
+    PoolLost,
+    PoolRemoved,
+    PoolUpdated,
+    StreamEnded,
+    StreamFailed,
+    TaskCanceled,
+    TaskSubmitted,
+    Tick,
+    TokensReceived,
 )
 from llama_orch.core.orchestrator import Orchestrator, OrchestratorConfig
 from llama_orch.core.placement import Strategy
 from llama_orch.core.task import TaskPhase
 from llama_orch.core.types import Outcome, PlacementMode, PlacementRequest, Priority
-from support import Ledger, pool, spec
 
 
 def make(pools=("pool-a",), slots=1, **cfg):

@@ -8,8 +8,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama_orch.core.errors import InvariantViolation, UsageError
-from llama_orch.core.placement import NoPick, Pick, Placer, Strategy, normalize_model_ref
-from llama_orch.core.types import Determinism, PlacementMode, PlacementRequest, PoolSnapshot, TaskSpec
+from llama_orch.core.placement import (
+    NoPick,
+    Pick,
+    Placer,
+    Strategy,
+    normalize_model_ref,
+)
+from llama_orch.core.types import (
+    Determinism,
+    PlacementMode,
+    PlacementRequest,
+    PoolSnapshot,
+    TaskSpec,
+)
 
 MODEL = "file:/models/m.gguf"
 OTHER = "hf:org/other"

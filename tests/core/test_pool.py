@@ -10,15 +10,32 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama_orch.core.commands import PoolStateChanged, ProbeHealth, StartEngine, StopEngine
+from llama_orch.core.commands import (
+    PoolStateChanged,
+    ProbeHealth,
+    StartEngine,
+    StopEngine,
+)
 from llama_orch.core.errors import UsageError
 from llama_orch.core.events import (
-    DrainRequested, EngineExited, EngineStarted, HealthChecked, LeasesChanged, PoolLost,
-    ProvisionFailed, ProvisionStarted, Tick,
+    DrainRequested,
+    EngineExited,
+    EngineStarted,
+    HealthChecked,
+    LeasesChanged,
+    PoolLost,
+    ProvisionFailed,
+    ProvisionStarted,
+    Tick,
 )
 from llama_orch.core.fsm import transition
 from llama_orch.core.pool import (
-    POOL_TRANSITIONS, Backoff, CircuitBreaker, PoolLifecycle, PoolPolicy, PoolState,
+    POOL_TRANSITIONS,
+    Backoff,
+    CircuitBreaker,
+    PoolLifecycle,
+    PoolPolicy,
+    PoolState,
 )
 from llama_orch.core.types import BreakerState
 

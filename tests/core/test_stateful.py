@@ -9,19 +9,33 @@ import random
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from support import Ledger, pool, spec
 
 from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.commands import Admitted
 from llama_orch.core.events import (
-    DispatchFailed, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed, TaskCanceled,
-    TaskSubmitted, Tick, TokensReceived,
+    DispatchFailed,
+    PoolLost,
+    PoolRemoved,
+    PoolUpdated,
+    StreamEnded,
+    StreamFailed,
+    TaskCanceled,
+    TaskSubmitted,
+    Tick,
+    TokensReceived,
 )
 from llama_orch.core.orchestrator import Orchestrator, OrchestratorConfig
 from llama_orch.core.placement import Strategy
 from llama_orch.core.task import TaskPhase
 from llama_orch.core.types import PlacementMode, PlacementRequest, Priority
-from support import Ledger, pool, spec
 
 POOLS = ("pool-0", "pool-1", "pool-2")
 

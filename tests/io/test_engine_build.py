@@ -2,7 +2,13 @@
 
 import pytest
 
-from llama_orch.io.engine_build import BuildError, BuildSpec, cached_binary, default_spec, ensure_llama_server
+from llama_orch.io.engine_build import (
+    BuildError,
+    BuildSpec,
+    cached_binary,
+    default_spec,
+    ensure_llama_server,
+)
 
 
 def test_cache_keys_name_the_source_and_the_flags():

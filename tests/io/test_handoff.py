@@ -3,7 +3,13 @@
 import orjson
 import pytest
 
-from llama_orch.io.handoff import Handoff, HandoffError, parse_handoff, read_handoff, write_handoff
+from llama_orch.io.handoff import (
+    Handoff,
+    HandoffError,
+    parse_handoff,
+    read_handoff,
+    write_handoff,
+)
 
 
 def test_round_trip_and_atomic_write(tmp_path):

@@ -3,12 +3,11 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import socket
 
 import pytest
 
