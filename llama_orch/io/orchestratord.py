@@ -9,8 +9,10 @@ adapter streams ``/completion`` from the engine and relays each upstream read, f
 ext relay, in one write; closing it frees the engine's slot.
 
 Implemented so far: ``POST /v2/tasks``, ``GET /v2/tasks/{id}/events``, ``POST
-/v2/tasks/{id}/cancel``, ``GET /v2/pools``, ``POST /callbacks/pool-ready``, ``/livez``,
-``/readyz``; every non-204 response carries ``X-Correlation-Id``.
+/v2/tasks/{id}/cancel``, ``GET /v2/pools``, ``GET /v2/pools/{id}/health``, drain and reload
+forwarded to the owning pool-managerd, ``GET /v2/meta/capabilities``, ``GET /v2/meta/version``,
+``GET /metrics``, ``POST /callbacks/pool-ready``, ``/livez``, ``/readyz``; every non-204
+response carries ``X-Correlation-Id``.
 """
 
 from __future__ import annotations
@@ -25,18 +27,62 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..core.commands import Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected
 from ..core.events import (
     DispatchFailed, Event, StreamEnded, StreamFailed, TaskCanceled, TaskSubmitted, Tick, TokensReceived,
 )
+from .. import __version__
 from ..core.orchestrator import Orchestrator, OrchestratorConfig
+from ..core.types import Priority
 from ..ext.sse import TokenRelay, frame_event
 from .discovery import PoolDiscovery
-from .http import json_body, json_response
+from .http import fail, json_body, json_response
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
+
+
+class OrchdMetrics:
+    """The contract's orchestratord metrics (no task id is ever a label)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.enqueued = Counter("tasks_enqueued", "Tasks admitted to the queue", registry=r)
+        self.started = Counter("tasks_started", "Tasks dispatched to an engine for the first time", registry=r)
+        self.canceled = Counter("tasks_canceled", "Tasks canceled", ["reason"], registry=r)
+        self.rejected = Counter("tasks_rejected", "Submissions not admitted", ["reason"], registry=r)
+        self.backpressure = Counter("admission_backpressure_events", "429s from a full queue", ["policy"], registry=r)
+        self.queue_depth = Gauge("queue_depth", "Queued tasks", ["priority"], registry=r)
+        self.first_token = Histogram("latency_first_token_ms", "Submission to first token (ms)", registry=r,
+                                     buckets=(50, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000))
+        self.tokens_out = Counter("tokens_out", "Tokens streamed to clients", registry=r)
+        self.dispatched = Counter("orchd_tasks_dispatched", "Dispatch attempts", ["pool_id", "outcome"], registry=r)
+        self.pools_available = Gauge("orchd_pools_available", "1 when the pool takes work", ["pool_id"], registry=r)
+
+    def observe(self, core: Orchestrator, commands: tuple, now: float) -> None:
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is ForwardTokens:
+                self.tokens_out.inc(cmd.count)
+                if cmd.first_index == 0:
+                    task = core.task(cmd.task_id)
+                    if task is not None:
+                        self.first_token.observe(now - task.submitted_at)
+            elif kind is Admitted:
+                self.enqueued.inc()
+            elif kind is Rejected:
+                self.rejected.labels(reason=cmd.code).inc()
+                if cmd.http_status == 429:
+                    self.backpressure.labels(policy=cmd.policy_label or "reject").inc()
+            elif kind is Dispatch:
+                self.dispatched.labels(pool_id=cmd.pool_id, outcome="sent").inc()
+                if cmd.attempt == 1:
+                    self.started.inc()
+            elif kind is Finish and cmd.outcome.value == "canceled":
+                self.canceled.labels(reason=str(cmd.data.get("reason", "client"))).inc()
 
 
 @dataclass(slots=True)
@@ -62,6 +108,7 @@ class CoreDriver:
         self.session: aiohttp.ClientSession | None = None
         self.connect_timeout_s = connect_timeout_s
         self.stream_ttl_s = stream_ttl_s
+        self.metrics = OrchdMetrics()
         self._timer: asyncio.TimerHandle | None = None
 
     @staticmethod
@@ -100,7 +147,9 @@ class CoreDriver:
         return decision
 
     def handle(self, event: Event) -> tuple:
-        commands = self.core.handle(event, self.now())
+        now = self.now()
+        commands = self.core.handle(event, now)
+        self.metrics.observe(self.core, commands, now)
         for cmd in commands:
             kind = type(cmd)
             if kind is Dispatch:
@@ -289,6 +338,80 @@ async def list_pools(request: web.Request) -> web.Response:
     return json_response({"pools": pools})
 
 
+def _snapshot(request: web.Request):
+    placer = request.app[DRIVER].core.placer
+    pool_id = request.match_info["pool_id"]
+    snap = placer.snapshot(pool_id)
+    if snap is None:
+        fail(404, "POOL_NOT_FOUND", f"pool {pool_id} not found")
+    return placer, snap
+
+
+async def pool_health(request: web.Request) -> web.Response:
+    placer, snap = _snapshot(request)
+    leases = placer.leases(snap.pool_id)
+    return json_response({"pool_id": snap.pool_id, "live": snap.live, "ready": placer.is_usable(snap.pool_id),
+                          "draining": snap.draining, "last_error": snap.last_error,
+                          "metrics": {"slots_total": snap.slots_total, "leases": leases,
+                                      "slots_free": max(0, snap.slots_total - leases),
+                                      "vram_free_bytes": snap.vram_free_bytes}})
+
+
+async def _forward(request: web.Request, action: str) -> web.Response:
+    """Drain and reload belong to the pool's own pool-managerd: pass them on, answer with its reply."""
+    _, snap = _snapshot(request)
+    body = await json_body(request)
+    if not snap.manager_url:
+        fail(503, "POOL_UNAVAILABLE", f"pool {snap.pool_id} has no known pool-managerd")
+    driver = request.app[DRIVER]
+    url = f"{snap.manager_url}/v2/pools/{snap.pool_id}/{action}"
+    try:
+        assert driver.session is not None
+        async with driver.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        fail(503, "POOL_UNAVAILABLE", f"pool-managerd {snap.manager_url} did not answer: {exc}")
+
+
+async def pool_drain(request: web.Request) -> web.Response:
+    return await _forward(request, "drain")
+
+
+async def pool_reload(request: web.Request) -> web.Response:
+    return await _forward(request, "reload")
+
+
+async def capabilities(request: web.Request) -> web.Response:
+    placer = request.app[DRIVER].core.placer
+    engines: dict[str, dict] = {}
+    for pool_id in placer.pool_ids():
+        if not placer.is_usable(pool_id):
+            continue
+        snap = placer.snapshot(pool_id)
+        e = engines.setdefault(snap.engine, {"engine": snap.engine, "ctx_max": 0, "slots": 0, "models": set(),
+                                             "versions": set()})
+        e["ctx_max"] = max(e["ctx_max"], snap.ctx_max)
+        e["slots"] += snap.slots_total
+        e["models"].add(snap.model_ref)
+        e["versions"].add(snap.engine_version or "unknown")
+    listed = [{**e, "models": sorted(e["models"]), "versions": sorted(e["versions"])} for _, e in sorted(engines.items())]
+    return json_response({"api_version": "v2", "engines": listed, "workloads": ["completion"]})
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response({"version": __version__, "api_version": "v2"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    driver = request.app[DRIVER]
+    m, core = driver.metrics, driver.core
+    for priority in Priority:
+        m.queue_depth.labels(priority=priority.value).set(core.queue_depth(priority))
+    for pool_id in core.placer.pool_ids():
+        m.pools_available.labels(pool_id=pool_id).set(1 if core.placer.is_usable(pool_id) else 0)
+    return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def pool_ready_callback(request: web.Request) -> web.Response:
     body = await json_body(request)
     discovery = request.app[DISCOVERY]
@@ -325,6 +448,12 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)
     app.router.add_post("/v2/tasks/{task_id}/cancel", cancel_task)
     app.router.add_get("/v2/pools", list_pools)
+    app.router.add_get("/v2/pools/{pool_id}/health", pool_health)
+    app.router.add_post("/v2/pools/{pool_id}/drain", pool_drain)
+    app.router.add_post("/v2/pools/{pool_id}/reload", pool_reload)
+    app.router.add_get("/v2/meta/capabilities", capabilities)
+    app.router.add_get("/v2/meta/version", version)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/callbacks/pool-ready", pool_ready_callback)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

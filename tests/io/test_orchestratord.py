@@ -135,3 +135,39 @@ async def test_a_task_id_in_use_is_refused_without_touching_the_first(aiohttp_se
     assert again.status == 400 and "already in use" in (await again.json())["message"]
     events = await events_of(client, body["task_id"])
     assert events[0][0] == "started" and events[-1][0] == "end"
+
+
+async def test_control_and_meta_endpoints(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=2)
+    health = await (await client.get("/v2/pools/pool-0/health")).json()
+    assert health["ready"] is True and health["draining"] is False and health["metrics"]["slots_total"] == 2
+    missing = await client.get("/v2/pools/nope/health")
+    assert missing.status == 404 and (await missing.json())["code"] == "POOL_NOT_FOUND"
+    caps = await (await client.get("/v2/meta/capabilities")).json()
+    assert caps["api_version"] == "v2" and caps["engines"][0]["engine"] == "llamacpp"
+    assert caps["engines"][0]["slots"] == 2 and caps["engines"][0]["models"] == [MODEL]
+    assert (await (await client.get("/v2/meta/version")).json())["api_version"] == "v2"
+    bad = await client.post("/v2/pools/pool-0/reload", json={})
+    assert bad.status == 400 and "new_model_ref" in (await bad.json())["message"]  # pool-managerd's own answer
+    drain = await client.post("/v2/pools/pool-0/drain", json={"deadline_ms": 1000})
+    assert drain.status == 202 and (await drain.json())["pool_id"] == "pool-0"
+
+    async def unavailable():  # idle, so drained at once: no longer ready, as discovery reports
+        return not (await (await client.get("/v2/pools/pool-0/health")).json())["ready"]
+    await eventually(unavailable, what="the drain seen through discovery")
+    resp = await client.post("/v2/tasks", json=task())
+    assert resp.status == 503 and (await resp.json())["code"] == "POOL_UNREADY"
+
+
+async def test_metrics_follow_the_tasks(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    body = task(max_tokens=5)
+    await client.post("/v2/tasks", json=body)
+    await events_of(client, body["task_id"])
+    await client.post("/v2/tasks", json=task(model_ref="file:/none.gguf"))
+    text = await (await client.get("/metrics")).text()
+    for line in ("tasks_enqueued_total 1.0", "tasks_started_total 1.0", "tokens_out_total 5.0",
+                 'tasks_rejected_total{reason="POOL_UNREADY"} 1.0', 'orchd_pools_available{pool_id="pool-0"} 1.0',
+                 'queue_depth{priority="interactive"} 0.0', "latency_first_token_ms_count 1.0"):
+        assert line in text, line
+    assert body["task_id"] not in text  # never a task id as a label
