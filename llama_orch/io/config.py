@@ -139,6 +139,7 @@ class OrchdSettings:
     admission_capacity: int = 100
     admission_policy: str = "reject"
     placement_strategy: str = "vram-aware"
+    shutdown_grace_ms: int = 30_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -174,4 +175,5 @@ class OrchdSettings:
             placement_strategy=env.get("ORCHD_PLACEMENT_STRATEGY", default="vram-aware",
                                        parse=choice("vram-aware", "least-loaded", "round-robin", "random"),
                                        expected="vram-aware, least-loaded, round-robin or random"),
+            shutdown_grace_ms=env.integer("ORCHD_SHUTDOWN_GRACE_MS", default=30_000, minimum=0),
         )

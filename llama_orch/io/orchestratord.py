@@ -109,6 +109,9 @@ class CoreDriver:
         self.connect_timeout_s = connect_timeout_s
         self.stream_ttl_s = stream_ttl_s
         self.metrics = OrchdMetrics()
+        self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
+        self.idle = asyncio.Event()  # set while no task is admitted and unfinished
+        self.idle.set()
         self._timer: asyncio.TimerHandle | None = None
 
     @staticmethod
@@ -134,6 +137,9 @@ class CoreDriver:
 
     def submit(self, body: object) -> Admitted | Rejected:
         spec, payload = parse_task_request(body)  # WireError -> 400 in the handler
+        if not self.accepting:
+            return Rejected(task_id=spec.task_id, http_status=503, code="POOL_UNAVAILABLE", retriable=True,
+                            retry_after_ms=1000, message="orchestratord is shutting down; retry on another replica")
         # A task id already streaming (or recently ended) keeps its stream; the core refuses a
         # live duplicate, and a finished one may not be reused while its stream is retained.
         if spec.task_id in self.streams:
@@ -164,6 +170,10 @@ class CoreDriver:
                 stream = self.streams.get(cmd.task_id)
                 if stream is not None and stream.upstream is not None:
                     stream.upstream.cancel()  # closing the connection frees the engine slot
+        if self.core.tasks:
+            self.idle.clear()
+        else:
+            self.idle.set()
         self._arm()
         return commands
 
@@ -425,13 +435,15 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    placer = request.app[DRIVER].core.placer
+    driver = request.app[DRIVER]
+    placer = driver.core.placer
     ready = [p for p in placer.pool_ids() if placer.is_usable(p)]
-    return json_response({"ready": bool(ready), "ready_pools": len(ready)}, 200 if ready else 503)
+    ok = bool(ready) and driver.accepting
+    return json_response({"ready": ok, "ready_pools": len(ready), "accepting": driver.accepting}, 200 if ok else 503)
 
 
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
-               seed: int = 0) -> web.Application:
+               seed: int = 0, shutdown_grace_s: float = 30.0) -> web.Application:
     app = web.Application(middlewares=[correlation])
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)))
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms)
@@ -443,7 +455,17 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
         await app[DISCOVERY].stop()
         await driver.stop()
 
+    async def drain_streams(app: web.Application) -> None:
+        """SIGTERM: stop admitting, let admitted tasks finish within the grace, then cancel the rest."""
+        driver.accepting = False
+        log.info("shutting down: %d tasks to finish (grace %.0f s)", len(driver.core.tasks), shutdown_grace_s)
+        try:
+            await asyncio.wait_for(driver.idle.wait(), shutdown_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("shutdown grace over: canceling %d tasks", len(driver.core.tasks))
+
     app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(drain_streams)
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)
     app.router.add_post("/v2/tasks/{task_id}/cancel", cancel_task)
@@ -490,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
-    web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms),
-                host=settings.host, port=settings.port, print=None, shutdown_timeout=10)
+    web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
+                           shutdown_grace_s=settings.shutdown_grace_ms / 1000),
+                host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5)
     return 0
 
 

@@ -94,3 +94,41 @@ def test_orchestratord_refuses_a_public_address_without_auth():
     out = subprocess.run([sys.executable, "-m", "llama_orch.io.orchestratord"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "needs client auth configured" in out.stderr
+
+
+async def test_sigterm_lets_running_streams_finish(tmp_path, session):
+    node = Node(tmp_path)
+    port = free_port()
+    orchd_url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=node.url,
+               ORCHD_POOL_POLL_INTERVAL_MS="100", ORCHD_SHUTDOWN_GRACE_MS="30000")
+    orchd = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=env,
+                             stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
+    try:
+        node.provision("--pool-id", "pool-0", "--mode", "mock", "--slots", "2")
+
+        async def ready():
+            try:
+                async with session.get(f"{orchd_url}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+        await eventually(ready, timeout=60, what="ready\n" + node.logs())
+        body = task(max_tokens=400)  # about 2 s from the mock engine
+        async with session.post(f"{orchd_url}/v2/tasks", json=body) as r:
+            assert r.status == 202
+        events, parser, signalled = [], SSEParser(), False
+        async with session.get(f"{orchd_url}/v2/tasks/{body['task_id']}/events") as r:
+            async for chunk in r.content.iter_any():
+                events += parser.feed(chunk)
+                if not signalled and any(k == "token" for k, _ in events):
+                    orchd.send_signal(signal.SIGTERM)
+                    signalled = True
+        assert events[-1][0] == "end"
+        end = orjson.loads(events[-1][1])
+        assert end["tokens_out"] == 400 and "canceled" not in end
+        assert orchd.wait(timeout=30) == 0
+    finally:
+        if orchd.poll() is None:
+            orchd.kill()
+        node.close()

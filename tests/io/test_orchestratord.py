@@ -171,3 +171,27 @@ async def test_metrics_follow_the_tasks(aiohttp_server, aiohttp_client, tmp_path
                  'queue_depth{priority="interactive"} 0.0', "latency_first_token_ms_count 1.0"):
         assert line in text, line
     assert body["task_id"] not in text  # never a task id as a label
+
+
+async def test_shutdown_stops_admitting_and_waits_for_running_tasks(aiohttp_server, aiohttp_client, tmp_path):
+    import asyncio
+
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=200)
+    body = task(max_tokens=200)  # about a second
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    stream = asyncio.ensure_future(events_of(client, body["task_id"]))
+    shutdown = asyncio.ensure_future(client.app.shutdown())  # what SIGTERM runs first
+    try:
+        async def refusing():
+            return (await client.get("/readyz")).status == 503
+        await eventually(refusing, timeout=5, what="readyz 503 during shutdown")
+        late = await client.post("/v2/tasks", json=task())
+        assert late.status == 503 and "shutting down" in (await late.json())["message"]
+        assert int(late.headers["Retry-After"]) >= 1
+        assert not shutdown.done()  # still waiting for the running task
+        events = await asyncio.wait_for(stream, 10)
+        assert events[-1][0] == "end" and events[-1][1]["tokens_out"] == 200
+        await asyncio.wait_for(shutdown, 10)
+    finally:
+        for pending in (stream, shutdown):
+            pending.cancel()
