@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from .daemon import prepare
 from .http import json_response
 
 WORDS = ("the", "llama", "orch", "pool", "token", "stream", "queue", "slot", "engine", "model", "fast", "ready")
@@ -205,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     config = MockConfig(slots=args.slots, ctx=args.ctx, tokens_per_s=args.tokens_per_s, start_delay_s=args.start_delay_s,
                         crash_after=args.crash_after, stall_after=args.stall_after, error_rate=args.error_rate,
                         seed=args.seed, model=os.path.basename(args.model))
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but the engine works without it
-        pass
+    prepare("mock-engine")
     web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)
     return 0
 

@@ -27,17 +27,39 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..core.commands import Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected
-from ..core.events import (
-    DispatchFailed, Event, StreamEnded, StreamFailed, TaskCanceled, TaskSubmitted, Tick, TokensReceived,
-)
 from .. import __version__
+from ..core.commands import (
+    Admitted,
+    CloseUpstream,
+    Dispatch,
+    EmitEvent,
+    Finish,
+    ForwardTokens,
+    Rejected,
+)
+from ..core.events import (
+    DispatchFailed,
+    Event,
+    StreamEnded,
+    StreamFailed,
+    TaskCanceled,
+    TaskSubmitted,
+    Tick,
+    TokensReceived,
+)
 from ..core.orchestrator import Orchestrator, OrchestratorConfig
 from ..core.types import Priority
 from ..ext.sse import TokenRelay, frame_event
+from .daemon import prepare
 from .discovery import PoolDiscovery
 from .http import fail, json_body, json_response
 from .wire import TaskPayload, WireError, parse_task_request
@@ -494,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", help="HOST:PORT (env ORCHD_BIND_ADDR, default 127.0.0.1:8080)")
     parser.add_argument("--pool-managers", help="comma-separated pool-managerd URLs (env ORCHD_POOL_MANAGERS)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestratord %(levelname)s %(message)s")
+    prepare("orchestratord")
     try:
         settings = OrchdSettings.from_env(bind=args.bind, pool_managers=args.pool_managers)
     except ConfigError as exc:
@@ -506,11 +528,6 @@ def main(argv: list[str] | None = None) -> int:
                                 admission_policy=QueuePolicy(settings.admission_policy),
                                 placement_strategy=Strategy(settings.placement_strategy),
                                 pool_stale_ms=settings.poll_interval_ms * 3)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000),

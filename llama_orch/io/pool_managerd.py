@@ -27,15 +27,29 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..core.commands import PoolStateChanged, ProbeHealth, StopEngine
 from ..core.events import (
-    DrainRequested, EngineExited, EngineStarted, HealthChecked, LeasesChanged, ProvisionFailed, ProvisionStarted, Tick,
+    DrainRequested,
+    EngineExited,
+    EngineStarted,
+    HealthChecked,
+    LeasesChanged,
+    ProvisionFailed,
+    ProvisionStarted,
+    Tick,
 )
 from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .config import ConfigError, PoolManagerSettings
+from .daemon import prepare
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
 from .http import fail, json_body, json_response, pool_or_404
@@ -469,17 +483,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", help="HOST:PORT (env POOL_MANAGERD_BIND_ADDR, default 127.0.0.1:9200)")
     parser.add_argument("--runtime-dir", help="handoff directory (env POOL_MANAGERD_RUNTIME_DIR)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s pool-managerd %(levelname)s %(message)s")
+    prepare("pool-managerd")
     try:
         settings = PoolManagerSettings.from_env(bind=args.bind, runtime_dir=args.runtime_dir)
     except ConfigError as exc:
         print(f"pool-managerd: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
     log.info("listening on %s:%s, watching %s", settings.host, settings.port, settings.runtime_dir)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
                 handle_signals=True, shutdown_timeout=10)

@@ -33,12 +33,19 @@ from aiohttp import web
 
 from ..core.commands import PoolStateChanged, ProbeHealth, StartEngine, StopEngine
 from ..core.events import (
-    DrainRequested, EngineExited, EngineStarted, HealthChecked, ProvisionFailed, ProvisionStarted, Tick,
+    DrainRequested,
+    EngineExited,
+    EngineStarted,
+    HealthChecked,
+    ProvisionFailed,
+    ProvisionStarted,
+    Tick,
 )
 from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .artifacts import ArtifactError, fetch_model, terminal_progress
+from .config import ConfigError, Env, parse_address
+from .daemon import prepare
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
-from .config import parse_address
 from .handoff import Handoff, write_handoff
 from .http import fail, json_body, json_response, pool_or_404
 
@@ -580,13 +587,21 @@ def build_parser():
     import argparse
 
     env = os.environ.get
+    numbers = Env()
+
+    def integer(name: str, default: int) -> int:
+        return numbers.integer(name, default=default, minimum=1)
+
+    def seconds(name: str, default: float) -> float:
+        return numbers.get(name, default=default, parse=float, expected="a number of seconds")
+
     p = argparse.ArgumentParser(prog="engine-provisioner", description="llama-orch engine provisioner for one GPU worker")
     p.add_argument("--pool-id", default=env("ENGINE_PROVISIONER_POOL_ID", "pool-0"))
     p.add_argument("--model", default=env("ENGINE_PROVISIONER_MODEL"),
                    help="file:/path.gguf, a path, https://... or hf:org/repo/file.gguf (default: the tiny model)")
     p.add_argument("--mode", choices=MODES, default=env("ENGINE_PROVISIONER_MODE", "source"))
-    p.add_argument("--slots", type=int, default=int(env("ENGINE_PROVISIONER_SLOTS", "2")))
-    p.add_argument("--ctx", type=int, default=int(env("ENGINE_PROVISIONER_CTX", "2048")), help="context per slot")
+    p.add_argument("--slots", type=int, default=integer("ENGINE_PROVISIONER_SLOTS", 2))
+    p.add_argument("--ctx", type=int, default=integer("ENGINE_PROVISIONER_CTX", 2048), help="context per slot")
     p.add_argument("--handoff-dir", default=env("ENGINE_PROVISIONER_HANDOFF_DIR") or env("POOL_MANAGERD_RUNTIME_DIR")
                    or "/var/lib/llama-orch/engines")
     p.add_argument("--cache-dir", default=env("ENGINE_PROVISIONER_CACHE_DIR", "/var/cache/llama-orch"))
@@ -594,7 +609,7 @@ def build_parser():
     p.add_argument("--binary", default=env("ENGINE_PROVISIONER_BINARY"), help="llama-server path for --mode binary")
     p.add_argument("--host", default=env("ENGINE_PROVISIONER_ENGINE_HOST", "127.0.0.1"), help="engine bind address")
     p.add_argument("--config", default=env("ENGINE_PROVISIONER_CONFIG"), help='JSON {"pools": [{pool_id, model, ...}]}')
-    p.add_argument("--start-timeout-s", type=float, default=float(env("ENGINE_PROVISIONER_START_TIMEOUT_S", "120")))
+    p.add_argument("--start-timeout-s", type=float, default=seconds("ENGINE_PROVISIONER_START_TIMEOUT_S", 120.0))
     p.add_argument("--control-bind", default=env("ENGINE_PROVISIONER_CONTROL_ADDR", "127.0.0.1:9300"),
                    help="HOST:PORT of the control API that pool-managerd calls for reload and stop")
     return p
@@ -603,10 +618,10 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-    except ValueError as exc:  # a bad number in an environment variable
+    except ConfigError as exc:  # a bad number in an environment variable, named
         print(f"engine-provisioner: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-provisioner %(levelname)s %(message)s")
+    prepare("engine-provisioner")
     cache = Path(args.cache_dir).expanduser()
     if not args.model:
         from ..tiny_model import write_tiny_model
@@ -629,11 +644,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = ProvisionerSettings(handoff_dir=Path(args.handoff_dir).expanduser(), cache_dir=cache,
                                    state_dir=cache / "state", start_timeout_s=args.start_timeout_s, control=control)
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
     return asyncio.run(_serve(specs, settings))
 
 

@@ -12,7 +12,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.types import Determinism, PlacementMode, PlacementRequest, Priority, TaskSpec
+from ..core.types import (
+    Determinism,
+    PlacementMode,
+    PlacementRequest,
+    Priority,
+    TaskSpec,
+)
 
 WORKLOADS = ("completion", "embedding", "rerank")
 ENGINES = ("llamacpp", "vllm", "tgi", "triton")

@@ -22,6 +22,35 @@ async def session():
         yield s
 
 
+class Orchd:
+    """An orchestratord process in front of ``node``."""
+
+    def __init__(self, tmp_path, node: Node, **env: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        full = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=node.url,
+                    ORCHD_POOL_POLL_INTERVAL_MS="100", **env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=full,
+                                     stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, session, node: Node) -> None:
+        async def ready():
+            try:
+                async with session.get(f"{self.url}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+        await eventually(ready, timeout=60, what="orchestratord sees a ready pool\n" + node.logs())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
 def task(**kw):
     body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
             "model_ref": f"file:{CACHE / 'models' / 'tiny.gguf'}", "engine": "llamacpp", "ctx": 512,
@@ -32,22 +61,11 @@ def task(**kw):
 
 async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp_path, session):
     node = Node(tmp_path)
-    port = free_port()
-    orchd_url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=node.url,
-               ORCHD_POOL_POLL_INTERVAL_MS="100")
-    orchd = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=env,
-                             stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
+    orchd = Orchd(tmp_path, node)
+    orchd_url = orchd.url
     try:
         node.provision("--pool-id", "pool-0", "--slots", "2", "--ctx", "1024")
-
-        async def ready():
-            try:
-                async with session.get(f"{orchd_url}/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-        await eventually(ready, timeout=60, what="orchestratord sees a ready pool\n" + node.logs())
+        await orchd.wait_ready(session, node)
 
         body = task()
         async with session.post(f"{orchd_url}/v2/tasks", json=body) as r:
@@ -83,8 +101,7 @@ async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp
         assert seen[-1][0] == "end" and end["canceled"] is True and after_cancel is not None
         assert sum(k == "token" for k, _ in seen) == end["tokens_out"] < 900
     finally:
-        orchd.send_signal(signal.SIGTERM)
-        orchd.wait(timeout=20)
+        orchd.close()
         node.close()
 
 
@@ -98,22 +115,11 @@ def test_orchestratord_refuses_a_public_address_without_auth():
 
 async def test_sigterm_lets_running_streams_finish(tmp_path, session):
     node = Node(tmp_path)
-    port = free_port()
-    orchd_url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=node.url,
-               ORCHD_POOL_POLL_INTERVAL_MS="100", ORCHD_SHUTDOWN_GRACE_MS="30000")
-    orchd = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=env,
-                             stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
+    orchd = Orchd(tmp_path, node, ORCHD_SHUTDOWN_GRACE_MS="30000")
+    orchd_url = orchd.url
     try:
         node.provision("--pool-id", "pool-0", "--mode", "mock", "--slots", "2")
-
-        async def ready():
-            try:
-                async with session.get(f"{orchd_url}/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-        await eventually(ready, timeout=60, what="ready\n" + node.logs())
+        await orchd.wait_ready(session, node)
         body = task(max_tokens=400)  # about 2 s from the mock engine
         async with session.post(f"{orchd_url}/v2/tasks", json=body) as r:
             assert r.status == 202
@@ -122,13 +128,12 @@ async def test_sigterm_lets_running_streams_finish(tmp_path, session):
             async for chunk in r.content.iter_any():
                 events += parser.feed(chunk)
                 if not signalled and any(k == "token" for k, _ in events):
-                    orchd.send_signal(signal.SIGTERM)
+                    orchd.proc.send_signal(signal.SIGTERM)
                     signalled = True
         assert events[-1][0] == "end"
         end = orjson.loads(events[-1][1])
         assert end["tokens_out"] == 400 and "canceled" not in end
-        assert orchd.wait(timeout=30) == 0
+        assert orchd.proc.wait(timeout=30) == 0
     finally:
-        if orchd.poll() is None:
-            orchd.kill()
+        orchd.close()
         node.close()

@@ -167,3 +167,10 @@ def test_reload_swaps_the_model_and_rolls_back_a_missing_one(tmp_path, runs):
     assert status == 200 and view["state"] == "drained"
     wait_for(lambda: not pid_alive(kept["pid"]), what="engine stopped")
     assert run.stop() == 0
+
+
+def test_a_bad_environment_value_is_named(tmp_path):
+    env = dict(os.environ, ENGINE_PROVISIONER_SLOTS="many")
+    out = subprocess.run([sys.executable, "-m", "llama_orch.io.provisioner", "--mode", "mock"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "ENGINE_PROVISIONER_SLOTS='many': expected an integer >= 1" in out.stderr
