@@ -85,6 +85,13 @@ class Env:
                         expected="a path")
 
 
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError(raw)
+    return value
+
+
 def parse_address(raw: str) -> tuple[str, int]:
     host, sep, port = raw.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -140,6 +147,7 @@ class OrchdSettings:
     admission_policy: str = "reject"
     placement_strategy: str = "vram-aware"
     shutdown_grace_ms: int = 30_000
+    session_token_budget: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -176,4 +184,6 @@ class OrchdSettings:
                                        parse=choice("vram-aware", "least-loaded", "round-robin", "random"),
                                        expected="vram-aware, least-loaded, round-robin or random"),
             shutdown_grace_ms=env.integer("ORCHD_SHUTDOWN_GRACE_MS", default=30_000, minimum=0),
+            session_token_budget=env.get("ORCHD_SESSION_TOKEN_BUDGET", default=None, parse=_positive_int,
+                                         expected="an integer >= 1 (tokens per session)"),
         )

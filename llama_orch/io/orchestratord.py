@@ -316,10 +316,14 @@ async def create_task(request: web.Request) -> web.Response:
     if isinstance(decision, Rejected):
         return _rejection(decision)
     tid = decision.task_id
-    return json_response({
+    task = driver.core.task(tid)
+    budget = _budget_headers(_budget_view(driver.core, task.spec.session_id)) if task else {}
+    resp = json_response({
         "task_id": tid, "queue_position": decision.queue_position, "predicted_start_ms": decision.predicted_start_ms,
         "backoff_ms": decision.backoff_ms,
         "streams": {"sse": f"/v2/tasks/{tid}/events", "sse_verbose": f"/v2/tasks/{tid}/events?verbose=true"}}, 202)
+    resp.headers.update(budget)
+    return resp
 
 
 async def task_events(request: web.Request) -> web.StreamResponse:
@@ -444,6 +448,40 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _budget_view(core: Orchestrator, session_id: str) -> dict:
+    session = core.sessions.get(session_id)
+    budget = core.config.session_token_budget
+    used = session.tokens_used if session else 0
+    return {"session_id": session_id, "tasks": session.tasks if session else 0, "tokens_used": used,
+            "token_budget": budget, "tokens_remaining": None if budget is None else max(0, budget - used),
+            "pool_id": session.pool_id if session else None}
+
+
+def _budget_headers(view: dict) -> dict[str, str]:
+    headers = {"X-Budget-Tokens-Used": str(view["tokens_used"])}
+    if view["token_budget"] is not None:
+        headers["X-Budget-Tokens-Remaining"] = str(view["tokens_remaining"])
+    return headers
+
+
+async def get_session(request: web.Request) -> web.Response:
+    core = request.app[DRIVER].core
+    sid = request.match_info["session_id"]
+    if sid not in core.sessions:
+        fail(404, "SESSION_NOT_FOUND", f"session {sid} not found")
+    view = _budget_view(core, sid)
+    resp = json_response(view)
+    resp.headers.update(_budget_headers(view))
+    return resp
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    sid = request.match_info["session_id"]
+    if not request.app[DRIVER].core.forget_session(sid):
+        fail(404, "SESSION_NOT_FOUND", f"session {sid} not found")
+    return web.Response(status=204)
+
+
 async def pool_ready_callback(request: web.Request) -> web.Response:
     body = await json_body(request)
     discovery = request.app[DISCOVERY]
@@ -491,6 +529,8 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)
     app.router.add_post("/v2/tasks/{task_id}/cancel", cancel_task)
+    app.router.add_get("/v2/sessions/{session_id}", get_session)
+    app.router.add_delete("/v2/sessions/{session_id}", delete_session)
     app.router.add_get("/v2/pools", list_pools)
     app.router.add_get("/v2/pools/{pool_id}/health", pool_health)
     app.router.add_post("/v2/pools/{pool_id}/drain", pool_drain)
@@ -527,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     config = OrchestratorConfig(admission_capacity=settings.admission_capacity,
                                 admission_policy=QueuePolicy(settings.admission_policy),
                                 placement_strategy=Strategy(settings.placement_strategy),
-                                pool_stale_ms=settings.poll_interval_ms * 3)
+                                pool_stale_ms=settings.poll_interval_ms * 3,
+                                session_token_budget=settings.session_token_budget)
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000),

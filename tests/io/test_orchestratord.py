@@ -195,3 +195,21 @@ async def test_shutdown_stops_admitting_and_waits_for_running_tasks(aiohttp_serv
     finally:
         for pending in (stream, shutdown):
             pending.cancel()
+
+
+async def test_sessions_report_their_token_budget(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, session_token_budget=30)
+    sid = str(uuid.uuid4())
+    first = task(session_id=sid, max_tokens=20)
+    resp = await client.post("/v2/tasks", json=first)
+    assert resp.status == 202 and resp.headers["X-Budget-Tokens-Remaining"] == "30"
+    await events_of(client, first["task_id"])
+    view = await client.get(f"/v2/sessions/{sid}")
+    body = await view.json()
+    assert (body["tasks"], body["tokens_used"], body["tokens_remaining"]) == (1, 20, 10) and body["pool_id"] == "pool-0"
+    assert view.headers["X-Budget-Tokens-Used"] == "20"
+    over = await client.post("/v2/tasks", json=task(session_id=sid, max_tokens=20))
+    assert over.status == 400 and "budget" in (await over.json())["message"]
+    assert (await client.delete(f"/v2/sessions/{sid}")).status == 204
+    assert (await client.get(f"/v2/sessions/{sid}")).status == 404
+    assert (await client.delete(f"/v2/sessions/{sid}")).status == 404
