@@ -115,7 +115,7 @@ class Stream:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     upstream: asyncio.Task | None = None
-    payload: TaskPayload | None = None
+    payload: TaskPayload = TaskPayload(prompt=None, inputs=(), seed=None, kv_hint=None)
 
     def push(self, frame: bytes, *, last: bool = False) -> None:
         self.frames.append(frame)
@@ -135,6 +135,7 @@ class CoreDriver:
         self.idle = asyncio.Event()  # set while no task is admitted and unfinished
         self.idle.set()
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_at: float | None = None
 
     @staticmethod
     def now() -> float:
@@ -200,16 +201,20 @@ class CoreDriver:
         return commands
 
     def _arm(self) -> None:
+        """Keep the one timer at the core's next deadline; most events leave it where it is."""
         deadline = self.core.next_deadline()
+        if deadline == self._armed_at:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._armed_at = deadline
         if deadline is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(deadline / 1000.0, self._fire)
+            self._timer = asyncio.get_running_loop().call_at(deadline / 1000.0, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
+        self._armed_at = None
         self.handle(Tick())
 
     def _finish(self, cmd: Finish) -> None:
@@ -232,8 +237,8 @@ class CoreDriver:
         if task is None or cmd.engine_url is None:
             return
         spec, payload = task.spec, stream.payload
-        body = {"prompt": (payload.prompt if payload and payload.prompt is not None else " ".join(payload.inputs if payload else ())),
-                "n_predict": spec.max_tokens, "stream": True, "cache_prompt": True}
+        prompt = payload.prompt if payload.prompt is not None else " ".join(payload.inputs)
+        body = {"prompt": prompt, "n_predict": spec.max_tokens, "stream": True, "cache_prompt": True}
         if spec.seed is not None:
             body["seed"] = spec.seed
         relay = TokenRelay("llamacpp", start_index=0)

@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -66,9 +66,7 @@ class Pool:
     slots_free: int
     ctx_max: int
     model_ref: str
-    callback_sent_for: int = -1  # the readiness generation the orchestrator has been told about
     generation: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Metrics:
@@ -331,7 +329,6 @@ class PoolManager:
                 assert self.session is not None
                 async with self.session.post(self.settings.callback_url, json=body) as resp:
                     if resp.status < 300:
-                        pool.callback_sent_for = generation
                         return
                     log.warning("pool-ready callback for %s: HTTP %s", pool.handoff.pool_id, resp.status)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:

@@ -84,7 +84,7 @@ class ProvisionerSettings:
     start_timeout_s: float = 120.0
     control: tuple[str, int] = ("127.0.0.1", 9300)
     health_interval_ms: float = 1000.0
-    build: BuildSpec = field(default_factory=BuildSpec)
+    build: BuildSpec | None = None  # None: default_spec(pool's GPU mask), as `llama-orch build-engine`
     policy: PoolPolicy = field(default_factory=lambda: PoolPolicy(health_interval_ms=1000.0, backoff_base_ms=500.0,
                                                                  backoff_max_ms=30_000.0, breaker_threshold=5))
 
@@ -190,9 +190,7 @@ class PoolSupervisor:
             if not (path.is_file() and os.access(path, os.X_OK)):
                 raise ArtifactError("ENGINE_NOT_FOUND", f"llama-server binary {path} does not exist or is not executable")
         else:
-            build = self.settings.build
-            if self.spec.gpu_mask and not build.cuda:
-                build = default_spec(self.spec.gpu_mask) if build == BuildSpec() else build
+            build = self.settings.build or default_spec(self.spec.gpu_mask)
             path = await ensure_llama_server(self.settings.cache_dir, build)
         self.engine_version = await self._version(path)
         return [str(path)]

@@ -77,9 +77,19 @@ def test_pool_loss_fails_streams_and_retries_the_rest():
 
 
 def test_slow_engine_stretches_decode():
-    records = [TraceRecord(arrival_ms=0.0, context_tokens=0, generated_tokens=101)]
-    fast = Simulation(records, config=SimConfig(pools=1, slow_engines=0, pool_losses=0), seed=0).run()
-    assert fast.tasks[0].end_ms - fast.tasks[0].first_token_ms == pytest.approx(100 * 1000 / 50)
+    # One pool; the slow window opens somewhere in the first 80% of the span (seeded) and lasts
+    # 120 s, so the task arriving at the end of the span decodes slow and the first one did not.
+    records = [TraceRecord(arrival_ms=0.0, context_tokens=0, generated_tokens=101),
+               TraceRecord(arrival_ms=5_000.0, context_tokens=0, generated_tokens=101)]
+    config = SimConfig(pools=1, pool_losses=0, slow_engines=1, slow_factor=4.0)
+    result = Simulation(records, config=config, seed=0).run()
+    assert any("slow (x4)" in f for f in result.faults)
+    first, second = result.tasks
+    normal = 100 * 1000 / 50
+    assert first.end_ms - first.first_token_ms == pytest.approx(normal)
+    assert second.end_ms - second.first_token_ms == pytest.approx(4 * normal)
+    plain = Simulation(records, config=SimConfig(pools=1, pool_losses=0, slow_engines=0), seed=0).run()
+    assert plain.tasks[1].end_ms - plain.tasks[1].first_token_ms == pytest.approx(normal)
 
 
 def test_bad_settings_are_named():
