@@ -57,8 +57,9 @@ from ..core.events import (
     TokensReceived,
 )
 from ..core.orchestrator import Orchestrator, OrchestratorConfig
-from ..core.types import Priority
-from ..ext.sse import TokenRelay, frame_event
+from ..core.types import Priority, TaskSpec
+from ..ext.sse import frame_event
+from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .daemon import prepare
 from .discovery import PoolDiscovery
 from .http import fail, json_body, json_response
@@ -124,11 +125,12 @@ class Stream:
 
 
 class CoreDriver:
-    def __init__(self, core: Orchestrator, *, connect_timeout_s: float = 5.0, stream_ttl_s: float = 300.0) -> None:
+    def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(), stream_ttl_s: float = 300.0) -> None:
         self.core = core
         self.streams: dict[str, Stream] = {}
         self.session: aiohttp.ClientSession | None = None
-        self.connect_timeout_s = connect_timeout_s
+        self.timeouts = timeouts
+        self.adapters: dict[str, HttpAdapter | MockAdapter] = {}
         self.stream_ttl_s = stream_ttl_s
         self.metrics = OrchdMetrics()
         self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
@@ -142,7 +144,10 @@ class CoreDriver:
         return asyncio.get_running_loop().time() * 1000.0
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s))
+        # One pooled session for every upstream: keep-alive connections per engine.
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s))
+        self.adapters = {"llamacpp": LlamaCppAdapter(self.session, self.timeouts),
+                         "openai": OpenAIAdapter(self.session, self.timeouts), "mock": MockAdapter()}
 
     async def stop(self) -> None:
         for task_id in list(self.core.tasks):
@@ -159,7 +164,13 @@ class CoreDriver:
     # -- events in, commands out --------------------------------------------------------------
 
     def submit(self, body: object) -> Admitted | Rejected:
-        spec, payload = parse_task_request(body)  # WireError -> 400 in the handler
+        """A ``POST /v2/tasks`` body: validate (``WireError`` is the handler's 400), then admit."""
+        spec, payload = parse_task_request(body)
+        return self.admit(spec, payload)
+
+    def admit(self, spec: TaskSpec, payload: TaskPayload) -> Admitted | Rejected:
+        """Every front door ends here: one admission decision; when admitted, ``streams[task_id]``
+        carries the task's SSE frames until the terminal one."""
         if not self.accepting:
             return Rejected(task_id=spec.task_id, http_status=503, code="POOL_UNAVAILABLE", retriable=True,
                             retry_after_ms=1000, message="orchestratord is shutting down; retry on another replica")
@@ -224,57 +235,49 @@ class CoreDriver:
         stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
         asyncio.get_running_loop().call_later(self.stream_ttl_s, self.streams.pop, cmd.task_id, None)
 
-    # -- the llamacpp adapter -------------------------------------------------------------------
+    # -- adapters -------------------------------------------------------------------------------
 
     def _dispatch(self, cmd: Dispatch) -> None:
         stream = self.streams[cmd.task_id]
         if stream.upstream is not None:
             stream.upstream.cancel()
-        stream.upstream = asyncio.ensure_future(self._relay(cmd, stream))
-
-    async def _relay(self, cmd: Dispatch, stream: Stream) -> None:
         task = self.core.task(cmd.task_id)
-        if task is None or cmd.engine_url is None:
+        snap = self.core.placer.snapshot(cmd.pool_id)
+        if task is None or snap is None or cmd.engine_url is None:
+            self.handle(DispatchFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
+                                       message=f"pool {cmd.pool_id} has no engine URL"))
             return
-        spec, payload = task.spec, stream.payload
-        prompt = payload.prompt if payload.prompt is not None else " ".join(payload.inputs)
-        body = {"prompt": prompt, "n_predict": spec.max_tokens, "stream": True, "cache_prompt": True}
-        if spec.seed is not None:
-            body["seed"] = spec.seed
-        relay = TokenRelay("llamacpp", start_index=0)
-        got_any = False
-        try:
-            assert self.session is not None
-            async with self.session.post(f"{cmd.engine_url}/completion", json=body) as resp:
-                if resp.status != 200:
-                    text = (await resp.text())[:200]
-                    self.handle(DispatchFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
-                                               message=f"engine answered HTTP {resp.status}: {text}"))
-                    return
-                async for chunk in resp.content.iter_any():
-                    frames, count, final = relay.feed(chunk)
-                    if count:
-                        got_any = True
-                        out = self.handle(TokensReceived(task_id=cmd.task_id, count=count, attempt=cmd.attempt))
-                        if any(type(c) is ForwardTokens for c in out):
-                            stream.push(frames)  # every token of this read, in one write
-                    if final is not None:
-                        if final.get("kind") == "error":
-                            self.handle(StreamFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="INTERNAL",
-                                                     message=f"engine error: {final.get('message')}"))
-                        else:
-                            self.handle(StreamEnded(task_id=cmd.task_id, attempt=cmd.attempt,
-                                                    tokens_out=final.get("tokens_predicted"),
-                                                    decode_ms=final.get("predicted_ms")))
-                        return
-            self.handle(StreamFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
-                                     message="engine closed the stream before its final frame"))
-        except asyncio.CancelledError:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            event = StreamFailed if got_any else DispatchFailed
-            self.handle(event(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
-                              message=f"{type(exc).__name__}: {exc}"))
+        adapter = self.adapters[adapter_for(snap.engine)]
+        payload = stream.payload
+        request = UpstreamRequest(
+            task_id=cmd.task_id, engine_url=cmd.engine_url, model=task.spec.model_ref,
+            prompt=payload.prompt if payload.prompt is not None else " ".join(payload.inputs),
+            messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed)
+        stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd.task_id, cmd.attempt, stream)))
+
+
+class _TaskSink:
+    """One attempt's adapter reports, turned into core events stamped with that attempt."""
+
+    __slots__ = ("driver", "task_id", "attempt", "stream")
+
+    def __init__(self, driver: CoreDriver, task_id: str, attempt: int, stream: Stream) -> None:
+        self.driver, self.task_id, self.attempt, self.stream = driver, task_id, attempt, stream
+
+    def tokens(self, frames: bytes, count: int) -> None:
+        out = self.driver.handle(TokensReceived(task_id=self.task_id, count=count, attempt=self.attempt))
+        for cmd in out:
+            if type(cmd) is ForwardTokens:
+                self.stream.push(frames)  # every token of this read, in one write
+                break
+
+    def ended(self, *, tokens_out: int | None, decode_ms: float | None) -> None:
+        self.driver.handle(StreamEnded(task_id=self.task_id, attempt=self.attempt, tokens_out=tokens_out,
+                                       decode_ms=decode_ms))
+
+    def failed(self, *, code: str, message: str, before_first_token: bool) -> None:
+        event = DispatchFailed if before_first_token else StreamFailed
+        self.driver.handle(event(task_id=self.task_id, attempt=self.attempt, code=code, message=message))
 
 
 # -- HTTP ---------------------------------------------------------------------------------------

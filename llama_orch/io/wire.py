@@ -40,6 +40,7 @@ class TaskPayload:
     inputs: tuple[str, ...]
     seed: int | None
     kv_hint: str | None
+    messages: tuple[dict, ...] | None = None  # chat turns (OpenAI front door); the adapter renders them
 
 
 _MISSING = object()
