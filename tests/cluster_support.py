@@ -7,7 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+import aiohttp
+from support import eventually
 
 CACHE = Path(os.environ.get("LLAMA_ORCH_CACHE_DIR", "~/.cache/llama-orch")).expanduser()
 
@@ -59,3 +63,41 @@ class Node:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+class Orchd:
+    """An orchestratord process in front of one or more nodes (``node`` or ``nodes``)."""
+
+    def __init__(self, tmp_path, node: "Node | list[Node]", **env: str) -> None:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        nodes = node if isinstance(node, list) else [node]
+        full = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=",".join(n.url for n in nodes),
+                    ORCHD_POOL_POLL_INTERVAL_MS="100", **env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=full,
+                                     stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, session, node: Node) -> None:
+        async def ready():
+            try:
+                async with session.get(f"{self.url}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+        await eventually(ready, timeout=60, what="orchestratord sees a ready pool\n" + node.logs())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def task(**kw):
+    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
+            "model_ref": f"file:{CACHE / 'models' / 'tiny.gguf'}", "engine": "llamacpp", "ctx": 512,
+            "priority": "interactive", "max_tokens": 24, "deadline_ms": 60_000, "prompt": "hello llama"}
+    body.update(kw)
+    return body

@@ -5,13 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 
 import aiohttp
 import orjson
 import pytest
-from cluster_support import CACHE, Node, free_port
-from support import eventually
+from cluster_support import Node, Orchd, task
 
 from llama_orch.ext.sse import SSEParser
 
@@ -20,43 +18,6 @@ from llama_orch.ext.sse import SSEParser
 async def session():
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
         yield s
-
-
-class Orchd:
-    """An orchestratord process in front of ``node``."""
-
-    def __init__(self, tmp_path, node: Node, **env: str) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        full = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=node.url,
-                    ORCHD_POOL_POLL_INTERVAL_MS="100", **env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=full,
-                                     stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
-
-    async def wait_ready(self, session, node: Node) -> None:
-        async def ready():
-            try:
-                async with session.get(f"{self.url}/readyz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-        await eventually(ready, timeout=60, what="orchestratord sees a ready pool\n" + node.logs())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def task(**kw):
-    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
-            "model_ref": f"file:{CACHE / 'models' / 'tiny.gguf'}", "engine": "llamacpp", "ctx": 512,
-            "priority": "interactive", "max_tokens": 24, "deadline_ms": 60_000, "prompt": "hello llama"}
-    body.update(kw)
-    return body
 
 
 async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp_path, session):
