@@ -18,13 +18,17 @@ Rules (on top of those of admission, placement and the task lifecycle)
 - Deadlines: the task's own (``deadline_ms`` from submission; queued: ``DEADLINE_UNMET``,
   running: ``DECODE_TIMEOUT``), the first-token timeout and the between-token timeout. A pool
   not updated for ``pool_stale_ms`` stops receiving tasks until its next snapshot.
+- Session budgets (tokens, time, cost) are checked at admission (``sessions.py``).
+- With ``metrics_interval_ms`` set, every live task gets a ``metrics`` event that often: its
+  queue position and predicted start while queued, its rate once streaming, the chance of
+  finishing by its deadline, and its session's budget.
 """
 
 from __future__ import annotations
 
 import heapq
 import random
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -39,6 +43,7 @@ from .events import (
 )
 from .placement import Explanation, Pick, Placer, Strategy
 from .pool import CircuitBreaker
+from .sessions import BudgetPolicy, Sessions
 from .task import Task, TaskPhase
 from .types import BreakerState, Outcome, Priority, TaskSpec
 
@@ -57,9 +62,10 @@ class OrchestratorConfig:
     breaker_threshold: int = 3
     breaker_window_ms: float = 30_000.0
     breaker_cooldown_ms: float = 10_000.0
-    session_token_budget: int | None = None
+    budgets: BudgetPolicy = BudgetPolicy()
     max_sessions: int = 100_000
     dispatch_scan: int = 8
+    metrics_interval_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -69,19 +75,25 @@ class OrchestratorConfig:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dispatch_scan < 1:
             raise UsageError("dispatch_scan must be >= 1")
-
-
-class _Session:
-    __slots__ = ("pool_id", "tokens_used", "tasks")
-
-    def __init__(self) -> None:
-        self.pool_id: str | None = None
-        self.tokens_used = 0
-        self.tasks = 0
+        if self.metrics_interval_ms is not None and not self.metrics_interval_ms > 0:
+            raise UsageError(f"metrics_interval_ms must be > 0 when set, got {self.metrics_interval_ms}")
 
 
 # Timer kinds on the heap.
-_DEADLINE, _FIRST_TOKEN, _BETWEEN_TOKENS, _POOL_STALE, _BREAKER = range(5)
+_DEADLINE, _FIRST_TOKEN, _BETWEEN_TOKENS, _POOL_STALE, _BREAKER, _METRICS = range(6)
+
+# How many queued tasks a metrics event looks through for the task's exact position.
+_POSITION_SCAN = 1024
+
+
+def on_time_probability(needed_ms: float, remaining_ms: float) -> float:
+    """A smooth guess at P(done within ``remaining_ms``) when ``needed_ms`` is the point estimate:
+    0.5 when they are equal, about 0.94 with twice the time needed, about 0.06 with half."""
+    if remaining_ms <= 0:
+        return 0.0
+    if needed_ms <= 0:
+        return 1.0
+    return round(1.0 / (1.0 + (needed_ms / remaining_ms) ** 4), 3)
 
 
 class Orchestrator:
@@ -93,7 +105,7 @@ class Orchestrator:
             estimator=ServiceTimeEstimator(alpha=config.service_ewma_alpha, prior_ms=config.prior_service_ms))
         self.placer = Placer(config.placement_strategy, rng=self.rng)
         self.tasks: dict[str, Task] = {}
-        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.sessions = Sessions(config.budgets, max_sessions=config.max_sessions)
         self.in_flight: dict[str, set[str]] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.outcomes: Counter[str] = Counter()
@@ -163,15 +175,10 @@ class Orchestrator:
             self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS",
                                        message=f"task_id {task_id} is already in use"))
             return
-        budget = self.config.session_token_budget
-        if budget is not None:
-            session = self.sessions.get(spec.session_id)
-            used = session.tokens_used if session else 0
-            if used + spec.max_tokens > budget:
-                self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS",
-                                           message=f"session token budget exceeded: {used} used + max_tokens "
-                                                   f"{spec.max_tokens} > budget {budget}"))
-                return
+        overspend = self.sessions.refusal(spec)
+        if overspend is not None:
+            self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS", message=overspend))
+            return
         placer = self.placer
         refusal = placer.check_submission(spec)
         if refusal is not None:
@@ -188,8 +195,10 @@ class Orchestrator:
             return
         task = Task(spec, now, queue_position=decision.queue_position, predicted_start_ms=decision.predicted_start_ms)
         self.tasks[task_id] = task
-        self._session(spec.session_id).tasks += 1
+        self.sessions.reserve(spec)
         self._arm(task.deadline_at, _DEADLINE, task_id)
+        if self.config.metrics_interval_ms is not None:
+            self._arm(now + self.config.metrics_interval_ms, _METRICS, task_id)
         out.append(decision)
         if result.evicted is not None:
             victim = self.tasks[result.evicted]
@@ -197,19 +206,8 @@ class Orchestrator:
                          message=f"evicted from the full admission queue by task {spec.task_id} (policy drop-lru)",
                          retriable=True, retry_after_ms=self.admission.estimator.retry_after_ms(total))
 
-    def _session(self, session_id: str) -> _Session:
-        sessions = self.sessions
-        s = sessions.get(session_id)
-        if s is None:
-            s = sessions[session_id] = _Session()
-            if len(sessions) > self.config.max_sessions:
-                sessions.popitem(last=False)
-        else:
-            sessions.move_to_end(session_id)
-        return s
-
     def forget_session(self, session_id: str) -> bool:
-        return self.sessions.pop(session_id, None) is not None
+        return self.sessions.forget(session_id)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -252,7 +250,7 @@ class Orchestrator:
         if flying is None:  # not setdefault: that would build a set on every dispatch
             flying = self.in_flight[pool_id] = set()
         flying.add(task_id)
-        self._session(task.spec.session_id).pool_id = pool_id
+        self.sessions.touch(task.spec.session_id).pool_id = pool_id
         self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task_id)
         if task.first_dispatched_at is None:
             task.first_dispatched_at = now
@@ -389,9 +387,8 @@ class Orchestrator:
         task.outcome = outcome
         del self.tasks[task_id]
         self.outcomes[outcome.value] += 1
-        session = self.sessions.get(task.spec.session_id)
-        if session is not None:
-            session.tokens_used += task.tokens_out
+        started = task.first_dispatched_at
+        self.sessions.charge(task.spec, tokens_out=task.tokens_out, engine_ms=0.0 if started is None else now - started)
         if code is None:
             out.append(Finish(task_id=task_id, outcome=outcome, kind="end", data=data or {}, pool_id=pool_id))
             return
@@ -439,6 +436,8 @@ class Orchestrator:
         task = self.tasks.get(key)
         if task is None:
             return False
+        if kind == _METRICS:
+            return True
         if kind == _FIRST_TOKEN:
             return task.phase is TaskPhase.DISPATCHING
         if kind == _BETWEEN_TOKENS:
@@ -468,6 +467,10 @@ class Orchestrator:
                 self.placer.set_flags(key, breaker_open=False)
             return
         task = self.tasks[key]
+        if kind == _METRICS:
+            out.append(EmitEvent(task_id=key, kind="metrics", data=self.progress(task, now)))
+            self._arm(now + self.config.metrics_interval_ms, _METRICS, key)  # type: ignore[operator]
+            return
         if kind == _DEADLINE:
             if task.phase is TaskPhase.QUEUED:
                 self.admission.queue.remove(key)
@@ -492,6 +495,51 @@ class Orchestrator:
                 return
             self._finish(task, Outcome.FAILED, now, out, code="DECODE_TIMEOUT",
                          message=f"no token for {self.config.token_timeout_ms:.0f} ms after {task.tokens_out} tokens")
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def queue_position(self, task: Task) -> int | None:
+        """0-based place in service order, or None when deeper than the scan looks."""
+        queue = self.admission.queue
+        rank = task.spec.priority.rank
+        ahead = queue.len_class(0) if rank == 1 else 0
+        for i, key in enumerate(queue.head(rank, _POSITION_SCAN)):
+            if key == task.task_id:
+                return ahead + i
+        return None
+
+    def progress(self, task: Task, now: float) -> dict:
+        """The ``metrics`` event of a live task: where it is, how fast, will it make its deadline."""
+        spec = task.spec
+        estimator = self.admission.estimator
+        remaining_ms = task.deadline_at - now
+        data: dict = {"phase": task.phase.value, "queue_depth": len(self.admission.queue)}
+        if task.phase is TaskPhase.QUEUED:
+            position = self.queue_position(task)
+            free, slots = self.placer.slots(spec)
+            wait = estimator.wait_ms(spec.priority, position if position is not None else len(self.admission.queue),
+                                     free, slots)
+            data["queue_position"] = position
+            data["predicted_start_ms"] = wait
+            needed = wait + estimator.service_ms(spec.priority)
+        elif task.phase is TaskPhase.DISPATCHING:
+            data["pool_id"] = task.pool_id
+            needed = max(0.0, estimator.service_ms(spec.priority) - (now - task.dispatched_at))  # type: ignore[operator]
+        else:
+            streamed_ms = max(1.0, now - task.first_token_at)  # type: ignore[operator]
+            rate = task.tokens_out / streamed_ms  # tokens per ms
+            target = spec.expected_tokens or spec.max_tokens
+            left = max(0, min(target, spec.max_tokens) - task.tokens_out)
+            data["pool_id"] = task.pool_id
+            data["tokens_out"] = task.tokens_out
+            data["tokens_per_s"] = round(rate * 1000.0, 1)
+            needed = left / rate if rate > 0 else remaining_ms * 2
+        data["on_time_probability"] = on_time_probability(needed, remaining_ms)
+        if self.sessions.policy.any:
+            view = self.sessions.view(spec.session_id)
+            data["budget"] = {k: view[k] for k in ("tokens_remaining", "time_remaining_ms", "cost_remaining")
+                              if view[k] is not None}
+        return data
 
     # -- checks -------------------------------------------------------------------------------
 

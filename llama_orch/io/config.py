@@ -92,6 +92,20 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(raw)
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(raw)
+    return value
+
+
 def parse_address(raw: str) -> tuple[str, int]:
     host, sep, port = raw.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -148,6 +162,15 @@ class OrchdSettings:
     placement_strategy: str = "vram-aware"
     shutdown_grace_ms: int = 30_000
     session_token_budget: int | None = None
+    session_time_budget_ms: int | None = None
+    session_cost_budget: float | None = None
+    cost_per_1k_prompt_tokens: float = 0.0
+    cost_per_1k_output_tokens: float = 0.0
+    metrics_interval_ms: int = 1000
+    connect_timeout_ms: int = 5000
+    first_token_timeout_ms: int = 60_000
+    token_timeout_ms: int = 30_000
+    stream_timeout_ms: int = 3_600_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -186,4 +209,17 @@ class OrchdSettings:
             shutdown_grace_ms=env.integer("ORCHD_SHUTDOWN_GRACE_MS", default=30_000, minimum=0),
             session_token_budget=env.get("ORCHD_SESSION_TOKEN_BUDGET", default=None, parse=_positive_int,
                                          expected="an integer >= 1 (tokens per session)"),
+            session_time_budget_ms=env.get("ORCHD_SESSION_TIME_BUDGET_MS", default=None, parse=_positive_int,
+                                           expected="an integer >= 1 (engine milliseconds per session)"),
+            session_cost_budget=env.get("ORCHD_SESSION_COST_BUDGET", default=None, parse=_positive_float,
+                                        expected="a number > 0 (cost units per session)"),
+            cost_per_1k_prompt_tokens=env.get("ORCHD_COST_PER_1K_PROMPT_TOKENS", default=0.0, parse=_non_negative_float,
+                                              expected="a number >= 0"),
+            cost_per_1k_output_tokens=env.get("ORCHD_COST_PER_1K_OUTPUT_TOKENS", default=0.0, parse=_non_negative_float,
+                                              expected="a number >= 0"),
+            metrics_interval_ms=env.integer("ORCHD_METRICS_INTERVAL_MS", default=1000, minimum=0),
+            connect_timeout_ms=env.integer("ORCHD_CONNECT_TIMEOUT_MS", default=5000, minimum=1),
+            first_token_timeout_ms=env.integer("ORCHD_FIRST_TOKEN_TIMEOUT_MS", default=60_000, minimum=1),
+            token_timeout_ms=env.integer("ORCHD_TOKEN_TIMEOUT_MS", default=30_000, minimum=1),
+            stream_timeout_ms=env.integer("ORCHD_STREAM_TIMEOUT_MS", default=3_600_000, minimum=1),
         )

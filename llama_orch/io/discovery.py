@@ -50,9 +50,11 @@ class ManagerState:
 
 class PoolDiscovery:
     def __init__(self, manager_urls: list[str], emit: Callable[[Event], None], *, interval_ms: int = 5000,
-                 timeout_ms: int = 2000, session: aiohttp.ClientSession | None = None) -> None:
+                 timeout_ms: int = 2000, session: aiohttp.ClientSession | None = None,
+                 on_check: Callable[[str, bool, float], None] | None = None) -> None:
         self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/")) for url in manager_urls}
         self.emit = emit
+        self.on_check = on_check  # (pool_id, ok, duration_ms) per pool per poll: the health-check metrics
         self.interval_s = interval_ms / 1000
         self.timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
         self._session = session
@@ -83,6 +85,7 @@ class PoolDiscovery:
 
     async def poll(self, manager: ManagerState) -> None:
         assert self._session is not None
+        started = time.monotonic()
         try:
             async with self._session.get(f"{manager.url}/v2/pools", timeout=self.timeout) as resp:
                 if resp.status != 200:
@@ -92,6 +95,7 @@ class PoolDiscovery:
             snapshots = [snapshot_from_status(p, manager.url) for p in pools.values()]
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
             manager.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            self._checked(manager.pools, False, started)
             if manager.reachable:
                 manager.reachable = False
                 for pool_id in sorted(manager.pools):
@@ -102,9 +106,16 @@ class PoolDiscovery:
         for snap in snapshots:
             self.emit(PoolUpdated(snapshot=snap))
         manager.pools = pools
+        self._checked(pools, True, started)
         manager.reachable = True
         manager.last_ok = time.monotonic()
         manager.last_error = None
+
+    def _checked(self, pool_ids, ok: bool, started: float) -> None:
+        if self.on_check is not None:
+            ms = (time.monotonic() - started) * 1000.0
+            for pool_id in pool_ids:
+                self.on_check(pool_id, ok, ms)
 
     def owner_of(self, pool_id: str) -> ManagerState | None:
         return next((m for m in self.managers.values() if pool_id in m.pools), None)

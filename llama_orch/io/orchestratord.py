@@ -56,16 +56,23 @@ from ..core.events import (
     Tick,
     TokensReceived,
 )
+from ..core.admission import QueuePolicy
 from ..core.orchestrator import Orchestrator, OrchestratorConfig
+from ..core.placement import Strategy
+from ..core.sessions import BudgetPolicy
 from ..core.types import Priority, TaskSpec
 from ..ext.sse import frame_event
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .daemon import prepare
 from .discovery import PoolDiscovery
+from .config import OrchdSettings
 from .http import fail, json_body, json_response
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
+
+
+ANY_POOL = "any"  # the pool_id label of queue-level series: a queued task has no pool yet
 
 
 class OrchdMetrics:
@@ -81,9 +88,32 @@ class OrchdMetrics:
         self.queue_depth = Gauge("queue_depth", "Queued tasks", ["priority"], registry=r)
         self.first_token = Histogram("latency_first_token_ms", "Submission to first token (ms)", registry=r,
                                      buckets=(50, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000))
+        self.decode = Histogram("latency_decode_ms", "First token to the end of the stream (ms)", registry=r,
+                                buckets=(250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000))
+        self.tokens_in = Counter("tokens_in", "Prompt tokens sent to engines (estimated)", registry=r)
         self.tokens_out = Counter("tokens_out", "Tokens streamed to clients", registry=r)
+        self.placements = Counter("placement_decisions", "Placement decisions", ["outcome", "pinned", "fallback"],
+                                  registry=r)
+        self.orchd_queue_depth = Gauge("orchd_admission_queue_depth", "Queued tasks", ["pool_id"], registry=r)
+        self.orchd_enqueued = Counter("orchd_admission_enqueued", "Submissions by admission outcome",
+                                      ["pool_id", "outcome"], registry=r)
+        self.orchd_rejected = Counter("orchd_admission_rejected", "Submissions refused", ["pool_id", "reason"],
+                                      registry=r)
+        self.health_checks = Counter("orchd_pool_health_checks", "Pool status polls", ["pool_id", "outcome"],
+                                     registry=r)
+        self.health_check_ms = Histogram("orchd_pool_health_check_duration_ms", "Pool status poll duration (ms)",
+                                         ["pool_id"], registry=r,
+                                         buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))
         self.dispatched = Counter("orchd_tasks_dispatched", "Dispatch attempts", ["pool_id", "outcome"], registry=r)
+        self.dispatch_latency = Histogram("orchd_dispatch_latency_ms", "Dispatch to the first token from that pool (ms)",
+                                          ["pool_id"], registry=r,
+                                          buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
         self.pools_available = Gauge("orchd_pools_available", "1 when the pool takes work", ["pool_id"], registry=r)
+        self._dispatched_at: dict[str, tuple[str, float]] = {}  # task -> (pool, time) until its first token
+
+    def health_check(self, pool_id: str, ok: bool, duration_ms: float) -> None:
+        self.health_checks.labels(pool_id=pool_id, outcome="ok" if ok else "error").inc()
+        self.health_check_ms.labels(pool_id=pool_id).observe(duration_ms)
 
     def observe(self, core: Orchestrator, commands: tuple, now: float) -> None:
         for cmd in commands:
@@ -94,25 +124,57 @@ class OrchdMetrics:
                     task = core.task(cmd.task_id)
                     if task is not None:
                         self.first_token.observe(now - task.submitted_at)
+                    pending = self._dispatched_at.pop(cmd.task_id, None)
+                    if pending is not None:
+                        self.dispatch_latency.labels(pool_id=pending[0]).observe(now - pending[1])
             elif kind is Admitted:
                 self.enqueued.inc()
+                self.orchd_enqueued.labels(pool_id=self._pool_label(core, cmd.task_id), outcome="admitted").inc()
             elif kind is Rejected:
                 self.rejected.labels(reason=cmd.code).inc()
+                pool = cmd.pool_id or ANY_POOL
+                self.orchd_enqueued.labels(pool_id=pool, outcome="rejected").inc()
+                self.orchd_rejected.labels(pool_id=pool, reason=cmd.code).inc()
                 if cmd.http_status == 429:
                     self.backpressure.labels(policy=cmd.policy_label or "reject").inc()
             elif kind is Dispatch:
                 self.dispatched.labels(pool_id=cmd.pool_id, outcome="sent").inc()
+                task = core.task(cmd.task_id)
+                placement = task.spec.placement if task is not None else None
+                pinned = placement is not None and placement.mode.value == "pin"
+                preferred = placement is not None and placement.prefer_pools and cmd.pool_id not in placement.prefer_pools
+                self.placements.labels(outcome="placed" if cmd.attempt == 1 else "retried", pinned=str(pinned).lower(),
+                                       fallback=str(cmd.attempt > 1 or bool(preferred)).lower()).inc()
+                self._dispatched_at[cmd.task_id] = (cmd.pool_id, now)
                 if cmd.attempt == 1:
                     self.started.inc()
-            elif kind is Finish and cmd.outcome.value == "canceled":
-                self.canceled.labels(reason=str(cmd.data.get("reason", "client"))).inc()
+                    if task is not None:
+                        self.tokens_in.inc(task.spec.prompt_tokens)
+            elif kind is Finish:
+                self._dispatched_at.pop(cmd.task_id, None)
+                if cmd.outcome.value == "canceled":
+                    self.canceled.labels(reason=str(cmd.data.get("reason", "client"))).inc()
+                elif cmd.kind == "end" and cmd.data.get("decode_ms") is not None:
+                    self.decode.observe(cmd.data["decode_ms"])
+
+    @staticmethod
+    def _pool_label(core: Orchestrator, task_id: str) -> str:
+        task = core.task(task_id)
+        if task is not None and task.spec.placement.mode.value == "pin" and task.spec.placement.pin_pool_id:
+            return task.spec.placement.pin_pool_id
+        return ANY_POOL
 
 
 @dataclass(slots=True)
 class Stream:
-    """What a task's SSE reader will see: frames so far, and whether the terminal one is in."""
+    """What a task's SSE readers will see: frames so far, and whether the terminal one is in.
+
+    ``notes`` are the narration for ``?verbose=true`` readers: ``(n, frame)`` goes out just
+    before ``frames[n]``. Plain readers never see them.
+    """
 
     frames: list[bytes] = field(default_factory=list)
+    notes: list[tuple[int, bytes]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     upstream: asyncio.Task | None = None
@@ -122,6 +184,30 @@ class Stream:
         self.frames.append(frame)
         self.done = self.done or last
         self.changed.set()
+
+    def note(self, text: str) -> None:
+        if not self.done:
+            self.notes.append((len(self.frames), frame_event("narration", orjson.dumps({"text": text}))))
+            self.changed.set()
+
+    def read(self, sent: int, noted: int, verbose: bool) -> tuple[list[bytes], int, int]:
+        """Frames (and, verbose, notes) from the cursors on, with the new cursors."""
+        frames = self.frames
+        if not verbose:
+            return frames[sent:], len(frames), noted
+        out: list[bytes] = []
+        notes = self.notes
+        end = len(frames)
+        while sent < end or noted < len(notes):
+            if noted < len(notes) and notes[noted][0] <= sent:
+                out.append(notes[noted][1])
+                noted += 1
+            elif sent < end:
+                out.append(frames[sent])
+                sent += 1
+            else:
+                break
+        return out, sent, noted
 
 
 class CoreDriver:
@@ -193,13 +279,20 @@ class CoreDriver:
         for cmd in commands:
             kind = type(cmd)
             if kind is Dispatch:
+                self._narrate_dispatch(cmd)
                 self._dispatch(cmd)
             elif kind is EmitEvent:
                 stream = self.streams.get(cmd.task_id)
                 if stream is not None:
                     stream.push(frame_event(cmd.kind, orjson.dumps(cmd.data)))
             elif kind is Finish:
+                self._narrate_finish(cmd)
                 self._finish(cmd)
+            elif kind is Admitted:
+                stream = self.streams.get(cmd.task_id)
+                if stream is not None:
+                    stream.note(f"Admitted at queue position {cmd.queue_position}; predicted start in "
+                                f"{cmd.predicted_start_ms} ms.")
             elif kind is CloseUpstream:
                 stream = self.streams.get(cmd.task_id)
                 if stream is not None and stream.upstream is not None:
@@ -228,6 +321,40 @@ class CoreDriver:
         self._armed_at = None
         self.handle(Tick())
 
+    # -- narration for ?verbose=true: a few lines per task, never per token ---------------------
+
+    def _narrate_dispatch(self, cmd: Dispatch) -> None:
+        stream = self.streams.get(cmd.task_id)
+        snap = self.core.placer.snapshot(cmd.pool_id)
+        if stream is None or snap is None:
+            return
+        engine = f"{snap.engine} {snap.engine_version or ''}".strip()
+        warmth = "the session's KV cache is warm there" if cmd.kv_warmth else "KV cache cold"
+        if cmd.attempt == 1:
+            stream.note(f"Placed on pool {cmd.pool_id} ({engine}, model {snap.model_ref}); {warmth}.")
+        else:
+            stream.note(f"Attempt {cmd.attempt}: retrying on pool {cmd.pool_id} ({engine}) before any token was "
+                        f"sent; {warmth}.")
+
+    def narrate_failure(self, task_id: str, code: str, message: str, before_first_token: bool) -> None:
+        stream = self.streams.get(task_id)
+        if stream is not None and before_first_token:
+            stream.note(f"The pool failed before the first token ({code}: {message}).")
+
+    def _narrate_finish(self, cmd: Finish) -> None:
+        stream = self.streams.get(cmd.task_id)
+        if stream is None:
+            return
+        data = cmd.data
+        if cmd.kind == "error":
+            stream.note(f"Failed with {data.get('code')}: {data.get('message')}")
+        elif data.get("canceled"):
+            stream.note(f"Canceled ({data.get('reason')}) after {data.get('tokens_out', 0)} tokens.")
+        else:
+            tokens, ms = data.get("tokens_out", 0), data.get("decode_ms") or 0
+            rate = f" ({tokens * 1000 / ms:.1f} tokens/s)" if ms else ""
+            stream.note(f"Done: {tokens} tokens in {ms} ms{rate}.")
+
     def _finish(self, cmd: Finish) -> None:
         stream = self.streams.get(cmd.task_id)
         if stream is None:
@@ -253,16 +380,17 @@ class CoreDriver:
             task_id=cmd.task_id, engine_url=cmd.engine_url, model=task.spec.model_ref,
             prompt=payload.prompt if payload.prompt is not None else " ".join(payload.inputs),
             messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed)
-        stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd.task_id, cmd.attempt, stream)))
+        stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd, stream)))
 
 
 class _TaskSink:
     """One attempt's adapter reports, turned into core events stamped with that attempt."""
 
-    __slots__ = ("driver", "task_id", "attempt", "stream")
+    __slots__ = ("driver", "task_id", "attempt", "pool_id", "stream")
 
-    def __init__(self, driver: CoreDriver, task_id: str, attempt: int, stream: Stream) -> None:
-        self.driver, self.task_id, self.attempt, self.stream = driver, task_id, attempt, stream
+    def __init__(self, driver: CoreDriver, cmd: Dispatch, stream: Stream) -> None:
+        self.driver, self.task_id, self.attempt, self.pool_id, self.stream = (
+            driver, cmd.task_id, cmd.attempt, cmd.pool_id, stream)
 
     def tokens(self, frames: bytes, count: int) -> None:
         out = self.driver.handle(TokensReceived(task_id=self.task_id, count=count, attempt=self.attempt))
@@ -272,10 +400,13 @@ class _TaskSink:
                 break
 
     def ended(self, *, tokens_out: int | None, decode_ms: float | None) -> None:
+        self.driver.metrics.dispatched.labels(pool_id=self.pool_id, outcome="completed").inc()
         self.driver.handle(StreamEnded(task_id=self.task_id, attempt=self.attempt, tokens_out=tokens_out,
                                        decode_ms=decode_ms))
 
     def failed(self, *, code: str, message: str, before_first_token: bool) -> None:
+        self.driver.narrate_failure(self.task_id, code, message, before_first_token)
+        self.driver.metrics.dispatched.labels(pool_id=self.pool_id, outcome="failed").inc()
         event = DispatchFailed if before_first_token else StreamFailed
         self.driver.handle(event(task_id=self.task_id, attempt=self.attempt, code=code, message=message))
 
@@ -325,7 +456,7 @@ async def create_task(request: web.Request) -> web.Response:
         return _rejection(decision)
     tid = decision.task_id
     task = driver.core.task(tid)
-    budget = _budget_headers(_budget_view(driver.core, task.spec.session_id)) if task else {}
+    budget = _budget_headers(driver.core.sessions.view(task.spec.session_id)) if task else {}
     resp = json_response({
         "task_id": tid, "queue_position": decision.queue_position, "predicted_start_ms": decision.predicted_start_ms,
         "backoff_ms": decision.backoff_ms,
@@ -340,15 +471,16 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     stream = driver.streams.get(tid)
     if stream is None:
         return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
+    verbose = request.query.get("verbose", "false").lower() in ("true", "1", "yes")
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Correlation-Id": request[CORRELATION_ID]})
     await resp.prepare(request)
-    sent = 0
+    sent = noted = 0
     try:
         while True:
-            if sent < len(stream.frames):
-                await resp.write(b"".join(stream.frames[sent:]))
-                sent = len(stream.frames)
+            out, sent, noted = stream.read(sent, noted, verbose)
+            if out:
+                await resp.write(b"".join(out))
                 continue
             if stream.done:
                 break
@@ -451,25 +583,20 @@ async def metrics(request: web.Request) -> web.Response:
     m, core = driver.metrics, driver.core
     for priority in Priority:
         m.queue_depth.labels(priority=priority.value).set(core.queue_depth(priority))
+    m.orchd_queue_depth.labels(pool_id=ANY_POOL).set(core.queue_depth())
     for pool_id in core.placer.pool_ids():
         m.pools_available.labels(pool_id=pool_id).set(1 if core.placer.is_usable(pool_id) else 0)
     return web.Response(body=generate_latest(m.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _budget_view(core: Orchestrator, session_id: str) -> dict:
-    session = core.sessions.get(session_id)
-    budget = core.config.session_token_budget
-    used = session.tokens_used if session else 0
-    return {"session_id": session_id, "tasks": session.tasks if session else 0, "tokens_used": used,
-            "token_budget": budget, "tokens_remaining": None if budget is None else max(0, budget - used),
-            "pool_id": session.pool_id if session else None}
+_BUDGET_HEADERS = (("tokens_used", "X-Budget-Tokens-Used"), ("tokens_remaining", "X-Budget-Tokens-Remaining"),
+                   ("time_used_ms", "X-Budget-Time-Used-Ms"), ("time_remaining_ms", "X-Budget-Time-Remaining-Ms"),
+                   ("cost_used", "X-Budget-Cost-Used"), ("cost_remaining", "X-Budget-Cost-Remaining"))
 
 
 def _budget_headers(view: dict) -> dict[str, str]:
-    headers = {"X-Budget-Tokens-Used": str(view["tokens_used"])}
-    if view["token_budget"] is not None:
-        headers["X-Budget-Tokens-Remaining"] = str(view["tokens_remaining"])
-    return headers
+    """Used amounts always; remaining ones for the budgets that are configured."""
+    return {header: str(view[key]) for key, header in _BUDGET_HEADERS if view[key] is not None}
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -477,7 +604,7 @@ async def get_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
     if sid not in core.sessions:
         fail(404, "SESSION_NOT_FOUND", f"session {sid} not found")
-    view = _budget_view(core, sid)
+    view = core.sessions.view(sid)
     resp = json_response(view)
     resp.headers.update(_budget_headers(view))
     return resp
@@ -511,10 +638,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
-               seed: int = 0, shutdown_grace_s: float = 30.0) -> web.Application:
+               seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts()) -> web.Application:
     app = web.Application(middlewares=[correlation])
-    driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)))
-    app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms)
+    driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts)
+    app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
+                                   on_check=driver.metrics.health_check)
 
     async def resources(app: web.Application):
         await driver.start()
@@ -552,12 +680,28 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     return app
 
 
+def core_config(settings: OrchdSettings) -> tuple[OrchestratorConfig, Timeouts]:
+    """The core's configuration and the adapters' timeouts from the daemon's settings."""
+    config = OrchestratorConfig(
+        admission_capacity=settings.admission_capacity, admission_policy=QueuePolicy(settings.admission_policy),
+        placement_strategy=Strategy(settings.placement_strategy), pool_stale_ms=settings.poll_interval_ms * 3,
+        first_token_timeout_ms=settings.first_token_timeout_ms, token_timeout_ms=settings.token_timeout_ms,
+        metrics_interval_ms=settings.metrics_interval_ms or None,
+        budgets=BudgetPolicy(tokens=settings.session_token_budget, time_ms=settings.session_time_budget_ms,
+                             cost=settings.session_cost_budget,
+                             cost_per_1k_prompt_tokens=settings.cost_per_1k_prompt_tokens,
+                             cost_per_1k_output_tokens=settings.cost_per_1k_output_tokens))
+    # The core's timers decide; the adapter's read timeouts are the backstop a little behind them.
+    timeouts = Timeouts(connect_s=settings.connect_timeout_ms / 1000,
+                        first_token_s=settings.first_token_timeout_ms / 1000 + 1,
+                        between_tokens_s=settings.token_timeout_ms / 1000 + 1, total_s=settings.stream_timeout_ms / 1000)
+    return config, timeouts
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from ..core.admission import QueuePolicy
-    from ..core.placement import Strategy
     from .config import ConfigError, OrchdSettings
 
     parser = argparse.ArgumentParser(prog="orchestratord", description="llama-orch control plane")
@@ -572,14 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not settings.pool_managers:
         log.warning("no pool managers configured (ORCHD_POOL_MANAGERS): every task will get 503 until one is")
-    config = OrchestratorConfig(admission_capacity=settings.admission_capacity,
-                                admission_policy=QueuePolicy(settings.admission_policy),
-                                placement_strategy=Strategy(settings.placement_strategy),
-                                pool_stale_ms=settings.poll_interval_ms * 3,
-                                session_token_budget=settings.session_token_budget)
+    config, timeouts = core_config(settings)
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
-                           shutdown_grace_s=settings.shutdown_grace_ms / 1000),
+                           shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts),
                 host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5)
     return 0
 

@@ -30,6 +30,7 @@ from llama_orch.core.events import (
 )
 from llama_orch.core.orchestrator import Orchestrator, OrchestratorConfig
 from llama_orch.core.placement import Strategy
+from llama_orch.core.sessions import BudgetPolicy
 from llama_orch.core.task import TaskPhase
 from llama_orch.core.types import Outcome, PlacementMode, PlacementRequest, Priority
 
@@ -254,7 +255,7 @@ def test_stale_pool_stops_receiving_tasks_until_the_next_snapshot():
 
 
 def test_door_checks_unknown_model_pin_ctx_duplicate_budget():
-    core, run = make(session_token_budget=20)
+    core, run = make(budgets=BudgetPolicy(tokens=20))
     assert only(run(TaskSubmitted(spec=spec(model_ref="hf:none/x.gguf")), 0), Rejected).http_status == 503
     pin = PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="nope")
     rej = only(run(TaskSubmitted(spec=spec(placement=pin)), 0), Rejected)
@@ -270,7 +271,7 @@ def test_door_checks_unknown_model_pin_ctx_duplicate_budget():
 
 
 def test_session_budget_counts_tokens_actually_produced():
-    core, run = make(session_token_budget=10)
+    core, run = make(budgets=BudgetPolicy(tokens=10))
     run(TaskSubmitted(spec=spec("t1", max_tokens=8)), 0)
     run(TokensReceived(task_id="t1", count=8), 1)
     run(StreamEnded(task_id="t1"), 2)
@@ -315,3 +316,84 @@ def test_staleness_timer_fires_once_whatever_the_float_rounding():
     assert core.placer.is_usable("pool-a") and core.next_deadline() == since + stale
     run(Tick(), since + stale)
     assert not core.placer.is_usable("pool-a") and core.next_deadline() is None
+
+
+def test_concurrent_tasks_of_one_session_cannot_overspend_tokens_together():
+    core, run = make(slots=4, budgets=BudgetPolicy(tokens=20))
+    assert isinstance(run(TaskSubmitted(spec=spec("t1", max_tokens=12)), 0)[0], Admitted)
+    # t1 has produced nothing yet, but its 12 are reserved: 12 + 12 > 20.
+    rej = only(run(TaskSubmitted(spec=spec("t2", max_tokens=12)), 1), Rejected)
+    assert rej.code == "INVALID_PARAMS" and "reserved" in rej.message
+    run(TokensReceived(task_id="t1", count=3), 2)
+    run(StreamEnded(task_id="t1"), 3)  # ended early: only 3 charged, the reservation is released
+    view = core.sessions.view("s-1")
+    assert (view["tokens_used"], view["tokens_remaining"]) == (3, 17)
+    assert isinstance(run(TaskSubmitted(spec=spec("t2", max_tokens=12)), 4)[0], Admitted)
+
+
+def test_time_budget_gates_new_tasks_once_spent():
+    core, run = make(budgets=BudgetPolicy(time_ms=100))
+    run(TaskSubmitted(spec=spec("t1")), 0)
+    run(TokensReceived(task_id="t1", count=1), 50)
+    run(StreamEnded(task_id="t1"), 120)  # 120 ms of engine time
+    view = core.sessions.view("s-1")
+    assert (view["time_used_ms"], view["time_remaining_ms"]) == (120, 0)
+    rej = only(run(TaskSubmitted(spec=spec("t2")), 130), Rejected)
+    assert rej.code == "INVALID_PARAMS" and "time budget" in rej.message
+    assert isinstance(run(TaskSubmitted(spec=spec("t3", session_id="other")), 131)[0], Admitted)
+
+
+def test_cost_budget_prices_prompt_and_output_tokens():
+    policy = BudgetPolicy(cost=1.0, cost_per_1k_prompt_tokens=100.0, cost_per_1k_output_tokens=200.0)
+    core, run = make(budgets=policy)
+    # worst case: 2 prompt tokens (0.2) + 4 output tokens (0.8) = 1.0: exactly affordable
+    assert isinstance(run(TaskSubmitted(spec=spec("t1", prompt_tokens=2, max_tokens=4)), 0)[0], Admitted)
+    run(TokensReceived(task_id="t1", count=1), 1)
+    run(StreamEnded(task_id="t1"), 2)
+    view = core.sessions.view("s-1")
+    assert view["cost_used"] == pytest.approx(0.4) and view["cost_remaining"] == pytest.approx(0.6)
+    rej = only(run(TaskSubmitted(spec=spec("t2", prompt_tokens=2, max_tokens=4)), 3), Rejected)
+    assert "cost budget" in rej.message
+    assert isinstance(run(TaskSubmitted(spec=spec("t3", prompt_tokens=2, max_tokens=2)), 4)[0], Admitted)
+
+
+def test_canceled_queued_task_costs_nothing():
+    core, run = make(slots=1, budgets=BudgetPolicy(tokens=10, cost=1.0, cost_per_1k_prompt_tokens=100.0))
+    run(TaskSubmitted(spec=spec("busy", session_id="x", max_tokens=1)), 0)
+    run(TaskSubmitted(spec=spec("t1", prompt_tokens=5, max_tokens=8)), 0)
+    assert core.task("t1").phase is TaskPhase.QUEUED
+    run(TaskCanceled(task_id="t1", reason="client"), 1)
+    view = core.sessions.view("s-1")
+    assert (view["tokens_used"], view["cost_used"], view["time_used_ms"]) == (0, 0.0, 0)
+    assert core.sessions.refusal(spec("t2", prompt_tokens=5, max_tokens=8)) is None
+
+
+def test_metrics_events_report_position_rate_and_on_time_probability():
+    core, run = make(slots=1, metrics_interval_ms=1000, budgets=BudgetPolicy(tokens=1000),
+                     prior_service_ms=2000)
+    run(TaskSubmitted(spec=spec("a", max_tokens=100, deadline_ms=60_000)), 0)
+    run(TaskSubmitted(spec=spec("b", max_tokens=100, deadline_ms=60_000)), 0)
+    run(TaskSubmitted(spec=spec("c", max_tokens=100, deadline_ms=5_000)), 0)
+    run(TokensReceived(task_id="a", count=10), 400)
+    assert core.next_deadline() == 1000
+    out = run(Tick(), 1000)
+    frames = {c.task_id: c.data for c in out if isinstance(c, EmitEvent) and c.kind == "metrics"}
+    assert set(frames) == {"a", "b", "c"}
+    a, b, c = frames["a"], frames["b"], frames["c"]
+    assert a["phase"] == "streaming" and a["tokens_out"] == 10 and a["tokens_per_s"] == pytest.approx(16.7, abs=0.1)
+    assert a["budget"] == {"tokens_remaining": 1000}
+    assert (b["phase"], b["queue_position"], c["queue_position"]) == ("queued", 0, 1)
+    assert b["predicted_start_ms"] < c["predicted_start_ms"]
+    # c needs about 3 service times of 2 s (two waits and its own) with 4 s left; b has a minute.
+    assert c["on_time_probability"] < 0.5 < 0.9 < b["on_time_probability"]
+    run(StreamEnded(task_id="a"), 1500)
+    assert core.next_deadline() == 2000  # re-armed for the live ones only
+    out = run(Tick(), 2000)
+    assert {c.task_id for c in out if isinstance(c, EmitEvent) and c.kind == "metrics"} == {"b", "c"}
+
+
+def test_no_metrics_events_unless_configured():
+    core, run = make(slots=1)
+    run(TaskSubmitted(spec=spec("a")), 0)
+    deadline = core.next_deadline()
+    assert deadline is not None and deadline > 1000  # only the first-token timer and the task deadline

@@ -7,6 +7,7 @@ from support import eventually
 
 from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.orchestrator import OrchestratorConfig
+from llama_orch.core.sessions import BudgetPolicy
 from llama_orch.ext.sse import SSEParser
 from llama_orch.io.config import PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
@@ -171,6 +172,60 @@ async def test_metrics_follow_the_tasks(aiohttp_server, aiohttp_client, tmp_path
                  'queue_depth{priority="interactive"} 0.0', "latency_first_token_ms_count 1.0"):
         assert line in text, line
     assert body["task_id"] not in text  # never a task id as a label
+    for line in ('orchd_tasks_dispatched_total{outcome="sent",pool_id="pool-0"} 1.0',
+                 'orchd_tasks_dispatched_total{outcome="completed",pool_id="pool-0"} 1.0',
+                 'orchd_admission_enqueued_total{outcome="admitted",pool_id="any"} 1.0',
+                 'orchd_admission_rejected_total{pool_id="any",reason="POOL_UNREADY"} 1.0',
+                 'orchd_admission_queue_depth{pool_id="any"} 0.0', 'orchd_dispatch_latency_ms_count{pool_id="pool-0"} 1.0',
+                 'placement_decisions_total{fallback="false",outcome="placed",pinned="false"} 1.0',
+                 "latency_decode_ms_count 1.0"):
+        assert line in text, line
+    assert 'orchd_pool_health_checks_total{outcome="ok",pool_id="pool-0"}' in text
+    assert 'orchd_pool_health_check_duration_ms_count{pool_id="pool-0"}' in text
+    assert "tokens_in_total 1.0" in text  # "hello": 5 bytes, about one token
+
+
+async def test_verbose_stream_adds_narration_and_the_plain_one_does_not(aiohttp_server, aiohttp_client, tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    body = task(max_tokens=6)
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    resp = await client.get(f"/v2/tasks/{body['task_id']}/events?verbose=true")
+    parser, events = SSEParser(), []
+    async for chunk in resp.content.iter_any():
+        events += [(k, orjson.loads(d)) for k, d in parser.feed(chunk)]
+    kinds = [k for k, _ in events]
+    notes = [d["text"] for k, d in events if k == "narration"]
+    assert notes[0].startswith("Admitted at queue position 0") and "Placed on pool pool-0" in notes[1]
+    assert notes[-1].startswith("Done: 6 tokens") and kinds[-1] == "end" and kinds[-2] == "narration"
+    assert kinds.index("narration") < kinds.index("started") < kinds.index("token")
+    plain = await events_of(client, body["task_id"])  # the same stream, read again without narration
+    assert [k for k, _ in plain] == [k for k in kinds if k != "narration"]
+
+
+async def test_metrics_frames_and_time_and_cost_budgets(aiohttp_server, aiohttp_client, tmp_path):
+    budgets = BudgetPolicy(tokens=100, time_ms=600_000, cost=10.0, cost_per_1k_prompt_tokens=1000.0,
+                           cost_per_1k_output_tokens=100.0)
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=60, metrics_interval_ms=100,
+                           budgets=budgets)
+    sid = str(uuid.uuid4())
+    body = task(session_id=sid, max_tokens=30, prompt="x" * 40)  # 10 prompt tokens: cost 10 + 30 * 0.1 = 13 > 10
+    over = await client.post("/v2/tasks", json=body)
+    assert over.status == 400 and "cost budget" in (await over.json())["message"]
+    body = task(session_id=sid, max_tokens=30, prompt="x" * 20)  # 5 + 3 = 8 at most
+    resp = await client.post("/v2/tasks", json=body)
+    assert resp.status == 202
+    assert resp.headers["X-Budget-Cost-Remaining"] == "10.0" and resp.headers["X-Budget-Time-Remaining-Ms"] == "600000"
+    events = await events_of(client, body["task_id"])
+    metrics = [d for k, d in events if k == "metrics"]
+    assert metrics, [k for k, _ in events]  # 30 tokens at 60/s: about half a second, several frames
+    streaming = [m for m in metrics if m["phase"] == "streaming"]
+    assert streaming and all(0.0 <= m["on_time_probability"] <= 1.0 for m in metrics)
+    assert streaming[-1]["tokens_out"] > 0 and streaming[-1]["tokens_per_s"] > 0
+    assert set(metrics[0]["budget"]) == {"tokens_remaining", "time_remaining_ms", "cost_remaining"}
+    view = await client.get(f"/v2/sessions/{sid}")
+    got = await view.json()
+    assert got["tokens_used"] == 30 and got["cost_used"] == 8.0 and got["time_used_ms"] > 0
+    assert view.headers["X-Budget-Cost-Used"] == "8.0" and int(view.headers["X-Budget-Time-Used-Ms"]) > 0
 
 
 async def test_shutdown_stops_admitting_and_waits_for_running_tasks(aiohttp_server, aiohttp_client, tmp_path):
@@ -198,7 +253,7 @@ async def test_shutdown_stops_admitting_and_waits_for_running_tasks(aiohttp_serv
 
 
 async def test_sessions_report_their_token_budget(aiohttp_server, aiohttp_client, tmp_path):
-    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, session_token_budget=30)
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, budgets=BudgetPolicy(tokens=30))
     sid = str(uuid.uuid4())
     first = task(session_id=sid, max_tokens=20)
     resp = await client.post("/v2/tasks", json=first)
