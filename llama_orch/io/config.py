@@ -131,6 +131,8 @@ class PoolManagerSettings:
     callback_url: str | None = None
     provisioner_url: str | None = "http://127.0.0.1:9300"
     node_id: str = ""
+    orchestratord_url: str | None = None
+    advertise_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "PoolManagerSettings":
@@ -148,6 +150,8 @@ class PoolManagerSettings:
             callback_url=env.url("POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL", default=None),
             provisioner_url=env.url("POOL_MANAGERD_PROVISIONER_URL", default="http://127.0.0.1:9300"),
             node_id=env.text("POOL_MANAGERD_NODE_ID", default=os.uname().nodename),
+            orchestratord_url=env.url("POOL_MANAGERD_ORCHESTRATORD_URL", default=None),
+            advertise_url=env.url("POOL_MANAGERD_ADVERTISE_URL", default=None),
         )
 
 

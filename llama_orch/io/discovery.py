@@ -46,6 +46,7 @@ class ManagerState:
     last_ok: float | None = None  # monotonic seconds
     last_error: str | None = None
     reachable: bool = False
+    suspended: str | None = None  # why its pools are not trusted now (a stale pushed node), else None
 
 
 class PoolDiscovery:
@@ -83,8 +84,42 @@ class PoolDiscovery:
     async def poll_all(self) -> None:
         await asyncio.gather(*(self.poll(m) for m in self.managers.values()))
 
+    def add_manager(self, url: str) -> ManagerState:
+        """A pool-managerd that registered itself: polled like the configured ones from now on."""
+        url = url.rstrip("/")
+        manager = self.managers.get(url)
+        if manager is None:
+            manager = self.managers[url] = ManagerState(url)
+        return manager
+
+    def remove_manager(self, url: str) -> None:
+        """Forget a manager and its pools (a node that deregistered)."""
+        manager = self.managers.pop(url.rstrip("/"), None)
+        if manager is not None:
+            for pool_id in sorted(manager.pools):
+                self.emit(PoolRemoved(pool_id=pool_id))
+
+    def suspend(self, url: str, reason: str) -> None:
+        """Stop trusting a manager's pools until ``resume``: they are lost for placement."""
+        manager = self.managers.get(url.rstrip("/"))
+        if manager is None or manager.suspended is not None:
+            return
+        manager.suspended = reason
+        for pool_id in sorted(manager.pools):
+            self.emit(PoolLost(pool_id=pool_id, reason=reason))
+
+    def resume(self, url: str) -> bool:
+        """Trust a suspended manager again; True when it was suspended (poll it now)."""
+        manager = self.managers.get(url.rstrip("/"))
+        if manager is None or manager.suspended is None:
+            return False
+        manager.suspended = None
+        return True
+
     async def poll(self, manager: ManagerState) -> None:
         assert self._session is not None
+        if manager.suspended is not None:
+            return
         started = time.monotonic()
         try:
             async with self._session.get(f"{manager.url}/v2/pools", timeout=self.timeout) as resp:
@@ -101,6 +136,8 @@ class PoolDiscovery:
                 for pool_id in sorted(manager.pools):
                     self.emit(PoolLost(pool_id=pool_id, reason=f"pool-managerd {manager.url}: {manager.last_error}"))
             return
+        if manager.suspended is not None or self.managers.get(manager.url) is not manager:
+            return  # suspended or removed while the answer was on its way: it must not revive the pools
         for pool_id in sorted(set(manager.pools) - set(pools)):
             self.emit(PoolRemoved(pool_id=pool_id))
         for snap in snapshots:

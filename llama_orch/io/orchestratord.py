@@ -67,6 +67,7 @@ from .daemon import prepare
 from .discovery import PoolDiscovery
 from .config import OrchdSettings
 from .http import fail, json_body, json_response
+from .node_registry import add_node_routes
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
@@ -638,7 +639,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
-               seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts()) -> web.Application:
+               seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
+               node_stale_after_ms: float = 30_000.0) -> web.Application:
     app = web.Application(middlewares=[correlation])
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
@@ -661,6 +663,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
             log.warning("shutdown grace over: canceling %d tasks", len(driver.core.tasks))
 
     app.cleanup_ctx.append(resources)
+    add_node_routes(app, app[DISCOVERY], stale_after_ms=node_stale_after_ms)
     app.on_shutdown.append(drain_streams)
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)

@@ -268,3 +268,63 @@ async def test_sessions_report_their_token_budget(aiohttp_server, aiohttp_client
     assert (await client.delete(f"/v2/sessions/{sid}")).status == 204
     assert (await client.get(f"/v2/sessions/{sid}")).status == 404
     assert (await client.delete(f"/v2/sessions/{sid}")).status == 404
+
+
+async def test_nodes_register_heartbeat_go_stale_and_deregister(aiohttp_server, aiohttp_client, tmp_path):
+    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=1)))
+    pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
+        runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
+    write_handoff(tmp_path / "engines", Handoff(pool_id="pool-n", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
+                                                slots_total=1, model_id=MODEL))
+    pmd_url = str(pmd.make_url("")).rstrip("/")
+    client = await aiohttp_client(create_app(OrchestratorConfig(), [], poll_interval_ms=30, node_stale_after_ms=300))
+
+    async def pool_ready():
+        r = await client.get("/v2/pools/pool-n/health")
+        return r.status == 200 and (await r.json())["ready"]
+
+    bad = await client.post("/v2/nodes/register", json={"node_id": "n1", "base_url": "ftp://x"})
+    assert bad.status == 400 and "base_url" in (await bad.json())["message"]
+    assert (await client.post("/v2/nodes/n1/heartbeat")).status == 404  # unknown: it must register
+    reg = await client.post("/v2/nodes/register", json={"node_id": "n1", "base_url": pmd_url})
+    body = await reg.json()
+    assert reg.status == 200 and body["stale_after_ms"] == 300 and body["heartbeat_interval_ms"] > 0
+    await eventually(pool_ready, what="the registered node's pool")  # polled from now on
+    assert (await client.post("/v2/nodes/n1/heartbeat", json={"pools": ["pool-n"]})).status == 200
+
+    async def stale():
+        nodes = (await (await client.get("/v2/nodes")).json())["nodes"]
+        return nodes[0]["stale"] and not await pool_ready()
+    await eventually(stale, timeout=5, what="the silent node going stale and its pool leaving placement")
+    refused = await client.post("/v2/tasks", json=task())
+    assert refused.status == 503  # nothing vouches for the pool now
+    assert (await client.post("/v2/nodes/n1/heartbeat")).status == 200
+    await eventually(pool_ready, what="the node back after a heartbeat")
+    assert (await client.delete("/v2/nodes/n1")).status == 204
+    assert (await (await client.get("/v2/pools")).json())["pools"] == []
+    assert (await client.delete("/v2/nodes/n1")).status == 404
+
+
+async def test_pool_managerd_registers_itself_heartbeats_and_deregisters(aiohttp_server, aiohttp_client, tmp_path):
+    from cluster_support import free_port
+
+    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=1)))
+    orchd = await aiohttp_server(create_app(OrchestratorConfig(), [], poll_interval_ms=30))
+    client = await aiohttp_client(orchd)
+    port = free_port()
+    write_handoff(tmp_path / "engines", Handoff(pool_id="pool-r", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
+                                                slots_total=1, model_id=MODEL))
+    pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
+        runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None,
+        node_id="worker-7", orchestratord_url=str(orchd.make_url("")).rstrip("/"),
+        advertise_url=f"http://127.0.0.1:{port}")), port=port)
+
+    async def registered_and_ready():
+        nodes = (await (await client.get("/v2/nodes")).json())["nodes"]
+        health = await client.get("/v2/pools/pool-r/health")
+        return (nodes and nodes[0]["node_id"] == "worker-7" and nodes[0]["base_url"] == f"http://127.0.0.1:{port}"
+                and health.status == 200 and (await health.json())["ready"])
+    await eventually(registered_and_ready, what="pool-managerd registered and its pool ready, with no static config")
+    await pmd.close()  # a clean shutdown deregisters: its pools leave at once, not 30 s later
+    assert (await (await client.get("/v2/nodes")).json())["nodes"] == []
+    assert (await (await client.get("/v2/pools")).json())["pools"] == []
