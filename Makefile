@@ -9,9 +9,17 @@ STAMP  := $(VENV)/.installed-stamp
 TRACE  ?= conv
 OUT    ?= out/replay
 
-.PHONY: run test test-compiled test-pure bench-smoke bench build engine clean
+.PHONY: run replay test test-compiled test-pure bench-smoke bench build engine clean
 
-run: build
+# The whole cluster on this machine (2 pools of the real llama-server, the tiny model), one streamed
+# sample task, then it keeps serving until Ctrl-C. POOLS=1, UP_ARGS="--engine mock --once" etc.
+POOLS  ?= 2
+SAMPLE ?= Once upon a time
+run: build engine
+	$(BIN)/llama-orch up --pools $(POOLS) --sample "$(SAMPLE)" $(UP_ARGS)
+
+# The shipped Azure trace through the core with simulated engines: report and plot in $(OUT).
+replay: build
 	$(BIN)/llama-orch replay $(TRACE) --seed 0 --out $(OUT)
 
 test: build engine

@@ -48,6 +48,7 @@ class Node:
     def provision(self, *args: str) -> subprocess.Popen:
         self.prov = self._start([sys.executable, "-m", "llama_orch.io.provisioner", "--mode", "source",
                                  "--cache-dir", str(CACHE), "--handoff-dir", str(self.runtime),
+                                 "--state-dir", str(self.tmp / "provisioner-state"),
                                  "--control-bind", self.control, *args],
                                 dict(os.environ), "provisioner.log")
         return self.prov

@@ -175,6 +175,7 @@ class OrchdSettings:
     first_token_timeout_ms: int = 60_000
     token_timeout_ms: int = 30_000
     stream_timeout_ms: int = 3_600_000
+    profile: str = "cloud"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -226,4 +227,5 @@ class OrchdSettings:
             first_token_timeout_ms=env.integer("ORCHD_FIRST_TOKEN_TIMEOUT_MS", default=60_000, minimum=1),
             token_timeout_ms=env.integer("ORCHD_TOKEN_TIMEOUT_MS", default=30_000, minimum=1),
             stream_timeout_ms=env.integer("ORCHD_STREAM_TIMEOUT_MS", default=3_600_000, minimum=1),
+            profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),
         )

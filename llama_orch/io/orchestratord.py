@@ -417,6 +417,7 @@ class _TaskSink:
 DRIVER = web.AppKey("driver", CoreDriver)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
 DISCOVERY = web.AppKey("discovery", PoolDiscovery)
+PROFILE = web.AppKey("profile", str)
 
 
 @web.middleware
@@ -508,9 +509,13 @@ async def list_pools(request: web.Request) -> web.Response:
     pools = []
     for pool_id in placer.pool_ids():
         snap = placer.snapshot(pool_id)
-        pools.append({"pool_id": pool_id, "ready": placer.is_usable(pool_id), "slots_total": snap.slots_total,
-                      "leases": placer.leases(pool_id), "model_ref": snap.model_ref, "engine": snap.engine,
-                      "engine_version": snap.engine_version, "vram_free_bytes": snap.vram_free_bytes,
+        leases = placer.leases(pool_id)
+        pools.append({"pool_id": pool_id, "ready": placer.is_usable(pool_id), "live": snap.live,
+                      "draining": snap.draining, "slots_total": snap.slots_total,
+                      "slots_free": max(0, snap.slots_total - leases), "leases": leases, "model_ref": snap.model_ref,
+                      "engine": snap.engine, "engine_version": snap.engine_version, "engine_url": snap.engine_url,
+                      "ctx_max": snap.ctx_max, "device_mask": snap.device_mask, "replica_id": snap.replica_id,
+                      "vram_total_bytes": snap.vram_total_bytes, "vram_free_bytes": snap.vram_free_bytes,
                       "manager_url": snap.manager_url, "last_error": snap.last_error})
     return json_response({"pools": pools})
 
@@ -572,7 +577,8 @@ async def capabilities(request: web.Request) -> web.Response:
         e["models"].add(snap.model_ref)
         e["versions"].add(snap.engine_version or "unknown")
     listed = [{**e, "models": sorted(e["models"]), "versions": sorted(e["versions"])} for _, e in sorted(engines.items())]
-    return json_response({"api_version": "v2", "engines": listed, "workloads": ["completion"]})
+    return json_response({"api_version": "v2", "profile": request.app[PROFILE], "engines": listed,
+                          "workloads": ["completion"]})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -640,8 +646,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
                seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
-               node_stale_after_ms: float = 30_000.0) -> web.Application:
+               node_stale_after_ms: float = 30_000.0, profile: str = "cloud") -> web.Application:
     app = web.Application(middlewares=[correlation])
+    app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
                                    on_check=driver.metrics.health_check)
@@ -722,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
     config, timeouts = core_config(settings)
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
-                           shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts),
+                           shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
+                           profile=settings.profile),
                 host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5)
     return 0
 

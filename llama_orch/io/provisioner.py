@@ -603,6 +603,9 @@ def build_parser():
     p.add_argument("--handoff-dir", default=env("ENGINE_PROVISIONER_HANDOFF_DIR") or env("POOL_MANAGERD_RUNTIME_DIR")
                    or "/var/lib/llama-orch/engines")
     p.add_argument("--cache-dir", default=env("ENGINE_PROVISIONER_CACHE_DIR", "/var/cache/llama-orch"))
+    p.add_argument("--state-dir", default=env("ENGINE_PROVISIONER_STATE_DIR"),
+                   help="engine state files (for adoption) and engine logs; default <cache-dir>/state. Give each "
+                        "provisioner on one machine its own, or they may adopt each other's engines")
     p.add_argument("--gpu-mask", default=env("ENGINE_PROVISIONER_GPU_MASK", ""))
     p.add_argument("--binary", default=env("ENGINE_PROVISIONER_BINARY"), help="llama-server path for --mode binary")
     p.add_argument("--host", default=env("ENGINE_PROVISIONER_ENGINE_HOST", "127.0.0.1"), help="engine bind address")
@@ -641,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
               "expected HOST:PORT", file=sys.stderr)
         return 2
     settings = ProvisionerSettings(handoff_dir=Path(args.handoff_dir).expanduser(), cache_dir=cache,
-                                   state_dir=cache / "state", start_timeout_s=args.start_timeout_s, control=control)
+                                   state_dir=Path(args.state_dir).expanduser() if args.state_dir else cache / "state",
+                                   start_timeout_s=args.start_timeout_s, control=control)
     return asyncio.run(_serve(specs, settings))
 
 
