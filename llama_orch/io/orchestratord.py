@@ -68,6 +68,7 @@ from .discovery import PoolDiscovery
 from .config import OrchdSettings
 from .http import fail, json_body, json_response
 from .node_registry import add_node_routes
+from .openai_api import add_openai_routes
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
@@ -671,6 +672,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
 
     app.cleanup_ctx.append(resources)
     add_node_routes(app, app[DISCOVERY], stale_after_ms=node_stale_after_ms)
+    add_openai_routes(app, DRIVER, CORRELATION_ID)
     app.on_shutdown.append(drain_streams)
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)
@@ -731,9 +733,14 @@ def main(argv: list[str] | None = None) -> int:
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
                            profile=settings.profile),
-                host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5)
+                host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5,
+                handler_cancellation=True)  # a client that leaves cancels its handler, hence its task
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main, not this __main__ copy's: app keys must be the same objects
+    # that other modules (and tests) import from llama_orch.io.orchestratord.
+    from llama_orch.io.orchestratord import main as _main
+
+    raise SystemExit(_main())
