@@ -13,7 +13,8 @@ Rules (on top of those of admission, placement and the task lifecycle)
   cause; leases per pool always equal the attempts in flight there.
 - Before the first token a failed attempt (engine unreachable, stream broken, pool lost,
   first-token timeout) is retried on another pool, at most ``max_attempts`` attempts in all;
-  the failed pool's circuit breaker counts the failure. After the first token a failure is
+  the failed pool's circuit breaker counts the failure. An engine that refuses the request
+  itself (``INVALID_PARAMS``, e.g. a prompt over its context) ends the task with that code. After the first token a failure is
   terminal (``error`` event with the upstream's code).
 - Deadlines: the task's own (``deadline_ms`` from submission; queued: ``DEADLINE_UNMET``,
   running: ``DECODE_TIMEOUT``), the first-token timeout and the between-token timeout. A pool
@@ -81,6 +82,9 @@ class OrchestratorConfig:
 
 # Timer kinds on the heap.
 _DEADLINE, _FIRST_TOKEN, _BETWEEN_TOKENS, _POOL_STALE, _BREAKER, _METRICS = range(6)
+
+# Attempt failures that are the request's fault, not the pool's: no retry, no breaker count.
+_REQUEST_ERRORS = frozenset({"INVALID_PARAMS"})
 
 # How many queued tasks a metrics event looks through for the task's exact position.
 _POSITION_SCAN = 1024
@@ -323,6 +327,10 @@ class Orchestrator:
             return
         code, message = event.code, event.message
         failed_pool = task.pool_id
+        if code in _REQUEST_ERRORS:  # the engine refused the request itself: another pool would too
+            self._finish(task, Outcome.FAILED, now, out, code=code,
+                         message=message or f"pool {failed_pool} refused the request", retriable=False)
+            return
         self._note_pool_failure(failed_pool, now)
         if task.phase is TaskPhase.STREAMING:
             self._finish(task, Outcome.FAILED, now, out, code=code or "WORKER_RESET",

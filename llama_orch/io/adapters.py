@@ -7,29 +7,46 @@ events. Every upstream read is relayed as one buffer of our ``token`` frames (th
 ``TokenRelay``), so the SSE writer does one write per read.
 
 - ``llamacpp``: llama.cpp's ``POST /completion`` with ``stream: true``; chat messages are
-  rendered by the engine's own template (``POST /apply-template``) first.
+  rendered by the engine's own template (``POST /apply-template``) first. llama-server falls
+  back to ChatML for a model without a template, so this works for every model it loads.
 - ``openai``: any OpenAI-compatible engine (vLLM, TGI, llama.cpp's ``/v1``):
-  ``/v1/completions``, or ``/v1/chat/completions`` for chat messages.
+  ``/v1/completions``, or ``/v1/chat/completions`` for chat messages. ``stream_options:
+  {include_usage: true}`` is asked for; an engine that refuses the field (HTTP 400/422 naming
+  it) is asked again without it, and not asked again.
 - ``mock``: no engine at all; deterministic words at a fixed rate, in process. For load
   tests and benchmarks of the orchestrator itself.
 
-Timeouts: ``connect_s`` to open the connection, ``first_token_s`` from the request to the
-first token (prefill and queueing in the engine), ``between_tokens_s`` between reads once
-tokens flow, ``total_s`` for the whole stream. A failure before the first token is reported as
-``before_first_token`` so the core may retry on another pool; after it, it ends the task.
+The sink hears ``tokens`` zero or more times, then exactly one of ``ended`` or ``failed``;
+nothing at all once the adapter's task is cancelled (even when the sink itself cancelled it
+from inside ``tokens``). ``ended``'s ``tokens_out`` is the number of tokens relayed by this
+stream, the count the client saw indices for, whatever the engine's own count says (an
+engine counts tokens it sent no text for, and ``usage`` may be missing).
+
+Timeouts, as deadlines: ``connect_s`` to open the connection; the first token is due
+``first_token_s`` after the request (template, connection, the engine's queue and prefill
+included), each next one ``between_tokens_s`` after the last token (reads that carry no token,
+such as a chat role chunk, do not count); nothing past ``total_s`` after the request. A
+failure before the first token is reported as ``before_first_token`` so the core may retry on
+another pool; after it, it ends the task. Codes: ``DECODE_TIMEOUT`` for a deadline,
+``WORKER_RESET`` for an engine that cannot be reached, answers an HTTP error or breaks the
+stream, ``INVALID_PARAMS`` for an engine's 400/413/422 (the request itself was refused, e.g.
+a prompt over the context), ``INTERNAL`` for an error frame in the stream or a bug here.
 Cancelling the adapter's asyncio task closes the connection, which frees the engine's slot.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import aiohttp
 import orjson
 
 from ..ext.sse import TokenRelay, frame_events
+
+log = logging.getLogger("llama_orch.adapters")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,6 +55,11 @@ class Timeouts:
     first_token_s: float = 120.0
     between_tokens_s: float = 30.0
     total_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ValueError(f"{f.name} must be > 0, got {getattr(self, f.name)!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +71,7 @@ class UpstreamRequest:
     messages: tuple[dict, ...] | None
     max_tokens: int
     seed: int | None = None
+    #: The ``i`` of the first token relayed (a stream resumed after ``start_index`` tokens).
     start_index: int = 0
 
 
@@ -68,26 +91,87 @@ class Adapter(Protocol):
     async def stream(self, request: UpstreamRequest, sink: Sink) -> None: ...
 
 
-class _Deadlines:
-    """The read deadline of the moment: first token, then between tokens, never past the total."""
+class _Report:
+    """The sink, guarded: one terminal report, and nothing once the task is being cancelled."""
 
-    def __init__(self, timeouts: Timeouts, loop: asyncio.AbstractEventLoop) -> None:
-        self.timeouts = timeouts
-        self.loop = loop
-        self.end = loop.time() + timeouts.total_s
+    __slots__ = ("sink", "task", "done", "got_token")
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.task = asyncio.current_task()
+        self.done = False
         self.got_token = False
 
-    def next_read(self) -> tuple[float, str]:
+    @property
+    def stopped(self) -> bool:
+        return self.done or (self.task is not None and self.task.cancelling() > 0)
+
+    def tokens(self, frames: bytes, count: int) -> None:
+        if not self.stopped:
+            self.got_token = True
+            self.sink.tokens(frames, count)
+
+    def ended(self, tokens_out: int, decode_ms: float | None) -> None:
+        if not self.stopped:
+            self.done = True
+            self.sink.ended(tokens_out=tokens_out, decode_ms=decode_ms)
+
+    def failed(self, code: str, message: str) -> None:
+        if not self.stopped:
+            self.done = True
+            self.sink.failed(code=code, message=message, before_first_token=not self.got_token)
+
+
+class _Deadlines:
+    """When the wait of the moment gives up: the first token is due ``first_token_s`` after the
+    request, each next one ``between_tokens_s`` after the last token, none past ``total_s``."""
+
+    __slots__ = ("timeouts", "started", "last_token")
+
+    def __init__(self, timeouts: Timeouts, now: float) -> None:
+        self.timeouts = timeouts
+        self.started = now
+        self.last_token: float | None = None
+
+    def current(self) -> tuple[float, str]:
+        """The deadline (loop time) and what missing it means."""
         t = self.timeouts
-        step, what = (t.between_tokens_s, "between tokens") if self.got_token else (t.first_token_s, "to the first token")
-        remaining = self.end - self.loop.time()
-        if remaining <= step:
-            return max(0.0, remaining), f"the whole stream ({t.total_s:g} s)"
-        return step, f"{what} ({step:g} s)"
+        if self.last_token is None:
+            due, what = self.started + t.first_token_s, f"no first token within first_token_s={t.first_token_s:g} s"
+        else:
+            due, what = self.last_token + t.between_tokens_s, f"no token for between_tokens_s={t.between_tokens_s:g} s"
+        end = self.started + t.total_s
+        if end <= due:
+            return end, f"the whole stream took longer than total_s={t.total_s:g} s"
+        return due, what
+
+
+class _Refused(Exception):
+    """The engine refused or broke the exchange; carries the sink's code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _error_text(resp: aiohttp.ClientResponse, limit: int = 4096) -> str:
+    """The start of an error body, as text, without reading an unbounded one."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await resp.content.readany()
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body[:300]).decode("utf-8", "replace").strip()
+
+
+def _refusal(path: str, status: int, text: str) -> _Refused:
+    code = "INVALID_PARAMS" if status in (400, 413, 422) else "WORKER_RESET"
+    return _Refused(code, f"engine answered HTTP {status} to {path}: {text}")
 
 
 class HttpAdapter:
-    """Shared by the HTTP adapters: POST, then relay reads under the timeouts."""
+    """Shared by the HTTP adapters: POST, then relay reads under the deadlines."""
 
     name = "http"
     dialect = "llamacpp"
@@ -95,51 +179,74 @@ class HttpAdapter:
     def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts = Timeouts()) -> None:
         self.session = session
         self.timeouts = timeouts
+        # Every field given: the deadlines do the rest, whatever the session's defaults.
+        self.client_timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_read=None,
+                                                    sock_connect=timeouts.connect_s)
 
     async def request_body(self, request: UpstreamRequest) -> tuple[str, dict]:
         raise NotImplementedError
 
+    def retry_body(self, request: UpstreamRequest, body: dict, status: int, text: str) -> dict | None:
+        """A body to send again after an HTTP error before any token, or None to fail."""
+        return None
+
     async def stream(self, request: UpstreamRequest, sink: Sink) -> None:
         loop = asyncio.get_running_loop()
-        deadlines = _Deadlines(self.timeouts, loop)
-        relay = TokenRelay(self.dialect, start_index=request.start_index)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s)
+        report = _Report(sink)
+        deadlines = _Deadlines(self.timeouts, loop.time())
+        scope: asyncio.Timeout | None = None
         try:
-            path, body = await self.request_body(request)
-            async with self.session.post(f"{request.engine_url}{path}", json=body, timeout=timeout) as resp:
+            async with asyncio.timeout_at(deadlines.current()[0]) as scope:
+                await self._relay(request, report, deadlines, scope, loop)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError as exc:
+            if scope is not None and scope.expired():
+                report.failed("DECODE_TIMEOUT", deadlines.current()[1])
+            else:  # aiohttp's own: sock_connect
+                report.failed("WORKER_RESET", f"engine unreachable within connect_s={self.timeouts.connect_s:g} s: "
+                                              f"{type(exc).__name__}: {exc}")
+        except _Refused as exc:
+            report.failed(exc.code, str(exc))
+        except (aiohttp.ClientError, OSError) as exc:
+            # Refused or reset connections, and a stream cut mid-body (ClientPayloadError).
+            report.failed("WORKER_RESET", f"engine connection failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            log.exception("adapter %s failed on task %s", self.name, request.task_id)
+            report.failed("INTERNAL", f"adapter {self.name}: {type(exc).__name__}: {exc}")
+
+    async def _relay(self, request: UpstreamRequest, report: _Report, deadlines: _Deadlines,
+                     scope: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
+        relay = TokenRelay(self.dialect, start_index=request.start_index)
+        path, body = await self.request_body(request)
+        url = request.engine_url.rstrip("/") + path
+        while True:
+            async with self.session.post(url, json=body, timeout=self.client_timeout) as resp:
                 if resp.status != 200:
-                    text = (await resp.text())[:200]
-                    sink.failed(code="WORKER_RESET", message=f"engine answered HTTP {resp.status}: {text}",
-                                before_first_token=not deadlines.got_token)
-                    return
+                    text = await _error_text(resp)
+                    again = self.retry_body(request, body, resp.status, text)
+                    if again is None:
+                        raise _refusal(path, resp.status, text)
+                    body = again
+                    continue
                 while True:
-                    wait_s, what = deadlines.next_read()
-                    try:
-                        chunk = await asyncio.wait_for(resp.content.readany(), wait_s)
-                    except asyncio.TimeoutError:
-                        sink.failed(code="DECODE_TIMEOUT", message=f"engine sent nothing within {what}",
-                                    before_first_token=not deadlines.got_token)
-                        return
+                    chunk = await resp.content.readany()
                     if not chunk:
                         break
                     frames, count, final = relay.feed(chunk)
                     if count:
-                        deadlines.got_token = True
-                        sink.tokens(frames, count)
+                        deadlines.last_token = loop.time()
+                        scope.reschedule(deadlines.current()[0])
+                        report.tokens(frames, count)
+                        if report.stopped:
+                            return  # the sink cancelled this stream
                     if final is not None:
                         if final.get("kind") == "error":
-                            sink.failed(code="INTERNAL", message=f"engine error: {final.get('message')}",
-                                        before_first_token=not deadlines.got_token)
+                            report.failed("INTERNAL", f"engine error: {final.get('message')}")
                         else:
-                            sink.ended(tokens_out=final.get("tokens_predicted"), decode_ms=final.get("predicted_ms"))
+                            report.ended(relay.tokens, final.get("predicted_ms"))
                         return
-            sink.failed(code="WORKER_RESET", message="engine closed the stream before its final frame",
-                        before_first_token=not deadlines.got_token)
-        except asyncio.CancelledError:
-            raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            sink.failed(code="WORKER_RESET", message=f"{type(exc).__name__}: {exc}",
-                        before_first_token=not deadlines.got_token)
+            raise _Refused("WORKER_RESET", f"engine closed the stream after {relay.tokens} tokens, before its final frame")
 
 
 class LlamaCppAdapter(HttpAdapter):
@@ -157,57 +264,89 @@ class LlamaCppAdapter(HttpAdapter):
 
     async def _apply_template(self, request: UpstreamRequest) -> str:
         """The engine knows its model's chat template; ask it rather than guess one here."""
-        timeout = aiohttp.ClientTimeout(total=self.timeouts.first_token_s, sock_connect=self.timeouts.connect_s)
-        async with self.session.post(f"{request.engine_url}/apply-template", json={"messages": list(request.messages)},
-                                     timeout=timeout) as resp:
+        path = "/apply-template"
+        async with self.session.post(request.engine_url.rstrip("/") + path, json={"messages": list(request.messages or ())},
+                                     timeout=self.client_timeout) as resp:
             if resp.status != 200:
-                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
-                                                  message=f"apply-template answered HTTP {resp.status}")
-            return orjson.loads(await resp.read())["prompt"]
+                raise _refusal(path, resp.status, await _error_text(resp))
+            raw = await resp.read()
+        try:
+            prompt = orjson.loads(raw)["prompt"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            prompt = None
+        if not isinstance(prompt, str):
+            raise _Refused("WORKER_RESET", f"engine answered {path} without a prompt: {raw[:200]!r}")
+        return prompt
 
 
 class OpenAIAdapter(HttpAdapter):
     name = "openai"
     dialect = "openai"
 
+    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts = Timeouts()) -> None:
+        super().__init__(session, timeouts)
+        #: Engines that refused ``stream_options``: asked without it from then on.
+        self.no_stream_options: set[str] = set()
+
     async def request_body(self, request: UpstreamRequest) -> tuple[str, dict]:
-        body: dict = {"model": request.model, "max_tokens": request.max_tokens, "stream": True,
-                      "stream_options": {"include_usage": True}}
+        body: dict = {"model": request.model, "max_tokens": request.max_tokens, "stream": True}
+        if request.engine_url not in self.no_stream_options:
+            body["stream_options"] = {"include_usage": True}
         if request.seed is not None:
             body["seed"] = request.seed
         if request.messages is not None:
             return "/v1/chat/completions", {**body, "messages": list(request.messages)}
         return "/v1/completions", {**body, "prompt": request.prompt or ""}
 
+    def retry_body(self, request: UpstreamRequest, body: dict, status: int, text: str) -> dict | None:
+        if status in (400, 422) and "stream_options" in body and "stream_options" in text:
+            log.info("engine %s refuses stream_options; asking without it", request.engine_url)
+            self.no_stream_options.add(request.engine_url)
+            return {k: v for k, v in body.items() if k != "stream_options"}
+        return None
+
 
 MOCK_WORDS = ("the", " llama", " orch", " pool", " token", " stream", " queue", " slot", " engine", " model")
 
 
 class MockAdapter:
-    """No engine: ``max_tokens`` words at ``tokens_per_s``, a few per write, in process."""
+    """No engine: ``max_tokens`` words at ``tokens_per_s``, a few per write, in process.
+
+    The word of index ``i`` is ``MOCK_WORDS[i % len(MOCK_WORDS)]``, whatever the request."""
 
     name = "mock"
 
     def __init__(self, tokens_per_s: float = 1000.0, tokens_per_write: int = 4) -> None:
+        if not tokens_per_s > 0 or tokens_per_write < 1:
+            raise ValueError("tokens_per_s must be > 0 and tokens_per_write >= 1")
         self.tokens_per_s = tokens_per_s
         self.tokens_per_write = tokens_per_write
 
     async def stream(self, request: UpstreamRequest, sink: Sink) -> None:
-        i = request.start_index
-        end = request.start_index + request.max_tokens
-        started = asyncio.get_running_loop().time()
+        report = _Report(sink)
+        loop = asyncio.get_running_loop()
+        i = start = request.start_index
+        end = start + max(0, request.max_tokens)
+        started = loop.time()
         while i < end:
             n = min(self.tokens_per_write, end - i)
             await asyncio.sleep(n / self.tokens_per_s)  # the decode rate being simulated, not a synchronisation
             events = [("token", orjson.dumps({"t": MOCK_WORDS[(i + k) % len(MOCK_WORDS)], "i": i + k})) for k in range(n)]
-            sink.tokens(frame_events(events), n)
+            report.tokens(frame_events(events), n)
+            if report.stopped:
+                return
             i += n
-        sink.ended(tokens_out=request.max_tokens, decode_ms=(asyncio.get_running_loop().time() - started) * 1000.0)
+        report.ended(end - start, (loop.time() - started) * 1000.0)
 
 
 #: Adapter kind per engine name in a pool's status.
 ADAPTERS = {"llamacpp": "llamacpp", "vllm": "openai", "tgi": "openai", "openai": "openai", "mock": "mock"}
 
 
-def adapter_for(engine: str) -> str:
+def adapter_for(engine: str, engine_url: str | None = None) -> str:
+    """The adapter for a pool: a ``mock:`` engine URL is the in-process mock whatever the
+    engine's name (so tasks for ``llamacpp`` place on it); otherwise by engine name, and an
+    engine we do not know is assumed to speak OpenAI's API."""
+    if engine_url is not None and engine_url.startswith("mock:"):
+        return "mock"
     return ADAPTERS.get(engine, "openai")

@@ -2,11 +2,18 @@
 
 For benchmarks and fault injection only; tests that check behaviour run the real
 ``llama-server``. It answers ``/health`` (503 ``Loading model`` during a configurable start,
-then 200), ``/props``, ``/slots``, ``/metrics``, ``/completion`` (llama.cpp frames, a final
-``stop: true`` frame with ``timings``, no ``[DONE]``), ``/v1/completions`` and
-``/v1/chat/completions`` (OpenAI chunks ending in ``data: [DONE]``). Requests beyond the slot
-count wait for a slot, as llama-server's do. Faults: ``crash_after`` tokens (the process
-exits), ``stall_after`` tokens (the stream goes silent), ``error_rate`` (HTTP 500s, seeded).
+then 200), ``/props``, ``/slots``, ``/metrics``, ``/apply-template`` (chat messages rendered
+as ChatML, llama-server's fallback for a model without a template), ``/completion`` (llama.cpp
+frames, a final ``stop: true`` frame with ``timings``, no ``[DONE]``), ``/v1/completions`` and
+``/v1/chat/completions`` (OpenAI chunks ending in ``data: [DONE]``; chat opens with a role
+chunk and carries ``usage`` only when ``stream_options.include_usage`` asks, as llama-server
+does). Requests beyond the slot count wait for a slot, as llama-server's do; a client that
+goes away frees its slot. Faults: ``crash_after`` tokens (the process exits), ``stall_after``
+tokens (the stream goes silent until the client leaves), ``error_after`` tokens (an error
+frame ends the stream), ``error_rate`` (HTTP 500s, seeded), ``reject_stream_options`` (HTTP
+400 for an OpenAI request carrying ``stream_options``, as a strict server answers).
+
+Every generation request's path and body are kept in ``app[ENGINE].requests`` for tests.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ class MockConfig:
     start_delay_s: float = 0.0
     crash_after: int | None = None
     stall_after: int | None = None
+    error_after: int | None = None
     error_rate: float = 0.0
+    reject_stream_options: bool = False
     seed: int = 0
     model: str = "mock.gguf"
 
@@ -51,6 +60,8 @@ class MockEngine:
         self.prompt_tokens_total = 0
         self.predicted_total = 0
         self.deferred = 0
+        #: ``(path, body)`` of every generation and template request, in arrival order.
+        self.requests: list[tuple[str, dict]] = []
 
     def loading(self) -> bool:
         return time.monotonic() - self.started < self.config.start_delay_s
@@ -84,6 +95,28 @@ class MockEngine:
         )
         return web.Response(text=text, content_type="text/plain")
 
+    async def apply_template(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _invalid("invalid JSON body")
+        if not isinstance(body, dict) or "messages" not in body:
+            return _invalid("'messages' is required")
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            return _invalid("Expected 'messages' to be an array")
+        self.requests.append((request.path, body))
+        parts = []
+        for m in messages:
+            if not isinstance(m, dict) or "content" not in m and m.get("role") != "assistant":
+                return _invalid("All non-assistant messages must contain 'content'")
+            content = m.get("content") or ""
+            if isinstance(content, list):  # OpenAI content parts: the text ones, a line each
+                content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            parts.append(f"<|im_start|>{m.get('role', 'user')}\n{content}<|im_end|>\n")
+        parts.append("<|im_start|>assistant\n")
+        return json_response({"prompt": "".join(parts)})
+
     async def completion(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "llamacpp")
 
@@ -101,13 +134,20 @@ class MockEngine:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return json_response({"error": {"code": 400, "message": "invalid JSON body", "type": "invalid_request_error"}}, 400)
+            return _invalid("invalid JSON body")
+        if not isinstance(body, dict):
+            return _invalid("the body must be a JSON object")
+        self.requests.append((request.path, body))
+        if dialect != "llamacpp" and self.config.reject_stream_options and "stream_options" in body:
+            return _invalid("Unrecognized request argument supplied: stream_options")
         if self.config.error_rate and self.rng.random() < self.config.error_rate:
             return json_response({"error": {"code": 500, "message": "injected fault", "type": "server_error"}}, 500)
         n_predict = int(body.get("n_predict", body.get("max_tokens", 16)) or 16)
         prompt = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages", []))
         prompt_tokens = max(1, len(str(prompt).split()))
         stream = bool(body.get("stream", False))
+        options = body.get("stream_options")
+        usage = dialect != "openai-chat" or isinstance(options, dict) and bool(options.get("include_usage"))
         words = random.Random(body.get("seed", 0)).choices(WORDS, k=n_predict)
         self.deferred += 1
         async with self.slots:
@@ -115,11 +155,11 @@ class MockEngine:
             slot = self.busy.index(False)
             self.busy[slot] = True
             try:
-                return await self._run(request, dialect, slot, words, prompt_tokens, stream)
+                return await self._run(request, dialect, slot, words, prompt_tokens, stream, usage)
             finally:
                 self.busy[slot] = False
 
-    async def _run(self, request, dialect, slot, words, prompt_tokens, stream) -> web.StreamResponse:
+    async def _run(self, request, dialect, slot, words, prompt_tokens, stream, usage) -> web.StreamResponse:
         self.prompt_tokens_total += prompt_tokens
         delay = 1.0 / self.config.tokens_per_s
         started = time.monotonic()
@@ -130,30 +170,61 @@ class MockEngine:
             return json_response(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        try:
+            await self._stream(request, resp, dialect, slot, words, prompt_tokens, started, usage)
+        except ConnectionResetError:
+            pass  # the client went away mid-stream: the slot is free again, as llama-server frees it
+        return resp
+
+    async def _stream(self, request, resp, dialect, slot, words, prompt_tokens, started, usage) -> None:
+        delay = 1.0 / self.config.tokens_per_s
+        if dialect == "openai-chat":
+            role = {"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": None}
+            await resp.write(b"data: " + orjson.dumps(self._openai(dialect, [role])) + b"\n\n")
         for i, word in enumerate(words):
             if self.config.crash_after is not None and i >= self.config.crash_after:
                 os._exit(3)  # a crash mid-stream, as an engine would die: no goodbye
             if self.config.stall_after is not None and i >= self.config.stall_after:
-                await asyncio.sleep(3600)
+                await self._until_gone(request)
+                return
+            if self.config.error_after is not None and i >= self.config.error_after:
+                error = {"code": 500, "message": "injected mid-stream error", "type": "server_error"}
+                await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+                await resp.write_eof()
+                return
             await asyncio.sleep(delay)
             self.predicted_total += 1
             await resp.write(b"data: " + orjson.dumps(self._chunk(dialect, " " + word, i, slot)) + b"\n\n")
         final = self._final(dialect, "", len(words), prompt_tokens, started, slot, stream=True)
-        await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        if dialect == "openai-chat":
+            usage_chunk = final.pop("usage")
+            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+            if usage:
+                await resp.write(b"data: " + orjson.dumps({**self._openai(dialect, []), "usage": usage_chunk}) + b"\n\n")
+        else:
+            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
         if dialect != "llamacpp":
             await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        return resp
+
+    @staticmethod
+    async def _until_gone(request: web.Request) -> None:
+        """A stalled stream holds its slot until the client gives up and closes the connection."""
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.02)
+
+    def _openai(self, dialect: str, choices: list) -> dict:
+        if dialect == "openai-text":
+            return {"id": "cmpl-mock", "object": "text_completion", "model": self.config.model, "choices": choices}
+        return {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": self.config.model, "choices": choices}
 
     def _chunk(self, dialect: str, text: str, i: int, slot: int) -> dict:
         if dialect == "llamacpp":
             return {"index": 0, "content": text, "tokens": [i], "stop": False, "id_slot": slot,
                     "tokens_predicted": i + 1, "tokens_evaluated": 0}
         if dialect == "openai-text":
-            return {"id": "cmpl-mock", "object": "text_completion", "model": self.config.model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": None}]}
-        return {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": self.config.model,
-                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+            return self._openai(dialect, [{"index": 0, "text": text, "finish_reason": None}])
+        return self._openai(dialect, [{"index": 0, "delta": {"content": text}, "finish_reason": None}])
 
     def _final(self, dialect, text, n, prompt_tokens, started, slot, *, stream: bool) -> dict:
         ms = (time.monotonic() - started) * 1000
@@ -172,13 +243,22 @@ class MockEngine:
                 "model": self.config.model, "choices": [choice], "usage": usage}
 
 
+def _invalid(message: str) -> web.Response:
+    return json_response({"error": {"code": 400, "message": message, "type": "invalid_request_error"}}, 400)
+
+
+ENGINE = web.AppKey("engine", MockEngine)
+
+
 def create_app(config: MockConfig) -> web.Application:
     engine = MockEngine(config)
     app = web.Application()
+    app[ENGINE] = engine
     app.router.add_get("/health", engine.health)
     app.router.add_get("/props", engine.props)
     app.router.add_get("/slots", engine.slots_state)
     app.router.add_get("/metrics", engine.metrics)
+    app.router.add_post("/apply-template", engine.apply_template)
     app.router.add_post("/completion", engine.completion)
     app.router.add_post("/completions", engine.completion)
     app.router.add_post("/v1/completions", engine.v1_completions)
@@ -196,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-delay-s", type=float, default=0.0)
     parser.add_argument("--crash-after", type=int, default=None)
     parser.add_argument("--stall-after", type=int, default=None)
+    parser.add_argument("--error-after", type=int, default=None)
     parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--reject-stream-options", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", "-m", default="mock.gguf")
     parser.add_argument("--metrics", action="store_true", help="accepted for llama-server parity; /metrics is always on")
@@ -204,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.slots < 1 or args.ctx < 1 or args.tokens_per_s <= 0 or not 0 <= args.error_rate <= 1:
         parser.error("--parallel and --ctx-size must be >= 1, --tokens-per-s > 0, --error-rate within [0, 1]")
     config = MockConfig(slots=args.slots, ctx=args.ctx, tokens_per_s=args.tokens_per_s, start_delay_s=args.start_delay_s,
-                        crash_after=args.crash_after, stall_after=args.stall_after, error_rate=args.error_rate,
+                        crash_after=args.crash_after, stall_after=args.stall_after, error_after=args.error_after,
+                        error_rate=args.error_rate, reject_stream_options=args.reject_stream_options,
                         seed=args.seed, model=os.path.basename(args.model))
     prepare("mock-engine")
     web.run_app(create_app(config), host=args.host, port=args.port, print=None, access_log=None)

@@ -376,12 +376,13 @@ class CoreDriver:
             self.handle(DispatchFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
                                        message=f"pool {cmd.pool_id} has no engine URL"))
             return
-        adapter = self.adapters[adapter_for(snap.engine)]
+        adapter = self.adapters[adapter_for(snap.engine, cmd.engine_url)]
         payload = stream.payload
         request = UpstreamRequest(
             task_id=cmd.task_id, engine_url=cmd.engine_url, model=task.spec.model_ref,
             prompt=payload.prompt if payload.prompt is not None else " ".join(payload.inputs),
-            messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed)
+            messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed,
+            start_index=task.tokens_out)
         stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd, stream)))
 
 

@@ -397,3 +397,14 @@ def test_no_metrics_events_unless_configured():
     run(TaskSubmitted(spec=spec("a")), 0)
     deadline = core.next_deadline()
     assert deadline is not None and deadline > 1000  # only the first-token timer and the task deadline
+
+
+def test_an_engine_refusing_the_request_ends_the_task_without_retry_or_breaker():
+    core, run = make(pools=("pool-a", "pool-b"), breaker_threshold=1)
+    run(TaskSubmitted(spec=spec("t1")), 0)
+    pool_id = only(run.log, Dispatch).pool_id
+    out = run(DispatchFailed(task_id="t1", attempt=1, code="INVALID_PARAMS", message="prompt exceeds the context"), 1)
+    fin = only(out, Finish)
+    assert fin.kind == "error" and fin.data["code"] == "INVALID_PARAMS" and fin.data["retriable"] is False
+    assert not any(isinstance(c, Dispatch) for c in out)  # not retried on the other pool
+    assert core.placer.is_usable(pool_id) and core.placer.leases(pool_id) == 0  # its breaker did not open
