@@ -71,6 +71,8 @@ class UpstreamRequest:
     messages: tuple[dict, ...] | None
     max_tokens: int
     seed: int | None = None
+    #: Sampler settings by their OpenAI names (``wire.parse_sampling``); ``stop`` is a tuple.
+    sampling: tuple[tuple[str, object], ...] = ()
     #: The ``i`` of the first token relayed (a stream resumed after ``start_index`` tokens).
     start_index: int = 0
 
@@ -260,6 +262,8 @@ class LlamaCppAdapter(HttpAdapter):
         body = {"prompt": prompt or "", "n_predict": request.max_tokens, "stream": True, "cache_prompt": True}
         if request.seed is not None:
             body["seed"] = request.seed
+        for name, value in request.sampling:  # llama.cpp's /completion takes the same names
+            body[name] = list(value) if name == "stop" else value
         return "/completion", body
 
     async def _apply_template(self, request: UpstreamRequest) -> str:
@@ -294,6 +298,8 @@ class OpenAIAdapter(HttpAdapter):
             body["stream_options"] = {"include_usage": True}
         if request.seed is not None:
             body["seed"] = request.seed
+        for name, value in request.sampling:
+            body[name] = list(value) if name == "stop" else value
         if request.messages is not None:
             return "/v1/chat/completions", {**body, "messages": list(request.messages)}
         return "/v1/completions", {**body, "prompt": request.prompt or ""}

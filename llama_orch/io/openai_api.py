@@ -31,8 +31,9 @@ Decisions (they are part of the contract of this front door):
   one prompt string per request, ``seed``. The features we cannot honour and that would change
   the answer are a 400 that names the parameter: batched or token-id prompts, ``echo``,
   ``suffix``, ``tools``/``functions``, ``response_format`` other than text, non-text content
-  parts. The other parameters are ignored, the sampling ones included (``temperature``,
-  ``top_p``, ``stop``...): the adapters do not forward them yet, and ``logprobs`` is always null.
+  parts. Sampler settings (``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``, the
+  penalties) are range-checked and passed to the engine; other parameters are ignored, and
+  ``logprobs`` is always null.
   The ``developer`` role is sent to the engine as ``system``, for templates that do not know it.
 - ``finish_reason`` is ``length`` when the engine produced ``max_tokens`` tokens, else ``stop``.
 - Errors have OpenAI's shape ``{"error": {message, type, param, code}}``. ``code`` is ours
@@ -73,7 +74,7 @@ from ..core.events import TaskCanceled
 from ..core.placement import normalize_model_ref
 from ..core.types import Priority, TaskSpec
 from ..ext.sse import SSEParser
-from .wire import MAX_INT, TaskPayload
+from .wire import MAX_INT, TaskPayload, WireError, parse_sampling
 
 if TYPE_CHECKING:
     from .orchestratord import CoreDriver, Stream
@@ -346,7 +347,11 @@ def parse_request(request: web.Request, body: object, placer: Any, *, chat: bool
                     model_ref=model, priority=_priority(request), engine=engine, workload="completion",
                     ctx=min(MAX_INT, prompt_tokens + max_tokens), max_tokens=max_tokens,
                     deadline_ms=_deadline_ms(request), prompt_tokens=prompt_tokens, seed=seed)
-    payload = TaskPayload(prompt=prompt, inputs=(), seed=seed, kv_hint=None, messages=messages)
+    try:
+        sampling = parse_sampling(body)
+    except WireError as exc:
+        raise _bad(exc.field, str(exc).split(": ", 1)[1]) from None
+    payload = TaskPayload(prompt=prompt, inputs=(), seed=seed, kv_hint=None, messages=messages, sampling=sampling)
     return ParsedRequest(chat=chat, model=model, spec=spec, payload=payload, stream=stream,
                          include_usage=include_usage, prompt_tokens=prompt_tokens)
 

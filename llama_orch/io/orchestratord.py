@@ -382,7 +382,7 @@ class CoreDriver:
             task_id=cmd.task_id, engine_url=cmd.engine_url, model=task.spec.model_ref,
             prompt=payload.prompt if payload.prompt is not None else " ".join(payload.inputs),
             messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed,
-            start_index=task.tokens_out)
+            sampling=payload.sampling, start_index=task.tokens_out)
         stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd, stream)))
 
 

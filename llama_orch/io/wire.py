@@ -41,6 +41,40 @@ class TaskPayload:
     seed: int | None
     kv_hint: str | None
     messages: tuple[dict, ...] | None = None  # chat turns (OpenAI front door); the adapter renders them
+    sampling: tuple[tuple[str, Any], ...] = ()  # validated sampler settings (``parse_sampling``), for the engine
+
+
+#: Sampler settings an engine is given when a client sets them: name -> (kind, low, high).
+SAMPLING = {
+    "temperature": ("number", 0.0, 2.0), "top_p": ("number", 0.0, 1.0), "min_p": ("number", 0.0, 1.0),
+    "top_k": ("integer", 0, 1_000_000), "presence_penalty": ("number", -2.0, 2.0),
+    "frequency_penalty": ("number", -2.0, 2.0), "repeat_penalty": ("number", 0.0, 10.0),
+}
+MAX_STOP_SEQUENCES = 4
+
+
+def parse_sampling(body: dict, prefix: str = "") -> tuple[tuple[str, Any], ...]:
+    """The sampler settings present in ``body`` (OpenAI names), range-checked; ``stop`` as a tuple."""
+    out: list[tuple[str, Any]] = []
+    for name, (kind, low, high) in SAMPLING.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and not isinstance(value, int)):
+            raise WireError(prefix + name, f"expected {'an integer' if kind == 'integer' else 'a number'}, got {value!r}")
+        if not low <= value <= high:
+            raise WireError(prefix + name, f"expected a value in [{low:g}, {high:g}], got {value!r}")
+        out.append((name, value))
+    stop = body.get("stop")
+    if stop is not None:
+        stops = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise WireError(prefix + "stop", "expected a non-empty string or a list of them")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise WireError(prefix + "stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if stops:
+            out.append(("stop", tuple(stops)))
+    return tuple(out)
 
 
 _MISSING = object()

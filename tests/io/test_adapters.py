@@ -478,3 +478,31 @@ async def test_a_stream_that_ends_without_its_final_frame_is_a_worker_reset(aioh
     failure = sink.only_failure()
     assert failure["code"] == "WORKER_RESET" and failure["before_first_token"] is False
     assert "before its final frame" in failure["message"] and sink.texts == ["a"]
+
+
+@pytest.mark.parametrize("kind", ["llamacpp", "openai"])
+async def test_sampler_settings_reach_the_engine(mock_engine, session, kind):
+    from dataclasses import replace
+
+    from llama_orch.io.wire import parse_sampling
+
+    url, engine = await mock_engine(tokens_per_s=2000)
+    sampling = parse_sampling({"temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": ["\n\n", "END"]})
+    req = replace(request(url, max_tokens=3), sampling=sampling)
+    sink = RecordingSink()
+    await run(KINDS[kind](session, FAST), req, sink)
+    sink.only_end()
+    body = engine.requests[-1][1]
+    assert (body["temperature"], body["top_p"], body["top_k"], body["stop"]) == (0.2, 0.9, 40, ["\n\n", "END"])
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"temperature": 3}, "temperature"), ({"top_p": -0.1}, "top_p"), ({"top_k": 1.5}, "top_k"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"presence_penalty": True}, "presence_penalty"),
+])
+def test_bad_sampler_settings_name_the_field(body, field):
+    from llama_orch.io.wire import WireError, parse_sampling
+
+    with pytest.raises(WireError) as err:
+        parse_sampling(body)
+    assert err.value.field == field

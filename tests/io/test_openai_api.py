@@ -145,6 +145,7 @@ async def test_chat_completion_goes_through_admission_and_returns_one_body(aioht
     sent = engine.requests[0]
     assert sent.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hello\nthere"})
     assert sent.seed == 7 and sent.max_tokens == 5 and sent.model == MODEL
+    assert sent.sampling == (("temperature", 0.2),)  # passed on to the engine
     assert str(uuid.uuid5(SESSION_NAMESPACE, "alice")) in driver.core.sessions  # one session per user
 
 
@@ -226,6 +227,8 @@ async def test_headers_choose_priority_session_and_deadline(aiohttp_client):
     ("/v1/completions", completion(best_of=3), "best_of", "one choice"),
     ("/v1/completions", completion(echo=True), "echo", "not supported"),
     ("/v1/completions", completion(seed=-1), "seed", "integer from 0"),
+    ("/v1/chat/completions", chat(temperature=2.5), "temperature", "[0, 2]"),
+    ("/v1/completions", completion(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
 ])
 async def test_bad_requests_are_400s_naming_the_param(aiohttp_client, path, body, param, words_in_message):
     client, driver, engine = await front_door(aiohttp_client)
