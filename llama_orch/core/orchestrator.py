@@ -13,6 +13,8 @@ Rules (on top of those of admission, placement and the task lifecycle)
   cause; leases per pool always equal the attempts in flight there.
 - Before the first token a failed attempt (engine unreachable, stream broken, pool lost,
   first-token timeout) is retried on another pool, at most ``max_attempts`` attempts in all;
+  with none free it waits in the queue, and goes back to a pool it failed on only after a
+  newer snapshot of that pool (a pinned task waits for its pool the same way);
   the failed pool's circuit breaker counts the failure. An engine that refuses the request
   itself (``INVALID_PARAMS``, e.g. a prompt over its context) ends the task with that code. After the first token a failure is
   terminal (``error`` event with the upstream's code).
@@ -228,7 +230,8 @@ class Orchestrator:
                 for task_id in queue.head(rank, scan):
                     task = tasks[task_id]
                     session = sessions.get(task.spec.session_id)
-                    decision = placer.pick(task.spec, session.pool_id if session else None)
+                    exclude = self._suspect_pools(task) if task.attempts else ()
+                    decision = placer.pick(task.spec, session.pool_id if session else None, exclude)
                     if isinstance(decision, Pick):
                         queue.remove(task_id)
                         self._dispatch(task, decision, now, out)
@@ -238,6 +241,15 @@ class Orchestrator:
                     break
             if not dispatched:
                 return
+
+    def _suspect_pools(self, task: Task) -> tuple[str, ...]:
+        """Pools a requeued task failed on and has heard nothing new from since: not yet again.
+
+        Without this the task would go straight back to the pool that just failed (it still
+        looks ready until its next snapshot) and burn its attempts in milliseconds."""
+        failed_at = task.failed_at
+        placer = self.placer
+        return tuple(p for p in task.tried_pools if p in placer and placer.last_seen(p) <= failed_at)  # type: ignore[operator]
 
     def _dispatch(self, task: Task, pick: Pick, now: float, out: list[Command]) -> None:
         pool_id = pick.pool_id
@@ -362,6 +374,7 @@ class Orchestrator:
                          retry_after_ms=self.admission.estimator.retry_after_ms(self.placer.slots()[1]))
             return
         task.go("retry")
+        task.failed_at = now
         queue.push(task.task_id, task.spec.priority.rank)
 
     def _pick_elsewhere(self, task: Task) -> Pick | None:

@@ -415,7 +415,7 @@ class Placer:
             if p is None:
                 return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=True,
                               message=f"pinned pool {placement.pin_pool_id} is gone")
-            if p.usable and p.free > 0 and self._misfit(p, spec) is None:
+            if p.usable and p.free > 0 and self._misfit(p, spec) is None and p.snapshot.pool_id not in exclude:
                 return Pick(pool_id=p.snapshot.pool_id, kv_warmth=session_pool in (None, p.snapshot.pool_id))
             return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
                           message=f"pinned pool {p.snapshot.pool_id} is {self._unavailable(p) or 'unfit'}")

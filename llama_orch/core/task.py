@@ -47,7 +47,7 @@ class Task:
     __slots__ = (
         "spec", "task_id", "phase", "outcome", "submitted_at", "deadline_at", "pool_id", "attempts",
         "tokens_out", "dispatched_at", "first_token_at", "last_token_at", "tried_pools",
-        "queue_position", "predicted_start_ms", "kv_warmth", "first_dispatched_at",
+        "queue_position", "predicted_start_ms", "kv_warmth", "first_dispatched_at", "failed_at",
     )
 
     def __init__(self, spec: TaskSpec, now: float, *, queue_position: int, predicted_start_ms: int) -> None:
@@ -68,6 +68,7 @@ class Task:
         self.queue_position = queue_position
         self.predicted_start_ms = predicted_start_ms
         self.kv_warmth = True
+        self.failed_at: float | None = None  # when its last attempt failed (it waits for news of that pool)
 
     def go(self, trigger: str) -> None:
         # A direct lookup in the table; fsm.transition, on the same table, raises for a missing

@@ -408,3 +408,27 @@ def test_an_engine_refusing_the_request_ends_the_task_without_retry_or_breaker()
     assert fin.kind == "error" and fin.data["code"] == "INVALID_PARAMS" and fin.data["retriable"] is False
     assert not any(isinstance(c, Dispatch) for c in out)  # not retried on the other pool
     assert core.placer.is_usable(pool_id) and core.placer.leases(pool_id) == 0  # its breaker did not open
+
+
+def test_a_requeued_task_waits_for_news_of_the_pool_it_failed_on():
+    core, run = make(pools=("pool-a", "pool-b"))
+    run(TaskSubmitted(spec=spec("busy", placement=PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-b"))), 0)
+    run(TaskSubmitted(spec=spec("t1")), 0)
+    assert core.task("t1").pool_id == "pool-a"
+    out = run(DispatchFailed(task_id="t1", attempt=1, code="WORKER_RESET", message="connect refused"), 5)
+    # pool-a still looks ready, but t1 must not go straight back to it: it waits in the queue.
+    assert not any(isinstance(c, Dispatch) for c in out) and core.task("t1").phase is TaskPhase.QUEUED
+    assert not any(isinstance(c, Dispatch) for c in run(Tick(), 6))
+    # the other pool frees up: t1 goes there
+    out = run(StreamEnded(task_id="busy"), 10)
+    assert only(out, Dispatch).pool_id == "pool-b" and only(out, Dispatch).attempt == 2
+
+
+def test_a_pinned_task_retries_its_pool_after_a_newer_snapshot():
+    core, run = make(pools=("pool-a",))
+    pin = PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-a")
+    run(TaskSubmitted(spec=spec("t1", placement=pin)), 0)
+    out = run(DispatchFailed(task_id="t1", attempt=1, code="WORKER_RESET", message="engine restarting"), 5)
+    assert not any(isinstance(c, Dispatch) for c in out) and core.task("t1").phase is TaskPhase.QUEUED
+    out = run(PoolUpdated(snapshot=pool("pool-a", slots_total=1, slots_free=1)), 50)  # the engine is back
+    assert only(out, Dispatch).attempt == 2
