@@ -6,23 +6,54 @@ raises an aiohttp HTTP exception whose body is the contract's envelope ``{code, 
 
 from __future__ import annotations
 
+import math
+import uuid
 from typing import Mapping, NoReturn, TypeVar
 
 import orjson
 from aiohttp import web
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest, 404: web.HTTPNotFound, 409: web.HTTPConflict, 500: web.HTTPInternalServerError,
-    503: web.HTTPServiceUnavailable,
+    400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict,
+    429: web.HTTPTooManyRequests, 500: web.HTTPInternalServerError, 503: web.HTTPServiceUnavailable,
 }
+#: The contract: 429 and 503 tell the client when to come back.
+RETRY_STATUSES = (429, 503)
+CORRELATION_ID = web.RequestKey("correlation_id", str)
+
+
+def retry_headers(retry_after_ms: int) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(retry_after_ms / 1000))), "X-Backoff-Ms": str(retry_after_ms)}
+
+
+@web.middleware
+async def correlation(request: web.Request, handler):
+    """Echo the client's ``X-Correlation-Id`` (or a new UUIDv4) on every non-204 response."""
+    cid = request.headers.get("X-Correlation-Id") or str(uuid.uuid4())
+    request[CORRELATION_ID] = cid
+    try:
+        resp = await handler(request)
+    except web.HTTPException as exc:
+        resp = exc
+    if resp.status != 204 and not (isinstance(resp, web.StreamResponse) and resp.prepared):
+        resp.headers["X-Correlation-Id"] = cid
+    if isinstance(resp, web.HTTPException):
+        raise resp
+    return resp
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def fail(status: int, code: str, message: str) -> NoReturn:
-    raise _ERRORS[status](text=orjson.dumps({"code": code, "message": message}).decode(), content_type="application/json")
+def fail(status: int, code: str, message: str, *, retry_after_ms: int | None = None) -> NoReturn:
+    body: dict = {"code": code, "message": message}
+    headers = None
+    if status in RETRY_STATUSES:
+        retry = retry_after_ms or 1000
+        body.update(retriable=True, retry_after_ms=retry)
+        headers = retry_headers(retry)
+    raise _ERRORS[status](text=orjson.dumps(body).decode(), content_type="application/json", headers=headers)
 
 
 T = TypeVar("T")

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
-import uuid
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -66,14 +64,17 @@ from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, 
 from .daemon import prepare
 from .discovery import PoolDiscovery
 from .config import OrchdSettings
-from .http import fail, json_body, json_response
+from .http import CORRELATION_ID, correlation, fail, json_body, json_response, retry_headers
 from .node_registry import add_node_routes
 from .openai_api import add_openai_routes
+from .openapi_doc import add_openapi_route
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
 
 
+#: What the adapters can run today; embedding and rerank are valid on the wire but not served.
+SERVED_WORKLOADS = ("completion",)
 ANY_POOL = "any"  # the pool_id label of queue-level series: a queued task has no pool yet
 
 
@@ -259,6 +260,10 @@ class CoreDriver:
     def admit(self, spec: TaskSpec, payload: TaskPayload) -> Admitted | Rejected:
         """Every front door ends here: one admission decision; when admitted, ``streams[task_id]``
         carries the task's SSE frames until the terminal one."""
+        if spec.workload not in SERVED_WORKLOADS:
+            return Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
+                            message=f"workload: {spec.workload!r} is not served by this orchestrator (served: "
+                                    f"{', '.join(SERVED_WORKLOADS)})")
         if not self.accepting:
             return Rejected(task_id=spec.task_id, http_status=503, code="POOL_UNAVAILABLE", retriable=True,
                             retry_after_ms=1000, message="orchestratord is shutting down; retry on another replica")
@@ -417,24 +422,8 @@ class _TaskSink:
 # -- HTTP ---------------------------------------------------------------------------------------
 
 DRIVER = web.AppKey("driver", CoreDriver)
-CORRELATION_ID = web.RequestKey("correlation_id", str)
 DISCOVERY = web.AppKey("discovery", PoolDiscovery)
 PROFILE = web.AppKey("profile", str)
-
-
-@web.middleware
-async def correlation(request: web.Request, handler):
-    cid = request.headers.get("X-Correlation-Id") or str(uuid.uuid4())
-    request[CORRELATION_ID] = cid
-    try:
-        resp = await handler(request)
-    except web.HTTPException as exc:
-        resp = exc
-    if resp.status != 204:
-        resp.headers["X-Correlation-Id"] = cid
-    if isinstance(resp, web.HTTPException):
-        raise resp
-    return resp
 
 
 def _rejection(decision: Rejected) -> web.Response:
@@ -444,9 +433,7 @@ def _rejection(decision: Rejected) -> web.Response:
             body[name] = getattr(decision, name)
     resp = json_response(body, decision.http_status)
     if decision.http_status in (429, 503):
-        retry = decision.retry_after_ms or 1000
-        resp.headers["Retry-After"] = str(max(1, math.ceil(retry / 1000)))
-        resp.headers["X-Backoff-Ms"] = str(retry)
+        resp.headers.update(retry_headers(decision.retry_after_ms or 1000))
     return resp
 
 
@@ -580,7 +567,7 @@ async def capabilities(request: web.Request) -> web.Response:
         e["versions"].add(snap.engine_version or "unknown")
     listed = [{**e, "models": sorted(e["models"]), "versions": sorted(e["versions"])} for _, e in sorted(engines.items())]
     return json_response({"api_version": "v2", "profile": request.app[PROFILE], "engines": listed,
-                          "workloads": ["completion"]})
+                          "workloads": list(SERVED_WORKLOADS)})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -628,10 +615,12 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def pool_ready_callback(request: web.Request) -> web.Response:
     body = await json_body(request)
+    pool_id = body.get("pool_id")
+    if not isinstance(pool_id, str) or not pool_id:
+        fail(400, "INVALID_PARAMS", "pool_id: expected the id of the pool that became ready")
     discovery = request.app[DISCOVERY]
     await discovery.poll_all()  # bind at once instead of waiting for the next poll
-    return json_response({"pool_id": body.get("pool_id"), "known": body.get("pool_id") in request.app[DRIVER].core.placer},
-                         202)
+    return json_response({"pool_id": pool_id, "known": pool_id in request.app[DRIVER].core.placer}, 202)
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -674,6 +663,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     app.cleanup_ctx.append(resources)
     add_node_routes(app, app[DISCOVERY], stale_after_ms=node_stale_after_ms)
     add_openai_routes(app, DRIVER, CORRELATION_ID)
+    add_openapi_route(app, "orchestratord")
     app.on_shutdown.append(drain_streams)
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)

@@ -9,7 +9,7 @@ discovery over NVML (or system memory for CPU pools), the pool-ready callback to
 orchestratord with retry and backoff, drain, reload forwarded to the local engine-provisioner,
 and Prometheus metrics. The HTTP API is the contract's: ``GET /health``, ``GET /v2/pools``,
 ``GET /v2/pools/{id}/status``, ``POST /v2/pools/{id}/drain``, ``POST /v2/pools/{id}/reload``,
-``GET /metrics``.
+``GET /metrics``, and its OpenAPI document at ``GET /openapi.json``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from .config import ConfigError, PoolManagerSettings
 from .daemon import prepare
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
-from .http import fail, json_body, json_response, pool_or_404
+from .http import correlation, fail, json_body, json_response, pool_or_404
+from .openapi_doc import add_openapi_route
 
 log = logging.getLogger("llama_orch.pool_managerd")
 
@@ -116,11 +117,15 @@ class PoolManager:
         self.scan()
         for loop_fn in (self._watch_loop, self._timer_loop, self._gpu_loop):
             self._spawn(loop_fn())
+        if self.settings.orchestratord_url:
+            self._spawn(self._registration_loop())
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.settings.orchestratord_url and self.session is not None:
+            await self._deregister()
         if self.session is not None:
             await self.session.close()
         self.gpu.close()
@@ -336,6 +341,53 @@ class PoolManager:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
+    # -- pushed registration with orchestratord ---------------------------------------------------
+
+    @property
+    def advertise_url(self) -> str:
+        return self.settings.advertise_url or f"http://{self.settings.host}:{self.settings.port}"
+
+    async def _registration_loop(self) -> None:
+        """Register, then heartbeat; register again whenever orchestratord forgot this node."""
+        base = self.settings.orchestratord_url
+        node = self.settings.node_id
+        interval_s, delay, registered = 10.0, 0.2, False
+        while True:
+            pools = sorted(self.pools)
+            try:
+                assert self.session is not None
+                if not registered:
+                    async with self.session.post(f"{base}/v2/nodes/register", json={
+                            "node_id": node, "base_url": self.advertise_url, "pools": pools}) as resp:
+                        if resp.status != 200:
+                            raise ValueError(f"register answered HTTP {resp.status}")
+                        interval_s = max(0.05, orjson.loads(await resp.read()).get("heartbeat_interval_ms", 10_000) / 1000)
+                    registered, delay = True, 0.2
+                    log.info("registered with orchestratord %s as node %s (%s)", base, node, self.advertise_url)
+                else:
+                    async with self.session.post(f"{base}/v2/nodes/{node}/heartbeat", json={"pools": pools}) as resp:
+                        if resp.status == 404:
+                            registered = False  # orchestratord restarted: register again at once
+                            continue
+                        if resp.status != 200:
+                            raise ValueError(f"heartbeat answered HTTP {resp.status}")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                log.warning("orchestratord %s: %s", base, exc)
+                if not registered:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, interval_s)
+                    continue
+            await asyncio.sleep(interval_s)
+
+    async def _deregister(self) -> None:
+        try:
+            assert self.session is not None
+            async with self.session.delete(f"{self.settings.orchestratord_url}/v2/nodes/{self.settings.node_id}",
+                                           timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                log.info("deregistered from orchestratord: HTTP %s", resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.warning("could not deregister from orchestratord: %s", exc)
+
     # -- GPUs -----------------------------------------------------------------------------------
 
     def refresh_gpus(self) -> None:
@@ -455,7 +507,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[correlation])
     app[MANAGER] = PoolManager(settings, gpu=gpu)
 
     async def manager_ctx(app: web.Application):
@@ -470,6 +522,7 @@ def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None
     app.router.add_post("/v2/pools/{pool_id}/drain", drain)
     app.router.add_post("/v2/pools/{pool_id}/reload", reload)
     app.router.add_get("/metrics", metrics)
+    add_openapi_route(app, "pool_managerd")
     return app
 
 

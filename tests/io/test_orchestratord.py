@@ -328,3 +328,20 @@ async def test_pool_managerd_registers_itself_heartbeats_and_deregisters(aiohttp
     await pmd.close()  # a clean shutdown deregisters: its pools leave at once, not 30 s later
     assert (await (await client.get("/v2/nodes")).json())["nodes"] == []
     assert (await (await client.get("/v2/pools")).json())["pools"] == []
+
+
+async def test_unserved_workloads_bad_callbacks_and_correlation_on_pool_managerd(aiohttp_server, aiohttp_client,
+                                                                                  tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    resp = await client.post("/v2/tasks", json=task(workload="embedding"))
+    body = await resp.json()
+    assert resp.status == 400 and body["code"] == "INVALID_PARAMS" and "workload" in body["message"]
+    bad = await client.post("/callbacks/pool-ready", json={})
+    assert bad.status == 400 and "pool_id" in (await bad.json())["message"]
+    pools = (await (await client.get("/v2/pools")).json())["pools"]
+    pmd = pools[0]["manager_url"]
+    async with client.session.get(f"{pmd}/v2/pools/nope/status", headers={"X-Correlation-Id": "c-9"}) as r:
+        assert r.status == 404 and r.headers["X-Correlation-Id"] == "c-9"
+    async with client.session.post(f"{pmd}/v2/pools/pool-0/reload", json={"new_model_ref": "file:/x.gguf"}) as r:
+        # no provisioner behind this pool-managerd: a 503 that says when to come back
+        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1 and (await r.json())["retriable"] is True
