@@ -133,6 +133,7 @@ class PoolManagerSettings:
     node_id: str = ""
     orchestratord_url: str | None = None
     advertise_url: str | None = None
+    orchestratord_api_key: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "PoolManagerSettings":
@@ -152,6 +153,7 @@ class PoolManagerSettings:
             node_id=env.text("POOL_MANAGERD_NODE_ID", default=os.uname().nodename),
             orchestratord_url=env.url("POOL_MANAGERD_ORCHESTRATORD_URL", default=None),
             advertise_url=env.url("POOL_MANAGERD_ADVERTISE_URL", default=None),
+            orchestratord_api_key=env.text("POOL_MANAGERD_ORCHESTRATORD_API_KEY", default="") or None,
         )
 
 
@@ -176,14 +178,27 @@ class OrchdSettings:
     token_timeout_ms: int = 30_000
     stream_timeout_ms: int = 3_600_000
     profile: str = "cloud"
+    api_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
         env = Env(environ, {"ORCHD_BIND_ADDR": flags.get("bind"), "ORCHD_POOL_MANAGERS": flags.get("pool_managers")})
         host, port = env.address("ORCHD_BIND_ADDR", "ORCHD_ADDR", default="127.0.0.1:8080")
-        if not is_loopback(host) and not (env.environ.get("ORCHD_API_KEYS") or env.environ.get("ORCHD_OIDC_ISSUER")):
+        if env.environ.get("ORCHD_OIDC_ISSUER") or env.environ.get("ORCHD_OIDC_AUDIENCE"):
+            # Refused rather than ignored: an operator who set OIDC must not believe it is enforced.
+            raise ConfigError("ORCHD_OIDC_ISSUER/ORCHD_OIDC_AUDIENCE: OIDC is not supported yet; use ORCHD_API_KEYS")
+
+        def keys(raw: str) -> tuple[str, ...]:
+            found = tuple(k.strip() for k in raw.split(",") if k.strip())
+            if not found or any(len(k) < 16 for k in found):
+                raise ValueError(raw)
+            return found
+
+        api_keys = env.get("ORCHD_API_KEYS", default=(), parse=keys,
+                           expected="comma-separated API keys of at least 16 characters each")
+        if not is_loopback(host) and not api_keys:
             raise ConfigError(f"ORCHD_BIND_ADDR={host}:{port}: a non-loopback address needs client auth configured "
-                              "(ORCHD_API_KEYS or ORCHD_OIDC_ISSUER)")
+                              "(ORCHD_API_KEYS)")
 
         def managers(raw: str) -> tuple[str, ...]:
             urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
@@ -227,5 +242,6 @@ class OrchdSettings:
             first_token_timeout_ms=env.integer("ORCHD_FIRST_TOKEN_TIMEOUT_MS", default=60_000, minimum=1),
             token_timeout_ms=env.integer("ORCHD_TOKEN_TIMEOUT_MS", default=30_000, minimum=1),
             stream_timeout_ms=env.integer("ORCHD_STREAM_TIMEOUT_MS", default=3_600_000, minimum=1),
+            api_keys=api_keys,
             profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),
         )

@@ -60,6 +60,7 @@ from ..core.placement import Strategy
 from ..core.sessions import BudgetPolicy
 from ..core.types import Priority, TaskSpec
 from ..ext.sse import frame_event
+from .auth import api_key_middleware
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .daemon import prepare
 from .discovery import PoolDiscovery
@@ -637,8 +638,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
                seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
-               node_stale_after_ms: float = 30_000.0, profile: str = "cloud") -> web.Application:
-    app = web.Application(middlewares=[correlation])
+               node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
+               api_keys: tuple[str, ...] = ()) -> web.Application:
+    app = web.Application(middlewares=[correlation, *([api_key_middleware(api_keys)] if api_keys else [])])
     app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
@@ -723,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
-                           profile=settings.profile),
+                           profile=settings.profile, api_keys=settings.api_keys),
                 host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5,
                 handler_cancellation=True)  # a client that leaves cancels its handler, hence its task
     return 0

@@ -100,6 +100,7 @@ class PoolManager:
         self.session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._orchd_headers: dict[str, str] = {}
         self._rng = random.Random(0)
 
     @staticmethod
@@ -110,6 +111,8 @@ class PoolManager:
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_ms / 1000))
+        key = self.settings.orchestratord_api_key
+        self._orchd_headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.refresh_gpus()
         if self.discovery is not None and not self.discovery.nvml:
             log.warning("GPU discovery: %s; pools are CPU pools sized by system memory", self.discovery.error)
@@ -332,7 +335,7 @@ class PoolManager:
         while pool.generation == generation and pool.lifecycle.ready:
             try:
                 assert self.session is not None
-                async with self.session.post(self.settings.callback_url, json=body) as resp:
+                async with self.session.post(self.settings.callback_url, json=body, headers=self._orchd_headers) as resp:
                     if resp.status < 300:
                         return
                     log.warning("pool-ready callback for %s: HTTP %s", pool.handoff.pool_id, resp.status)
@@ -357,7 +360,7 @@ class PoolManager:
             try:
                 assert self.session is not None
                 if not registered:
-                    async with self.session.post(f"{base}/v2/nodes/register", json={
+                    async with self.session.post(f"{base}/v2/nodes/register", headers=self._orchd_headers, json={
                             "node_id": node, "base_url": self.advertise_url, "pools": pools}) as resp:
                         if resp.status != 200:
                             raise ValueError(f"register answered HTTP {resp.status}")
@@ -365,7 +368,8 @@ class PoolManager:
                     registered, delay = True, 0.2
                     log.info("registered with orchestratord %s as node %s (%s)", base, node, self.advertise_url)
                 else:
-                    async with self.session.post(f"{base}/v2/nodes/{node}/heartbeat", json={"pools": pools}) as resp:
+                    async with self.session.post(f"{base}/v2/nodes/{node}/heartbeat", json={"pools": pools},
+                                                 headers=self._orchd_headers) as resp:
                         if resp.status == 404:
                             registered = False  # orchestratord restarted: register again at once
                             continue
@@ -383,6 +387,7 @@ class PoolManager:
         try:
             assert self.session is not None
             async with self.session.delete(f"{self.settings.orchestratord_url}/v2/nodes/{self.settings.node_id}",
+                                           headers=self._orchd_headers,
                                            timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 log.info("deregistered from orchestratord: HTTP %s", resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
