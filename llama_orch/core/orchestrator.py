@@ -330,8 +330,10 @@ class Orchestrator:
             self.admission.queue.remove(task.task_id)
         elif task.pool_id is not None:
             out.append(CloseUpstream(task_id=task.task_id, pool_id=task.pool_id, reason=f"canceled: {event.reason}"))
+        decode_ms = int(now - task.first_token_at) if task.first_token_at is not None else 0
         self._finish(task, Outcome.CANCELED, now, out, data={
-            "tokens_out": task.tokens_out, "canceled": True, "reason": event.reason})
+            "tokens_out": task.tokens_out, "decode_ms": decode_ms, "decode_time_ms": decode_ms, "canceled": True,
+            "reason": event.reason})
 
     def _on_attempt_failed(self, event: StreamFailed | DispatchFailed, now: float, out: list[Command]) -> None:
         task = self.tasks.get(event.task_id)

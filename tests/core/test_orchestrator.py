@@ -110,7 +110,7 @@ def test_cancel_while_streaming_closes_upstream_and_drops_later_tokens():
     run(TokensReceived(task_id="t1", count=1), 5.0)
     out = run(TaskCanceled(task_id="t1", reason="disconnect"), 6.0)
     assert [type(c) for c in out] == [CloseUpstream, Finish]
-    assert out[1].data == {"tokens_out": 1, "canceled": True, "reason": "disconnect"}
+    assert out[1].data == {"tokens_out": 1, "decode_ms": 1, "decode_time_ms": 1, "canceled": True, "reason": "disconnect"}
     assert core.placer.leases("pool-a") == 0
     # Tokens already in flight from the engine are dropped, not forwarded.
     assert run(TokensReceived(task_id="t1", count=4), 7.0) == ()
