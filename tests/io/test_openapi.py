@@ -351,7 +351,8 @@ async def test_a_canceled_stream_matches_the_document(aiohttp_server, aiohttp_cl
     for t in (queued, running):
         assert (await api.post(f"/v2/tasks/{t['task_id']}/cancel")).status == 204
     events = await api.events(queued["task_id"])
-    assert events == [("end", {"tokens_out": 0, "canceled": True, "reason": "client"})]
+    assert events == [("end", {"tokens_out": 0, "decode_ms": 0, "decode_time_ms": 0, "canceled": True,
+                               "reason": "client"})]
     assert (await api.events(running["task_id"]))[-1][1]["canceled"] is True
 
 
