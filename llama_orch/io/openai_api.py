@@ -488,19 +488,23 @@ class OpenAIFrontDoor:
                 raise rejection_error(decision)
             task_id = decision.task_id
             stream = driver.streams[task_id]
+            driver.reader_joined(stream)
             try:
                 if parsed.stream:
-                    return await self._stream(request, parsed, stream)
-                return await self._collect(request, parsed, stream)
+                    resp = await self._stream(request, parsed, stream)
+                else:
+                    resp = await self._collect(request, parsed, stream)
+                driver.reader_left(task_id, stream, early=False)
+                return resp
             except (ConnectionError, asyncio.CancelledError) as exc:
-                if not stream.done:  # nobody will read the rest: free the slot
-                    driver.handle(TaskCanceled(task_id=task_id, reason="disconnect"))
+                driver.reader_left(task_id, stream, early=True)  # the last reader gone: free the slot
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 # Nothing can reach the client any more; a response (not an exception) keeps
                 # aiohttp from logging a traceback, and 499 is "client closed request" in the log.
                 return web.Response(status=CLIENT_CLOSED_REQUEST)
             except BaseException:
+                stream.readers -= 1
                 if not stream.done:
                     driver.handle(TaskCanceled(task_id=task_id, reason="internal"))
                 raise

@@ -18,9 +18,11 @@ response carries ``X-Correlation-Id``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import aiohttp
 import orjson
@@ -181,6 +183,9 @@ class Stream:
     notes: list[tuple[int, bytes]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
+    started: bool = False  # the ``started`` frame is out: ``metrics`` may follow it
+    readers: int = 0  # attached readers; the task is canceled when the last one leaves early
+    consumed: bool = False  # some reader got the whole stream: later ones need only its end
     upstream: asyncio.Task | None = None
     payload: TaskPayload = TaskPayload(prompt=None, inputs=(), seed=None, kv_hint=None)
 
@@ -215,13 +220,16 @@ class Stream:
 
 
 class CoreDriver:
-    def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(), stream_ttl_s: float = 300.0) -> None:
+    def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(), stream_ttl_s: float = 300.0,
+                 max_finished_streams: int = 10_000) -> None:
         self.core = core
         self.streams: dict[str, Stream] = {}
         self.session: aiohttp.ClientSession | None = None
         self.timeouts = timeouts
         self.adapters: dict[str, HttpAdapter | MockAdapter] = {}
         self.stream_ttl_s = stream_ttl_s
+        self.max_finished_streams = max_finished_streams
+        self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, task) oldest first
         self.metrics = OrchdMetrics()
         self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
         self.idle = asyncio.Event()  # set while no task is admitted and unfinished
@@ -292,6 +300,11 @@ class CoreDriver:
             elif kind is EmitEvent:
                 stream = self.streams.get(cmd.task_id)
                 if stream is not None:
+                    if cmd.kind == "started":
+                        stream.started = True
+                    elif cmd.kind == "metrics" and not stream.started:
+                        self._narrate_queued(stream, cmd.data)  # the contract's order: nothing before started
+                        continue
                     stream.push(frame_event(cmd.kind, orjson.dumps(cmd.data)))
             elif kind is Finish:
                 self._narrate_finish(cmd)
@@ -349,6 +362,14 @@ class CoreDriver:
         if stream is not None and before_first_token:
             stream.note(f"The pool failed before the first token ({code}: {message}).")
 
+    @staticmethod
+    def _narrate_queued(stream: Stream, data: Mapping[str, Any]) -> None:
+        position = data.get("queue_position")
+        where = f"position {position} of {data.get('queue_depth')}" if position is not None else \
+            f"{data.get('queue_depth')} queued"
+        stream.note(f"Still queued: {where}; predicted start in {data.get('predicted_start_ms')} ms; "
+                    f"on-time probability {data.get('on_time_probability')}.")
+
     def _narrate_finish(self, cmd: Finish) -> None:
         stream = self.streams.get(cmd.task_id)
         if stream is None:
@@ -368,7 +389,43 @@ class CoreDriver:
         if stream is None:
             return
         stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
-        asyncio.get_running_loop().call_later(self.stream_ttl_s, self.streams.pop, cmd.task_id, None)
+        self._retain(cmd.task_id)
+
+    def _retain(self, task_id: str) -> None:
+        """Keep a finished stream for late readers, within a count and an age; forget the oldest."""
+        now = asyncio.get_running_loop().time()
+        finished = self._finished
+        finished.append((now, task_id))
+        while finished and (len(finished) > self.max_finished_streams or finished[0][0] < now - self.stream_ttl_s):
+            _, old = finished.popleft()
+            stream = self.streams.get(old)
+            if stream is not None and stream.done:
+                self.streams.pop(old, None)
+
+    # -- readers --------------------------------------------------------------------------------
+
+    def reader_joined(self, stream: Stream) -> None:
+        stream.readers += 1
+
+    def reader_left(self, task_id: str, stream: Stream, *, early: bool) -> None:
+        """A reader is gone. The last one leaving before the end cancels the task (nobody listens:
+        free the slot); one that read to the end lets the stream shrink to its terminal frame."""
+        stream.readers -= 1
+        if early:
+            if stream.readers == 0 and not stream.done:
+                self.handle(TaskCanceled(task_id=task_id, reason="shutdown" if not self.accepting else "disconnect"))
+            return
+        stream.consumed = True
+        if stream.readers == 0 and stream.done and len(stream.frames) > 1:
+            # Readers' cursors index frames: shrink only with none attached.
+            stream.frames = stream.frames[-1:]
+            stream.notes = [(0, frame) for _, frame in stream.notes[-1:]]
+
+    def cancel_all(self, reason: str) -> int:
+        task_ids = list(self.core.tasks)
+        for task_id in task_ids:
+            self.handle(TaskCanceled(task_id=task_id, reason=reason))
+        return len(task_ids)
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -468,6 +525,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                                        "X-Correlation-Id": request[CORRELATION_ID]})
     await resp.prepare(request)
     sent = noted = 0
+    driver.reader_joined(stream)
     try:
         while True:
             out, sent, noted = stream.read(sent, noted, verbose)
@@ -479,8 +537,9 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             stream.changed.clear()
             await stream.changed.wait()
     except (ConnectionResetError, asyncio.CancelledError):
-        driver.handle(TaskCanceled(task_id=tid, reason="disconnect"))  # nobody listens: free the slot
+        driver.reader_left(tid, stream, early=True)
         raise
+    driver.reader_left(tid, stream, early=False)
     await resp.write_eof()
     return resp
 
@@ -633,7 +692,10 @@ async def readyz(request: web.Request) -> web.Response:
     placer = driver.core.placer
     ready = [p for p in placer.pool_ids() if placer.is_usable(p)]
     ok = bool(ready) and driver.accepting
-    return json_response({"ready": ok, "ready_pools": len(ready), "accepting": driver.accepting}, 200 if ok else 503)
+    resp = json_response({"ready": ok, "ready_pools": len(ready), "accepting": driver.accepting}, 200 if ok else 503)
+    if not ok:
+        resp.headers.update(retry_headers(1000))
+    return resp
 
 
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
@@ -660,7 +722,8 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
         try:
             await asyncio.wait_for(driver.idle.wait(), shutdown_grace_s)
         except asyncio.TimeoutError:
-            log.warning("shutdown grace over: canceling %d tasks", len(driver.core.tasks))
+            # Every stream gets its terminal event now, so its reader's handler returns at once.
+            log.warning("shutdown grace over: canceled %d tasks", driver.cancel_all("shutdown"))
 
     app.cleanup_ctx.append(resources)
     add_node_routes(app, app[DISCOVERY], stale_after_ms=node_stale_after_ms)

@@ -13,20 +13,20 @@ from llama_orch.io.config import PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.mock_engine import MockConfig
 from llama_orch.io.mock_engine import create_app as mock_engine_app
-from llama_orch.io.orchestratord import create_app
+from llama_orch.io.orchestratord import DRIVER, create_app
 from llama_orch.io.pool_managerd import create_app as pool_managerd_app
 
 MODEL = "file:/models/tiny.gguf"
 
 
-async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_per_s=500.0, **cfg):
+async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_per_s=500.0, grace_s=30.0, **cfg):
     engine = await aiohttp_server(mock_engine_app(MockConfig(slots=slots, tokens_per_s=tokens_per_s)))
     pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
         runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
     write_handoff(tmp_path / "engines", Handoff(pool_id="pool-0", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
                                                 slots_total=slots, model_id=MODEL))
     client = await aiohttp_client(create_app(OrchestratorConfig(**cfg), [str(pmd.make_url("")).rstrip("/")],
-                                             poll_interval_ms=30))
+                                             poll_interval_ms=30, shutdown_grace_s=grace_s))
 
     async def ready():
         r = await client.get("/readyz")
@@ -186,20 +186,42 @@ async def test_metrics_follow_the_tasks(aiohttp_server, aiohttp_client, tmp_path
 
 
 async def test_verbose_stream_adds_narration_and_the_plain_one_does_not(aiohttp_server, aiohttp_client, tmp_path):
+    import asyncio
+
     client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
-    body = task(max_tokens=6)
+    body = task(max_tokens=60)  # about 120 ms: both readers attach while it runs
+
+    async def verbose_events():
+        resp = await client.get(f"/v2/tasks/{body['task_id']}/events?verbose=true")
+        parser, events = SSEParser(), []
+        async for chunk in resp.content.iter_any():
+            events += [(k, orjson.loads(d)) for k, d in parser.feed(chunk)]
+        return events
+
     assert (await client.post("/v2/tasks", json=body)).status == 202
-    resp = await client.get(f"/v2/tasks/{body['task_id']}/events?verbose=true")
-    parser, events = SSEParser(), []
-    async for chunk in resp.content.iter_any():
-        events += [(k, orjson.loads(d)) for k, d in parser.feed(chunk)]
+    events, plain = await asyncio.gather(verbose_events(), events_of(client, body["task_id"]))
     kinds = [k for k, _ in events]
     notes = [d["text"] for k, d in events if k == "narration"]
     assert notes[0].startswith("Admitted at queue position 0") and "Placed on pool pool-0" in notes[1]
-    assert notes[-1].startswith("Done: 6 tokens") and kinds[-1] == "end" and kinds[-2] == "narration"
+    assert notes[-1].startswith("Done: 60 tokens") and kinds[-1] == "end" and kinds[-2] == "narration"
     assert kinds.index("narration") < kinds.index("started") < kinds.index("token")
-    plain = await events_of(client, body["task_id"])  # the same stream, read again without narration
-    assert [k for k, _ in plain] == [k for k in kinds if k != "narration"]
+    assert [k for k, _ in plain] == [k for k in kinds if k != "narration"]  # the same stream without narration
+    # Read to the end by its readers, the stream shrinks to its terminal event for latecomers.
+    assert [k for k, _ in await events_of(client, body["task_id"])] == ["end"]
+
+
+async def test_one_reader_leaving_does_not_cancel_a_task_another_still_reads(aiohttp_server, aiohttp_client, tmp_path):
+    import asyncio
+
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=100)
+    body = task(max_tokens=60)  # about 0.6 s
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    staying = asyncio.ensure_future(events_of(client, body["task_id"]))
+    leaving = await client.get(f"/v2/tasks/{body['task_id']}/events")
+    await leaving.content.readany()
+    leaving.close()  # this reader hangs up early
+    events = await asyncio.wait_for(staying, 10)
+    assert events[-1][0] == "end" and "canceled" not in events[-1][1] and events[-1][1]["tokens_out"] == 60
 
 
 async def test_metrics_frames_and_time_and_cost_budgets(aiohttp_server, aiohttp_client, tmp_path):
@@ -345,3 +367,39 @@ async def test_unserved_workloads_bad_callbacks_and_correlation_on_pool_managerd
     async with client.session.post(f"{pmd}/v2/pools/pool-0/reload", json={"new_model_ref": "file:/x.gguf"}) as r:
         # no provisioner behind this pool-managerd: a 503 that says when to come back
         assert r.status == 503 and int(r.headers["Retry-After"]) >= 1 and (await r.json())["retriable"] is True
+
+
+async def test_after_the_shutdown_grace_running_tasks_end_with_a_canceled_end(aiohttp_server, aiohttp_client, tmp_path):
+    import asyncio
+
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=20, grace_s=0.3)
+    body = task(max_tokens=500)  # 25 s at this rate: far past the grace
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    stream = asyncio.ensure_future(events_of(client, body["task_id"]))
+    await asyncio.wait_for(client.app.shutdown(), 5)  # what SIGTERM runs first
+    events = await asyncio.wait_for(stream, 5)
+    end = events[-1][1]
+    assert events[-1][0] == "end" and end["canceled"] is True and end["reason"] == "shutdown"
+    assert not client.app[DRIVER].core.tasks
+
+
+async def test_queued_progress_is_narrated_and_metrics_follow_started(aiohttp_server, aiohttp_client, tmp_path):
+    import asyncio
+
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=1, tokens_per_s=100, metrics_interval_ms=100)
+    first, second = task(max_tokens=40), task(max_tokens=10)  # second waits about 0.4 s behind first
+    assert (await client.post("/v2/tasks", json=first)).status == 202
+    assert (await client.post("/v2/tasks", json=second)).status == 202
+
+    async def verbose(tid):
+        resp = await client.get(f"/v2/tasks/{tid}/events?verbose=true")
+        parser, events = SSEParser(), []
+        async for chunk in resp.content.iter_any():
+            events += [(k, orjson.loads(d)) for k, d in parser.feed(chunk)]
+        return events
+
+    events, plain = await asyncio.gather(verbose(second["task_id"]), events_of(client, second["task_id"]))
+    notes = [d["text"] for k, d in events if k == "narration"]
+    assert any(n.startswith("Still queued: position 0 of 1") for n in notes), notes
+    kinds = [k for k, _ in plain]
+    assert kinds[0] == "started" and kinds[-1] == "end"  # no metrics before started on the plain stream
