@@ -145,12 +145,15 @@ class Sessions:
         tokens_used = s.tokens_used if s else 0
         time_used = s.time_used_ms if s else 0.0
         cost_used = s.cost_used if s else 0.0
+        tokens_reserved = s.tokens_reserved if s else 0
+        cost_reserved = s.cost_reserved if s else 0.0
+        # "remaining" is what a new task may still ask for: running tasks' reservations are spoken for.
         return {
             "session_id": session_id, "tasks": s.tasks if s else 0, "pool_id": s.pool_id if s else None,
-            "tokens_used": tokens_used, "token_budget": p.tokens,
-            "tokens_remaining": None if p.tokens is None else max(0, p.tokens - tokens_used),
+            "tokens_used": tokens_used, "tokens_reserved": tokens_reserved, "token_budget": p.tokens,
+            "tokens_remaining": None if p.tokens is None else max(0, p.tokens - tokens_used - tokens_reserved),
             "time_used_ms": int(time_used), "time_budget_ms": p.time_ms,
             "time_remaining_ms": None if p.time_ms is None else max(0, int(p.time_ms - time_used)),
             "cost_used": round(cost_used, 6), "cost_budget": p.cost,
-            "cost_remaining": None if p.cost is None else round(max(0.0, p.cost - cost_used), 6),
+            "cost_remaining": None if p.cost is None else round(max(0.0, p.cost - cost_used - cost_reserved), 6),
         }

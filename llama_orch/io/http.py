@@ -6,6 +6,8 @@ raises an aiohttp HTTP exception whose body is the contract's envelope ``{code, 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import uuid
 from typing import Mapping, NoReturn, TypeVar
@@ -17,6 +19,9 @@ _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict,
     429: web.HTTPTooManyRequests, 500: web.HTTPInternalServerError, 503: web.HTTPServiceUnavailable,
 }
+log = logging.getLogger("llama_orch.http")
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "INVALID_PARAMS", 500: "INTERNAL"}
+
 #: The contract: 429 and 503 tell the client when to come back.
 RETRY_STATUSES = (429, 503)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
@@ -34,7 +39,15 @@ async def correlation(request: web.Request, handler):
     try:
         resp = await handler(request)
     except web.HTTPException as exc:
+        if exc.content_type != "application/json" and exc.status >= 400:  # aiohttp's own 404/405/413: our envelope
+            exc.text = orjson.dumps({"code": _HTTP_CODES.get(exc.status, "INVALID_PARAMS"), "message": exc.reason}).decode()
+            exc.content_type = "application/json"
         resp = exc
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s (correlation id %s)", request.method, request.path, cid)
+        resp = json_response({"code": "INTERNAL", "message": f"internal error; quote correlation id {cid}"}, 500)
     if resp.status != 204 and not (isinstance(resp, web.StreamResponse) and resp.prepared):
         resp.headers["X-Correlation-Id"] = cid
     if isinstance(resp, web.HTTPException):

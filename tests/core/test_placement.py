@@ -687,7 +687,9 @@ def ref_key(strategy: Strategy, p):
 def ref_pick(strategy: Strategy, pools: dict, spec: TaskSpec, session_pool: str | None, exclude: tuple = ()):
     req = spec.placement
     ok = {pid for pid, p in pools.items() if ref_usable(p) and ref_free(p) > 0 and ref_fits(p, spec)}
-    if req.mode is PlacementMode.PIN:  # pin ignores exclude: it never falls back anyway
+    if req.mode is PlacementMode.PIN:  # an excluded pinned pool is not picked: the task waits for it
+        if req.pin_pool_id in exclude:
+            return None
         return (req.pin_pool_id, session_pool in (None, req.pin_pool_id)) if req.pin_pool_id in ok else None
     ok -= set(exclude)
     prefer = set(req.prefer_pools) if req.mode is PlacementMode.PREFER and req.prefer_pools else None

@@ -236,7 +236,8 @@ async def test_metrics_frames_and_time_and_cost_budgets(aiohttp_server, aiohttp_
     body = task(session_id=sid, max_tokens=30, prompt="x" * 20)  # 5 + 3 = 8 at most
     resp = await client.post("/v2/tasks", json=body)
     assert resp.status == 202
-    assert resp.headers["X-Budget-Cost-Remaining"] == "10.0" and resp.headers["X-Budget-Time-Remaining-Ms"] == "600000"
+    # 8.0 of the 10 is reserved for this task's worst case
+    assert resp.headers["X-Budget-Cost-Remaining"] == "2.0" and resp.headers["X-Budget-Time-Remaining-Ms"] == "600000"
     events = await events_of(client, body["task_id"])
     metrics = [d for k, d in events if k == "metrics"]
     assert metrics, [k for k, _ in events]  # 30 tokens at 60/s: about half a second, several frames
@@ -279,7 +280,7 @@ async def test_sessions_report_their_token_budget(aiohttp_server, aiohttp_client
     sid = str(uuid.uuid4())
     first = task(session_id=sid, max_tokens=20)
     resp = await client.post("/v2/tasks", json=first)
-    assert resp.status == 202 and resp.headers["X-Budget-Tokens-Remaining"] == "30"
+    assert resp.status == 202 and resp.headers["X-Budget-Tokens-Remaining"] == "10"  # 20 reserved
     await events_of(client, first["task_id"])
     view = await client.get(f"/v2/sessions/{sid}")
     body = await view.json()
@@ -403,3 +404,28 @@ async def test_queued_progress_is_narrated_and_metrics_follow_started(aiohttp_se
     assert any(n.startswith("Still queued: position 0 of 1") for n in notes), notes
     kinds = [k for k, _ in plain]
     assert kinds[0] == "started" and kinds[-1] == "end"  # no metrics before started on the plain stream
+
+
+async def test_unexpected_errors_and_unknown_routes_get_the_envelope_and_correlation_id(aiohttp_client):
+
+    app = create_app(OrchestratorConfig(), [])
+
+    async def broken(request):
+        raise KeyError("boom")
+    app.router.add_get("/broken", broken)
+    client = await aiohttp_client(app)
+    resp = await client.get("/broken", headers={"X-Correlation-Id": "c-500"})
+    body = await resp.json()
+    assert resp.status == 500 and body["code"] == "INTERNAL" and "c-500" in body["message"]
+    assert resp.headers["X-Correlation-Id"] == "c-500"
+    missing = await client.get("/v2/nope")
+    assert missing.status == 404 and (await missing.json())["code"] == "NOT_FOUND" and missing.headers["X-Correlation-Id"]
+    wrong = await client.delete("/v2/tasks")
+    assert wrong.status == 405 and (await wrong.json())["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_loopback_is_decided_by_address():
+    from llama_orch.io.config import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("127.8.9.10") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("127.example.com") and not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
