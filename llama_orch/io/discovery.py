@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,6 +22,8 @@ import orjson
 
 from ..core.events import Event, PoolLost, PoolRemoved, PoolUpdated
 from ..core.types import PoolSnapshot
+
+log = logging.getLogger("llama_orch.orchestratord.discovery")
 
 
 def snapshot_from_status(status: dict, manager_url: str) -> PoolSnapshot:
@@ -47,13 +50,15 @@ class ManagerState:
     last_error: str | None = None
     reachable: bool = False
     suspended: str | None = None  # why its pools are not trusted now (a stale pushed node), else None
+    static: bool = False  # configured (ORCHD_POOL_MANAGERS): never removed by a node's deregistration
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one poll at a time: answers apply in order
 
 
 class PoolDiscovery:
     def __init__(self, manager_urls: list[str], emit: Callable[[Event], None], *, interval_ms: int = 5000,
                  timeout_ms: int = 2000, session: aiohttp.ClientSession | None = None,
                  on_check: Callable[[str, bool, float], None] | None = None) -> None:
-        self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/")) for url in manager_urls}
+        self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/"), static=True) for url in manager_urls}
         self.emit = emit
         self.on_check = on_check  # (pool_id, ok, duration_ms) per pool per poll: the health-check metrics
         self.interval_s = interval_ms / 1000
@@ -94,10 +99,12 @@ class PoolDiscovery:
 
     def remove_manager(self, url: str) -> None:
         """Forget a manager and its pools (a node that deregistered)."""
-        manager = self.managers.pop(url.rstrip("/"), None)
-        if manager is not None:
-            for pool_id in sorted(manager.pools):
-                self.emit(PoolRemoved(pool_id=pool_id))
+        manager = self.managers.get(url.rstrip("/"))
+        if manager is None or manager.static:
+            return
+        del self.managers[manager.url]
+        for pool_id in sorted(manager.pools):
+            self.emit(PoolRemoved(pool_id=pool_id))
 
     def suspend(self, url: str, reason: str) -> None:
         """Stop trusting a manager's pools until ``resume``: they are lost for placement."""
@@ -117,6 +124,10 @@ class PoolDiscovery:
         return True
 
     async def poll(self, manager: ManagerState) -> None:
+        async with manager.lock:
+            await self._poll(manager)
+
+    async def _poll(self, manager: ManagerState) -> None:
         assert self._session is not None
         if manager.suspended is not None:
             return
@@ -127,6 +138,9 @@ class PoolDiscovery:
                     raise ValueError(f"GET /v2/pools answered HTTP {resp.status}")
                 listing = orjson.loads(await resp.read())
             pools = {p["pool_id"]: p for p in listing["pools"]}
+            claimed = self._claimed_elsewhere(manager, pools)
+            for pool_id in claimed:
+                del pools[pool_id]
             snapshots = [snapshot_from_status(p, manager.url) for p in pools.values()]
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
             manager.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
@@ -146,7 +160,21 @@ class PoolDiscovery:
         self._checked(pools, True, started)
         manager.reachable = True
         manager.last_ok = time.monotonic()
-        manager.last_error = None
+        conflict = f"pool ids already served by another pool-managerd, ignored here: {', '.join(claimed)}"
+        if claimed and manager.last_error != conflict:
+            log.warning("pool-managerd %s: %s", manager.url, conflict)
+        manager.last_error = conflict if claimed else None
+
+    def _claimed_elsewhere(self, manager: ManagerState, pools: dict[str, dict]) -> list[str]:
+        """Pool ids another live manager already serves: the first one keeps them. Two managers
+        answering for one pool id would flip its engine URL on every poll (or let a stray node
+        take over another's pool)."""
+        claimed = []
+        for pool_id in sorted(pools):
+            owner = self.owner_of(pool_id)
+            if owner is not None and owner is not manager and owner.reachable and owner.suspended is None:
+                claimed.append(pool_id)
+        return claimed
 
     def _checked(self, pool_ids, ok: bool, started: float) -> None:
         if self.on_check is not None:

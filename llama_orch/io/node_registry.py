@@ -24,6 +24,7 @@ log = logging.getLogger("llama_orch.orchestratord.nodes")
 
 STALE_AFTER_MS = 30_000
 HEARTBEAT_INTERVAL_MS = 10_000
+MAX_NODES = 1024
 
 
 class NodeService:
@@ -60,9 +61,16 @@ class NodeService:
             self._timer.cancel()
             self._timer = None
 
+    def _shared(self, base_url: str, node_id: str) -> bool:
+        """Another node (or the static configuration) uses this pool-managerd URL too."""
+        return any(n.base_url == base_url and n.node_id != node_id for n in self.nodes.all())
+
     async def register(self, node_id: str, base_url: str, pools: tuple[str, ...]) -> dict:
+        if node_id not in self.nodes and len(self.nodes) >= MAX_NODES:
+            fail(429, "ADMISSION_REJECT", f"{MAX_NODES} nodes are registered; deregister one first",
+                 retry_after_ms=self.heartbeat_interval_ms)
         node, previous = self.nodes.register(node_id, base_url, self.now(), pools)
-        if previous is not None:
+        if previous is not None and not self._shared(previous, node_id):
             self.discovery.remove_manager(previous)
         self.discovery.add_manager(base_url)
         self.discovery.resume(base_url)
@@ -75,6 +83,7 @@ class NodeService:
         node = self.nodes.heartbeat(node_id, self.now(), pools)
         if node is None:
             return None
+        self.discovery.add_manager(node.base_url)  # idempotent: a manager dropped meanwhile comes back
         if self.discovery.resume(node.base_url):
             log.info("node %s is back", node_id)
             await self.discovery.poll(self.discovery.managers[node.base_url.rstrip("/")])
@@ -85,7 +94,8 @@ class NodeService:
         node = self.nodes.remove(node_id)
         if node is None:
             return False
-        self.discovery.remove_manager(node.base_url)
+        if not self._shared(node.base_url, node_id):
+            self.discovery.remove_manager(node.base_url)
         self._arm()
         log.info("node %s deregistered", node_id)
         return True

@@ -74,3 +74,45 @@ async def test_a_pool_no_longer_listed_is_removed(aiohttp_server):
     await disc.stop()
     assert [type(e).__name__ for e in events] == ["PoolUpdated", "PoolUpdated", "PoolRemoved", "PoolUpdated"]
     assert events[2] == PoolRemoved(pool_id="b")
+
+
+async def _listing_server(aiohttp_server, listing):
+    async def pools(request):
+        return web.json_response(listing)
+    app = web.Application()
+    app.router.add_get("/v2/pools", pools)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_a_pool_id_served_by_another_manager_is_ignored_not_taken_over(aiohttp_server):
+    first = await _listing_server(aiohttp_server, {"pools": [{"pool_id": "p", "ready": True, "slots_total": 1,
+                                                              "engine_url": "http://honest:1"}]})
+    second = await _listing_server(aiohttp_server, {"pools": [{"pool_id": "p", "ready": True, "slots_total": 1,
+                                                               "engine_url": "http://stray:1"},
+                                                              {"pool_id": "q", "ready": True, "slots_total": 1}]})
+    events = []
+    disc = PoolDiscovery([first], events.append, interval_ms=10_000)
+    await disc.start()
+    try:
+        disc.add_manager(second)
+        for _ in range(2):
+            await disc.poll_all()
+        urls = {e.snapshot.engine_url for e in events if isinstance(e, PoolUpdated) and e.snapshot.pool_id == "p"}
+        assert urls == {"http://honest:1"}  # the stray listing never replaced the first owner's engine
+        assert {e.snapshot.pool_id for e in events if isinstance(e, PoolUpdated)} == {"p", "q"}
+        assert "p" in disc.managers[second].last_error and disc.owner_of("p").url == first
+    finally:
+        await disc.stop()
+
+
+async def test_configured_managers_survive_a_deregistration_of_the_same_url(aiohttp_server):
+    url = await _listing_server(aiohttp_server, {"pools": [{"pool_id": "p", "ready": True, "slots_total": 1}]})
+    events = []
+    disc = PoolDiscovery([url], events.append, interval_ms=10_000)
+    await disc.start()
+    try:
+        disc.remove_manager(url)  # a node that registered with the configured URL goes away
+        assert url in disc.managers and not any(isinstance(e, PoolRemoved) for e in events)
+    finally:
+        await disc.stop()
