@@ -363,11 +363,14 @@ async def test_unserved_workloads_bad_callbacks_and_correlation_on_pool_managerd
     assert bad.status == 400 and "pool_id" in (await bad.json())["message"]
     pools = (await (await client.get("/v2/pools")).json())["pools"]
     pmd = pools[0]["manager_url"]
-    async with client.session.get(f"{pmd}/v2/pools/nope/status", headers={"X-Correlation-Id": "c-9"}) as r:
-        assert r.status == 404 and r.headers["X-Correlation-Id"] == "c-9"
-    async with client.session.post(f"{pmd}/v2/pools/pool-0/reload", json={"new_model_ref": "file:/x.gguf"}) as r:
-        # no provisioner behind this pool-managerd: a 503 that says when to come back
-        assert r.status == 503 and int(r.headers["Retry-After"]) >= 1 and (await r.json())["retriable"] is True
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:  # its own session, closed here, not the test client's
+        async with session.get(f"{pmd}/v2/pools/nope/status", headers={"X-Correlation-Id": "c-9"}) as r:
+            assert r.status == 404 and r.headers["X-Correlation-Id"] == "c-9"
+        async with session.post(f"{pmd}/v2/pools/pool-0/reload", json={"new_model_ref": "file:/x.gguf"}) as r:
+            # no provisioner behind this pool-managerd: a 503 that says when to come back
+            assert r.status == 503 and int(r.headers["Retry-After"]) >= 1 and (await r.json())["retriable"] is True
 
 
 async def test_after_the_shutdown_grace_running_tasks_end_with_a_canceled_end(aiohttp_server, aiohttp_client, tmp_path):
