@@ -46,6 +46,8 @@ class Node:
         return proc
 
     def provision(self, *args: str) -> subprocess.Popen:
+        if "--threads" not in args and "mock" not in args:
+            args = (*args, "--threads", "1")  # engines of several nodes share this machine's cores
         self.prov = self._start([sys.executable, "-m", "llama_orch.io.provisioner", "--mode", "source",
                                  "--cache-dir", str(CACHE), "--handoff-dir", str(self.runtime),
                                  "--state-dir", str(self.tmp / "provisioner-state"),

@@ -131,8 +131,11 @@ _DAEMON_OF_FLAG = {"--port": "orchestratord", "--pool-managerd-port": "pool-mana
 def pool_config(config: ClusterConfig) -> dict:
     """The provisioner's ``--config``: one entry per pool, all with the same engine and model."""
     mode = "mock" if config.engine == "mock" else "source"
-    return {"pools": [{"pool_id": f"pool-{i}", "mode": mode, "slots": config.slots, "ctx": config.ctx}
-                      for i in range(config.pools)]}
+    pool = {"mode": mode, "slots": config.slots, "ctx": config.ctx}
+    if mode == "source":
+        # The engines share this machine's cores: each taking all of them makes every one crawl.
+        pool["threads"] = max(1, (os.cpu_count() or 1) // config.pools)
+    return {"pools": [{"pool_id": f"pool-{i}", **pool} for i in range(config.pools)]}
 
 
 def _die_with_parent() -> Callable[[], None] | None:

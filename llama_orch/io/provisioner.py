@@ -65,9 +65,12 @@ class PoolSpec:
     gpu_mask: str = ""
     binary: str | None = None
     host: str = "127.0.0.1"
+    threads: int | None = None  # CPU threads for the engine; None: llama-server's default (every core)
     extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"pool {self.pool_id}: threads must be >= 1, got {self.threads}")
         if self.mode not in MODES:
             raise ValueError(f"pool {self.pool_id}: mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.slots < 1 or self.ctx < 64:
@@ -213,7 +216,8 @@ class PoolSupervisor:
         s = self.spec
         assert self.binary is not None and self.model_path is not None
         return [*self.binary, "-m", str(self.model_path), "--host", s.host, "--port", str(port),
-                "--parallel", str(s.slots), "-c", str(s.ctx * s.slots), "--metrics", *s.extra_args]
+                "--parallel", str(s.slots), "-c", str(s.ctx * s.slots), "--metrics",
+                *(("--threads", str(s.threads)) if s.threads else ()), *s.extra_args]
 
     def _fail(self, error: str) -> None:
         log.error("pool %s: %s", self.spec.pool_id, error)
@@ -567,7 +571,7 @@ def _specs_from_args(args, env) -> list[PoolSpec]:
         for i, p in enumerate(pools):
             if not isinstance(p, dict) or "pool_id" not in p:
                 raise ValueError(f"config file {args.config}: pools[{i}] needs at least a pool_id")
-            known = {"pool_id", "model", "mode", "slots", "ctx", "replica_id", "gpu_mask", "binary", "host"}
+            known = {"pool_id", "model", "mode", "slots", "ctx", "replica_id", "gpu_mask", "binary", "host", "threads"}
             unknown = set(p) - known
             if unknown:
                 raise ValueError(f"config file {args.config}: pools[{i}] has unknown keys {sorted(unknown)}")
@@ -575,10 +579,10 @@ def _specs_from_args(args, env) -> list[PoolSpec]:
                                   mode=p.get("mode", args.mode), slots=int(p.get("slots", args.slots)),
                                   ctx=int(p.get("ctx", args.ctx)), replica_id=p.get("replica_id", "r0"),
                                   gpu_mask=str(p.get("gpu_mask", args.gpu_mask)), binary=p.get("binary", args.binary),
-                                  host=p.get("host", args.host)))
+                                  host=p.get("host", args.host), threads=p.get("threads", args.threads)))
         return specs
     return [PoolSpec(pool_id=args.pool_id, model_ref=args.model, mode=args.mode, slots=args.slots, ctx=args.ctx,
-                     gpu_mask=args.gpu_mask, binary=args.binary, host=args.host)]
+                     gpu_mask=args.gpu_mask, binary=args.binary, host=args.host, threads=args.threads)]
 
 
 def build_parser():
@@ -609,6 +613,10 @@ def build_parser():
     p.add_argument("--gpu-mask", default=env("ENGINE_PROVISIONER_GPU_MASK", ""))
     p.add_argument("--binary", default=env("ENGINE_PROVISIONER_BINARY"), help="llama-server path for --mode binary")
     p.add_argument("--host", default=env("ENGINE_PROVISIONER_ENGINE_HOST", "127.0.0.1"), help="engine bind address")
+    p.add_argument("--threads", type=int, default=numbers.get("ENGINE_PROVISIONER_THREADS", default=None, parse=int,
+                                                              expected="an integer >= 1"),
+                   help="CPU threads per engine (default: llama-server's, every core). Several CPU engines on one "
+                        "machine should share the cores, or they slow each other down many times over")
     p.add_argument("--config", default=env("ENGINE_PROVISIONER_CONFIG"), help='JSON {"pools": [{pool_id, model, ...}]}')
     p.add_argument("--start-timeout-s", type=float, default=seconds("ENGINE_PROVISIONER_START_TIMEOUT_S", 120.0))
     p.add_argument("--control-bind", default=env("ENGINE_PROVISIONER_CONTROL_ADDR", "127.0.0.1:9300"),

@@ -174,3 +174,17 @@ def test_a_bad_environment_value_is_named(tmp_path):
     out = subprocess.run([sys.executable, "-m", "llama_orch.io.provisioner", "--mode", "mock"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "ENGINE_PROVISIONER_SLOTS='many': expected an integer >= 1" in out.stderr
+
+
+def test_threads_reach_the_engine_command_line_and_bad_values_are_refused(tmp_path):
+    from llama_orch.io.provisioner import PoolSpec, PoolSupervisor, ProvisionerSettings
+
+    settings = ProvisionerSettings(handoff_dir=tmp_path, cache_dir=tmp_path, state_dir=tmp_path)
+    sup = PoolSupervisor(PoolSpec(pool_id="p", model_ref="file:/m.gguf", threads=3), settings, None)
+    sup.binary, sup.model_path = ["/bin/llama-server"], Path("/m.gguf")
+    argv = sup.argv(1234)
+    assert argv[argv.index("--threads") + 1] == "3"
+    sup.spec = PoolSpec(pool_id="p", model_ref="file:/m.gguf")
+    assert "--threads" not in sup.argv(1234)  # llama-server's own default
+    with pytest.raises(ValueError, match="threads"):
+        PoolSpec(pool_id="p", model_ref="file:/m.gguf", threads=0)
