@@ -25,6 +25,8 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "INVALID_PARAMS
 #: The contract: 429 and 503 tell the client when to come back.
 RETRY_STATUSES = (429, 503)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
+#: aiohttp's access log line, with the request's correlation id (the response header) in it.
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf s correlation_id=%{X-Correlation-Id}o'
 
 
 def retry_headers(retry_after_ms: int) -> dict[str, str]:

@@ -67,7 +67,7 @@ from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, 
 from .daemon import prepare
 from .discovery import PoolDiscovery
 from .config import OrchdSettings
-from .http import CORRELATION_ID, correlation, fail, json_body, json_response, retry_headers
+from .http import ACCESS_LOG_FORMAT, CORRELATION_ID, correlation, fail, json_body, json_response, retry_headers
 from .node_registry import add_node_routes
 from .openai_api import add_openai_routes
 from .openapi_doc import add_openapi_route
@@ -790,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
                            profile=settings.profile, api_keys=settings.api_keys),
                 host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5,
-                handler_cancellation=True)  # a client that leaves cancels its handler, hence its task
+                handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
+                access_log_format=ACCESS_LOG_FORMAT)
     return 0
 
 

@@ -52,7 +52,7 @@ from .config import ConfigError, PoolManagerSettings
 from .daemon import prepare
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
-from .http import correlation, fail, json_body, json_response, pool_or_404
+from .http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404
 from .openapi_doc import add_openapi_route
 
 log = logging.getLogger("llama_orch.pool_managerd")
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("listening on %s:%s, watching %s", settings.host, settings.port, settings.runtime_dir)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                handle_signals=True, shutdown_timeout=10)
+                handle_signals=True, shutdown_timeout=10, access_log_format=ACCESS_LOG_FORMAT)
     return 0
 
 

@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 import pytest
 from cluster_support import Node, Orchd, task
+from support import eventually
 
 from llama_orch.ext.sse import SSEParser
 
@@ -29,8 +30,9 @@ async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp
         await orchd.wait_ready(session, node)
 
         body = task()
-        async with session.post(f"{orchd_url}/v2/tasks", json=body) as r:
+        async with session.post(f"{orchd_url}/v2/tasks", json=body, headers={"X-Correlation-Id": "corr-e2e-1"}) as r:
             assert r.status == 202, await r.text()
+            assert r.headers["X-Correlation-Id"] == "corr-e2e-1"
         events = []
         parser = SSEParser()
         async with session.get(f"{orchd_url}/v2/tasks/{body['task_id']}/events") as r:
@@ -42,6 +44,10 @@ async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp
         assert len(tokens) == 24 and [t["i"] for t in tokens] == list(range(24))
         assert "".join(t["t"] for t in tokens).strip()  # real text from the tiny model
         assert events[-1][1]["tokens_out"] == 24
+
+        async def logged():  # the access log line of the request carries its correlation id
+            return "correlation_id=corr-e2e-1" in (tmp_path / "orchestratord.log").read_text()
+        await eventually(logged, what="the correlation id in orchestratord's log")
 
         # Cancel mid-stream: a 204, then the stream ends with canceled. Tokens already on the wire
         # may still arrive after the 204 (another connection), but none was sent after the cancel
