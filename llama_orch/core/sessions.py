@@ -48,6 +48,9 @@ class BudgetPolicy:
         return (prompt_tokens * self.cost_per_1k_prompt_tokens + output_tokens * self.cost_per_1k_output_tokens) / 1000.0
 
 
+_EVICTION_SCAN = 16
+
+
 class Session:
     __slots__ = ("pool_id", "tasks", "tokens_used", "time_used_ms", "cost_used", "tokens_reserved", "cost_reserved")
 
@@ -88,10 +91,22 @@ class Sessions:
         if s is None:
             s = by_id[session_id] = Session()
             if len(by_id) > self.max_sessions:
-                by_id.popitem(last=False)
+                self._evict_one()
         else:
             by_id.move_to_end(session_id)
         return s
+
+    def _evict_one(self) -> None:
+        """Make room: the least recently used session with nothing reserved (a session with
+        tasks in flight keeps its reservations), looking a few deep; else the oldest."""
+        by_id = self._by_id
+        for i, (sid, s) in enumerate(by_id.items()):
+            if i >= _EVICTION_SCAN:
+                break
+            if not s.tokens_reserved and not s.cost_reserved:
+                del by_id[sid]
+                return
+        by_id.popitem(last=False)
 
     def forget(self, session_id: str) -> bool:
         return self._by_id.pop(session_id, None) is not None

@@ -432,3 +432,14 @@ def test_a_pinned_task_retries_its_pool_after_a_newer_snapshot():
     assert not any(isinstance(c, Dispatch) for c in out) and core.task("t1").phase is TaskPhase.QUEUED
     out = run(PoolUpdated(snapshot=pool("pool-a", slots_total=1, slots_free=1)), 50)  # the engine is back
     assert only(out, Dispatch).attempt == 2
+
+
+def test_session_eviction_spares_sessions_with_tasks_in_flight():
+    core, run = make(slots=4, max_sessions=2, budgets=BudgetPolicy(tokens=10))
+    run(TaskSubmitted(spec=spec("t1", session_id="busy", max_tokens=10)), 0)  # reserves the whole budget
+    run(TaskSubmitted(spec=spec("t2", session_id="idle", max_tokens=1)), 1)
+    run(TokensReceived(task_id="t2", count=1), 2)
+    run(StreamEnded(task_id="t2"), 3)
+    run(TaskSubmitted(spec=spec("t3", session_id="new", max_tokens=1)), 4)  # one session must go
+    assert "busy" in core.sessions and "idle" not in core.sessions
+    assert core.sessions.refusal(spec("t4", session_id="busy", max_tokens=1)) is not None  # still reserved
