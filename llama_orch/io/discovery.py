@@ -59,6 +59,9 @@ class PoolDiscovery:
                  timeout_ms: int = 2000, session: aiohttp.ClientSession | None = None,
                  on_check: Callable[[str, bool, float], None] | None = None) -> None:
         self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/"), static=True) for url in manager_urls}
+        # Which manager speaks for each pool id: only it may update, lose or remove the pool. A
+        # manager's ``pools`` hold exactly the pools it owns.
+        self.owners: dict[str, str] = {}
         self.emit = emit
         self.on_check = on_check  # (pool_id, ok, duration_ms) per pool per poll: the health-check metrics
         self.interval_s = interval_ms / 1000
@@ -104,6 +107,7 @@ class PoolDiscovery:
             return
         del self.managers[manager.url]
         for pool_id in sorted(manager.pools):
+            self.owners.pop(pool_id, None)
             self.emit(PoolRemoved(pool_id=pool_id))
 
     def suspend(self, url: str, reason: str) -> None:
@@ -153,8 +157,14 @@ class PoolDiscovery:
         if manager.suspended is not None or self.managers.get(manager.url) is not manager:
             return  # suspended or removed while the answer was on its way: it must not revive the pools
         for pool_id in sorted(set(manager.pools) - set(pools)):
-            self.emit(PoolRemoved(pool_id=pool_id))
+            if self.owners.get(pool_id) == manager.url:
+                del self.owners[pool_id]
+                self.emit(PoolRemoved(pool_id=pool_id))
         for snap in snapshots:
+            previous = self.owner_of(snap.pool_id)
+            if previous is not None and previous is not manager:
+                previous.pools.pop(snap.pool_id, None)  # taken over from a manager that went quiet
+            self.owners[snap.pool_id] = manager.url
             self.emit(PoolUpdated(snapshot=snap))
         manager.pools = pools
         self._checked(pools, True, started)
@@ -166,9 +176,9 @@ class PoolDiscovery:
         manager.last_error = conflict if claimed else None
 
     def _claimed_elsewhere(self, manager: ManagerState, pools: dict[str, dict]) -> list[str]:
-        """Pool ids another live manager already serves: the first one keeps them. Two managers
+        """Pool ids another live manager owns: the owner keeps them while it answers. Two managers
         answering for one pool id would flip its engine URL on every poll (or let a stray node
-        take over another's pool)."""
+        take over another's pool); when the owner goes quiet, the next one to list it takes over."""
         claimed = []
         for pool_id in sorted(pools):
             owner = self.owner_of(pool_id)
@@ -183,4 +193,5 @@ class PoolDiscovery:
                 self.on_check(pool_id, ok, ms)
 
     def owner_of(self, pool_id: str) -> ManagerState | None:
-        return next((m for m in self.managers.values() if pool_id in m.pools), None)
+        url = self.owners.get(pool_id)
+        return self.managers.get(url) if url is not None else None

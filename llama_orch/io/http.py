@@ -42,19 +42,32 @@ async def correlation(request: web.Request, handler):
         resp = await handler(request)
     except web.HTTPException as exc:
         if exc.content_type != "application/json" and exc.status >= 400:  # aiohttp's own 404/405/413: our envelope
-            exc.text = orjson.dumps({"code": _HTTP_CODES.get(exc.status, "INVALID_PARAMS"), "message": exc.reason}).decode()
+            detail = exc.text if exc.content_type == "text/plain" and exc.text else exc.reason
+            exc.text = orjson.dumps(error_body(request, exc.status, _HTTP_CODES.get(exc.status, "INVALID_PARAMS"),
+                                               detail)).decode()
             exc.content_type = "application/json"
         resp = exc
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("unexpected error on %s %s (correlation id %s)", request.method, request.path, cid)
-        resp = json_response({"code": "INTERNAL", "message": f"internal error; quote correlation id {cid}"}, 500)
+        writer = request.writer
+        if writer is not None and writer.output_size > 0:
+            raise  # a response is already on the wire: a second one would land inside its body
+        resp = json_response(error_body(request, 500, "INTERNAL", f"internal error; quote correlation id {cid}"), 500)
     if resp.status != 204 and not (isinstance(resp, web.StreamResponse) and resp.prepared):
         resp.headers["X-Correlation-Id"] = cid
     if isinstance(resp, web.HTTPException):
         raise resp
     return resp
+
+
+def error_body(request: web.Request, status: int, code: str, message: str) -> dict:
+    """Our envelope, or OpenAI's shape on the OpenAI-compatible routes (their clients parse it)."""
+    if request.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return {"code": code, "message": message}
 
 
 def json_response(data: object, status: int = 200) -> web.Response:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 
-from ..core.nodes import Nodes
+from ..core.nodes import Nodes, NodeState
 from .discovery import PoolDiscovery
 from .http import fail, json_body, json_response
 
@@ -50,6 +50,8 @@ class NodeService:
     def _fire(self) -> None:
         self._timer = None
         for node in self.nodes.tick(self.now()):
+            if self._vouched_for(node.base_url, node.node_id):
+                continue  # the same pool-managerd is configured or another fresh node speaks for it
             log.warning("node %s (%s) is stale: no heartbeat for %.0f s; its pools take no work until it is back",
                         node.node_id, node.base_url, self.nodes.stale_after_ms / 1000)
             self.discovery.suspend(node.base_url, f"node {node.node_id} stale: no heartbeat for "
@@ -60,6 +62,11 @@ class NodeService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _vouched_for(self, base_url: str, node_id: str) -> bool:
+        manager = self.discovery.managers.get(base_url.rstrip("/"))
+        return (manager is not None and manager.static) or any(
+            n.base_url == base_url and n.node_id != node_id and n.state is NodeState.FRESH for n in self.nodes.all())
 
     def _shared(self, base_url: str, node_id: str) -> bool:
         """Another node (or the static configuration) uses this pool-managerd URL too."""

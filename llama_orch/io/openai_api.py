@@ -70,7 +70,6 @@ import orjson
 from aiohttp import web
 
 from ..core.commands import Rejected
-from ..core.events import TaskCanceled
 from ..core.placement import normalize_model_ref
 from ..core.types import Priority, TaskSpec
 from ..ext.sse import SSEParser
@@ -489,25 +488,26 @@ class OpenAIFrontDoor:
             task_id = decision.task_id
             stream = driver.streams[task_id]
             driver.reader_joined(stream)
+            finished, reason = False, None
             try:
                 if parsed.stream:
                     resp = await self._stream(request, parsed, stream)
                 else:
                     resp = await self._collect(request, parsed, stream)
-                driver.reader_left(task_id, stream, early=False)
+                finished = True
                 return resp
-            except (ConnectionError, asyncio.CancelledError) as exc:
-                driver.reader_left(task_id, stream, early=True)  # the last reader gone: free the slot
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            except ConnectionError:
                 # Nothing can reach the client any more; a response (not an exception) keeps
                 # aiohttp from logging a traceback, and 499 is "client closed request" in the log.
                 return web.Response(status=CLIENT_CLOSED_REQUEST)
-            except BaseException:
-                stream.readers -= 1
-                if not stream.done:
-                    driver.handle(TaskCanceled(task_id=task_id, reason="internal"))
+            except asyncio.CancelledError:
                 raise
+            except BaseException:
+                reason = "internal"
+                raise
+            finally:
+                # the last reader gone before the end: cancel, which frees the slot
+                driver.reader_left(task_id, stream, early=not finished, reason=reason)
         except OpenAIError as err:
             return err.response()
 

@@ -185,7 +185,6 @@ class Stream:
     done: bool = False
     started: bool = False  # the ``started`` frame is out: ``metrics`` may follow it
     readers: int = 0  # attached readers; the task is canceled when the last one leaves early
-    consumed: bool = False  # some reader got the whole stream: later ones need only its end
     upstream: asyncio.Task | None = None
     payload: TaskPayload = TaskPayload(prompt=None, inputs=(), seed=None, kv_hint=None)
 
@@ -230,6 +229,7 @@ class CoreDriver:
         self.stream_ttl_s = stream_ttl_s
         self.max_finished_streams = max_finished_streams
         self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, task) oldest first
+        self._sweeper: asyncio.TimerHandle | None = None
         self.metrics = OrchdMetrics()
         self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
         self.idle = asyncio.Event()  # set while no task is admitted and unfinished
@@ -256,6 +256,8 @@ class CoreDriver:
         await asyncio.gather(*upstreams, return_exceptions=True)
         if self._timer is not None:
             self._timer.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.session is not None:
             await self.session.close()
 
@@ -393,33 +395,44 @@ class CoreDriver:
 
     def _retain(self, task_id: str) -> None:
         """Keep a finished stream for late readers, within a count and an age; forget the oldest."""
-        now = asyncio.get_running_loop().time()
+        self._finished.append((asyncio.get_running_loop().time(), task_id))
+        self._sweep()
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         finished = self._finished
-        finished.append((now, task_id))
         while finished and (len(finished) > self.max_finished_streams or finished[0][0] < now - self.stream_ttl_s):
             _, old = finished.popleft()
             stream = self.streams.get(old)
             if stream is not None and stream.done:
                 self.streams.pop(old, None)
+        if finished and self._sweeper is None:  # the age limit holds without new traffic too
+            self._sweeper = loop.call_at(finished[0][0] + self.stream_ttl_s, self._swept)
+
+    def _swept(self) -> None:
+        self._sweeper = None
+        self._sweep()
 
     # -- readers --------------------------------------------------------------------------------
 
     def reader_joined(self, stream: Stream) -> None:
         stream.readers += 1
 
-    def reader_left(self, task_id: str, stream: Stream, *, early: bool) -> None:
+    def reader_left(self, task_id: str, stream: Stream, *, early: bool, reason: str | None = None) -> None:
         """A reader is gone. The last one leaving before the end cancels the task (nobody listens:
         free the slot); one that read to the end lets the stream shrink to its terminal frame."""
         stream.readers -= 1
         if early:
             if stream.readers == 0 and not stream.done:
-                self.handle(TaskCanceled(task_id=task_id, reason="shutdown" if not self.accepting else "disconnect"))
+                reason = reason or ("shutdown" if not self.accepting else "disconnect")
+                self.handle(TaskCanceled(task_id=task_id, reason=reason))
             return
-        stream.consumed = True
-        if stream.readers == 0 and stream.done and len(stream.frames) > 1:
-            # Readers' cursors index frames: shrink only with none attached.
-            stream.frames = stream.frames[-1:]
-            stream.notes = [(0, frame) for _, frame in stream.notes[-1:]]
+        if stream.readers == 0 and stream.done and len(stream.frames) > 2:
+            # Read to the end: a latecomer gets started and the end (the tokens were delivered).
+            # Readers' cursors index frames, so this happens only with none attached.
+            stream.frames = [stream.frames[0], stream.frames[-1]]
+            stream.notes = [(1, frame) for _, frame in stream.notes[-1:]]
 
     def cancel_all(self, reason: str) -> int:
         task_ids = list(self.core.tasks)
@@ -523,10 +536,11 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     verbose = request.query.get("verbose", "false").lower() in ("true", "1", "yes")
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Correlation-Id": request[CORRELATION_ID]})
-    await resp.prepare(request)
-    sent = noted = 0
-    driver.reader_joined(stream)
+    driver.reader_joined(stream)  # before the first await: a reader leaving meanwhile must count this one
+    finished = False
     try:
+        await resp.prepare(request)
+        sent = noted = 0
         while True:
             out, sent, noted = stream.read(sent, noted, verbose)
             if out:
@@ -536,10 +550,9 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                 break
             stream.changed.clear()
             await stream.changed.wait()
-    except (ConnectionResetError, asyncio.CancelledError):
-        driver.reader_left(tid, stream, early=True)
-        raise
-    driver.reader_left(tid, stream, early=False)
+        finished = True
+    finally:
+        driver.reader_left(tid, stream, early=not finished)
     await resp.write_eof()
     return resp
 

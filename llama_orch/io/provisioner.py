@@ -558,6 +558,14 @@ def create_control_app(provisioner: Provisioner) -> web.Application:
     return app
 
 
+def _threads(value: object, index: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"pools[{index}].threads: expected an integer >= 1, got {value!r}")
+    return value
+
+
 def _specs_from_args(args, env) -> list[PoolSpec]:
     if args.config:
         try:
@@ -579,7 +587,7 @@ def _specs_from_args(args, env) -> list[PoolSpec]:
                                   mode=p.get("mode", args.mode), slots=int(p.get("slots", args.slots)),
                                   ctx=int(p.get("ctx", args.ctx)), replica_id=p.get("replica_id", "r0"),
                                   gpu_mask=str(p.get("gpu_mask", args.gpu_mask)), binary=p.get("binary", args.binary),
-                                  host=p.get("host", args.host), threads=p.get("threads", args.threads)))
+                                  host=p.get("host", args.host), threads=_threads(p.get("threads", args.threads), i)))
         return specs
     return [PoolSpec(pool_id=args.pool_id, model_ref=args.model, mode=args.mode, slots=args.slots, ctx=args.ctx,
                      gpu_mask=args.gpu_mask, binary=args.binary, host=args.host, threads=args.threads)]

@@ -116,3 +116,39 @@ async def test_configured_managers_survive_a_deregistration_of_the_same_url(aioh
         assert url in disc.managers and not any(isinstance(e, PoolRemoved) for e in events)
     finally:
         await disc.stop()
+
+
+async def test_a_pool_handed_over_stays_with_its_new_owner_when_the_old_one_returns(aiohttp_server):
+    listing_a = {"pools": [{"pool_id": "p", "ready": True, "slots_total": 1, "engine_url": "http://a:1"}]}
+    listing_b = {"pools": [{"pool_id": "p", "ready": True, "slots_total": 1, "engine_url": "http://b:1"}]}
+    up = {"a": True}
+
+    async def pools_a(request):
+        if not up["a"]:
+            return web.json_response({}, status=503)
+        return web.json_response(listing_a)
+    app = web.Application()
+    app.router.add_get("/v2/pools", pools_a)
+    a = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    b = await _listing_server(aiohttp_server, listing_b)
+    events = []
+    disc = PoolDiscovery([a, b], events.append, interval_ms=10_000)
+    await disc.start()
+    try:
+        assert disc.owner_of("p").url == a
+        up["a"] = False
+        await disc.poll_all()  # a is down: p lost, then b (which lists it too) takes over
+        await disc.poll_all()
+        assert disc.owner_of("p").url == b
+        up["a"] = True
+        events.clear()
+        for _ in range(2):
+            await disc.poll_all()  # a is back: b keeps p, and nobody loses or removes it
+        assert disc.owner_of("p").url == b
+        assert not [e for e in events if isinstance(e, (PoolLost, PoolRemoved))], events
+        assert {e.snapshot.engine_url for e in events if isinstance(e, PoolUpdated)} == {"http://b:1"}
+        disc.suspend(a, "stale")  # a's node going stale says nothing about b's pool
+        disc.remove_manager(a)
+        assert not [e for e in events if isinstance(e, (PoolLost, PoolRemoved))], events
+    finally:
+        await disc.stop()

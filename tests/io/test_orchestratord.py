@@ -206,8 +206,8 @@ async def test_verbose_stream_adds_narration_and_the_plain_one_does_not(aiohttp_
     assert notes[-1].startswith("Done: 60 tokens") and kinds[-1] == "end" and kinds[-2] == "narration"
     assert kinds.index("narration") < kinds.index("started") < kinds.index("token")
     assert [k for k, _ in plain] == [k for k in kinds if k != "narration"]  # the same stream without narration
-    # Read to the end by its readers, the stream shrinks to its terminal event for latecomers.
-    assert [k for k, _ in await events_of(client, body["task_id"])] == ["end"]
+    # Read to the end by its readers, the stream shrinks to started and end for latecomers.
+    assert [k for k, _ in await events_of(client, body["task_id"])] == ["started", "end"]
 
 
 async def test_one_reader_leaving_does_not_cancel_a_task_another_still_reads(aiohttp_server, aiohttp_client, tmp_path):
@@ -432,3 +432,26 @@ def test_loopback_is_decided_by_address():
 
     assert is_loopback("127.0.0.1") and is_loopback("127.8.9.10") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("127.example.com") and not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+
+
+async def test_an_error_after_the_stream_started_never_writes_a_second_response_into_it(aiohttp_client):
+    import aiohttp
+    from aiohttp import web
+
+    app = create_app(OrchestratorConfig(), [])
+
+    async def breaks_mid_stream(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"event: token\ndata: {}\n\n")
+        raise RuntimeError("a bug after the first frame")
+    app.router.add_get("/breaks", breaks_mid_stream)
+    client = await aiohttp_client(app)
+    resp = await client.get("/breaks")
+    body = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            body += chunk
+    except aiohttp.ClientPayloadError:
+        pass  # the stream is cut: that is how a client learns it broke
+    assert body.startswith(b"event: token") and b"HTTP/1.1 500" not in body and b"INTERNAL" not in body
