@@ -455,3 +455,36 @@ async def test_an_error_after_the_stream_started_never_writes_a_second_response_
     except aiohttp.ClientPayloadError:
         pass  # the stream is cut: that is how a client learns it broke
     assert body.startswith(b"event: token") and b"HTTP/1.1 500" not in body and b"INTERNAL" not in body
+
+
+async def test_a_stale_node_does_not_take_down_a_configured_manager_at_the_same_url(aiohttp_server, aiohttp_client,
+                                                                                      tmp_path):
+    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=1)))
+    pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
+        runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
+    write_handoff(tmp_path / "engines", Handoff(pool_id="pool-s", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
+                                                slots_total=1, model_id=MODEL))
+    pmd_url = str(pmd.make_url("")).rstrip("/")
+    client = await aiohttp_client(create_app(OrchestratorConfig(), [pmd_url], poll_interval_ms=30,
+                                             node_stale_after_ms=100))
+
+    async def ready():
+        r = await client.get("/v2/pools/pool-s/health")
+        return r.status == 200 and (await r.json())["ready"]
+    await eventually(ready, what="the configured pool")
+    assert (await client.post("/v2/nodes/register", json={"node_id": "n1", "base_url": pmd_url})).status == 200
+
+    async def stale():
+        return (await (await client.get("/v2/nodes")).json())["nodes"][0]["stale"]
+    await eventually(stale, what="the silent node going stale")
+
+    async def polls():
+        text = await (await client.get("/metrics")).text()
+        line = next(x for x in text.splitlines() if x.startswith('orchd_pool_health_checks_total{outcome="ok",pool_id="pool-s"}'))
+        return float(line.split()[-1])
+    seen = await polls()
+
+    async def three_more_polls():
+        return await polls() >= seen + 3
+    await eventually(three_more_polls, what="three more polls of the pool-managerd")
+    assert await ready()  # still placed: the configured manager vouches for it
