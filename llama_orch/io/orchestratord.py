@@ -1,18 +1,17 @@
 """orchestratord: the control plane. Clients in, admission and placement by the core, tokens out.
 
 The ``CoreDriver`` owns the one ``core.Orchestrator``: it stamps every event with the loop's
-clock, executes the commands that come back (start an upstream stream, forward tokens, close an
-upstream, end a stream) and arms the single timer for the core's next deadline. Handlers stay
-thin: parse, hand an event to the driver, stream what comes back. Pools come from
-``PoolDiscovery`` (polling every pool-managerd) and the pool-ready callback. The ``llamacpp``
-adapter streams ``/completion`` from the engine and relays each upstream read, framed by the
-ext relay, in one write; closing it frees the engine's slot.
+clock, executes the commands that come back (open an upstream stream through the pool's
+adapter, forward tokens, close an upstream, end a stream) and arms the single timer for the
+core's next deadline. Handlers stay thin: parse, hand an event to the driver, stream what comes
+back. Each admitted task has a ``Stream``: its SSE frames, narration for verbose readers, and
+its readers (the last one leaving early cancels the task, which frees its engine slot).
 
-Implemented so far: ``POST /v2/tasks``, ``GET /v2/tasks/{id}/events``, ``POST
-/v2/tasks/{id}/cancel``, ``GET /v2/pools``, ``GET /v2/pools/{id}/health``, drain and reload
-forwarded to the owning pool-managerd, ``GET /v2/meta/capabilities``, ``GET /v2/meta/version``,
-``GET /metrics``, ``POST /callbacks/pool-ready``, ``/livez``, ``/readyz``; every non-204
-response carries ``X-Correlation-Id``.
+This module serves the v2 API (tasks, events, cancel, sessions, pools, drain and reload
+forwarded to the owning pool-managerd, capabilities, version, metrics, the pool-ready callback,
+probes) and mounts the rest: ``/v2/nodes/*`` (``node_registry``), ``/v1/*`` (``openai_api``)
+and ``/openapi.json`` (``openapi_doc``). Pools come from ``PoolDiscovery``; adapters from
+``adapters``; every non-204 response carries ``X-Correlation-Id`` (``http.correlation``).
 """
 
 from __future__ import annotations
