@@ -93,6 +93,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise ValueError(raw)
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0 or value == float("inf"):
@@ -141,6 +148,7 @@ class PoolManagerSettings:
     orchestratord_url: str | None = None
     advertise_url: str | None = None
     orchestratord_api_key: str | None = None
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "PoolManagerSettings":
@@ -161,6 +169,7 @@ class PoolManagerSettings:
             orchestratord_url=env.url("POOL_MANAGERD_ORCHESTRATORD_URL", default=None),
             advertise_url=env.url("POOL_MANAGERD_ADVERTISE_URL", default=None),
             orchestratord_api_key=env.text("POOL_MANAGERD_ORCHESTRATORD_API_KEY", default="") or None,
+            metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
         )
 
 
@@ -186,6 +195,7 @@ class OrchdSettings:
     stream_timeout_ms: int = 3_600_000
     profile: str = "cloud"
     api_keys: tuple[str, ...] = ()
+    metrics_port: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -250,5 +260,6 @@ class OrchdSettings:
             token_timeout_ms=env.integer("ORCHD_TOKEN_TIMEOUT_MS", default=30_000, minimum=1),
             stream_timeout_ms=env.integer("ORCHD_STREAM_TIMEOUT_MS", default=3_600_000, minimum=1),
             api_keys=api_keys,
+            metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
             profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),
         )

@@ -62,6 +62,26 @@ async def correlation(request: web.Request, handler):
     return resp
 
 
+def serve_metrics_on(app: web.Application, host: str, port: int | None, handler, *keys: web.AppKey) -> None:
+    """``PROMETHEUS_METRICS_PORT``: ``/metrics`` on a port of its own too, for scrapers kept off the API port.
+    ``keys`` are the app keys the handler reads, shared with the small metrics app."""
+    if port is None:
+        return
+
+    async def listener(app: web.Application):
+        side = web.Application()
+        for key in keys:
+            side[key] = app[key]
+        side.router.add_get("/metrics", handler)
+        runner = web.AppRunner(side, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        yield
+        await runner.cleanup()
+
+    app.cleanup_ctx.append(listener)
+
+
 def error_body(request: web.Request, status: int, code: str, message: str) -> dict:
     """Our envelope, or OpenAI's shape on the OpenAI-compatible routes (their clients parse it)."""
     if request.path.startswith("/v1/"):

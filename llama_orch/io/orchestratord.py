@@ -66,7 +66,9 @@ from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, 
 from .daemon import prepare
 from .discovery import PoolDiscovery
 from .config import OrchdSettings
-from .http import ACCESS_LOG_FORMAT, CORRELATION_ID, correlation, fail, json_body, json_response, retry_headers
+from .http import (
+    ACCESS_LOG_FORMAT, CORRELATION_ID, correlation, fail, json_body, json_response, retry_headers, serve_metrics_on,
+)
 from .node_registry import add_node_routes
 from .openai_api import add_openai_routes
 from .openapi_doc import add_openapi_route
@@ -713,7 +715,8 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
                seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
                node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
-               api_keys: tuple[str, ...] = ()) -> web.Application:
+               api_keys: tuple[str, ...] = (), metrics_host: str = "127.0.0.1",
+               metrics_port: int | None = None) -> web.Application:
     app = web.Application(middlewares=[correlation, *([api_key_middleware(api_keys)] if api_keys else [])])
     app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts)
@@ -741,6 +744,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     add_node_routes(app, app[DISCOVERY], stale_after_ms=node_stale_after_ms)
     add_openai_routes(app, DRIVER, CORRELATION_ID)
     add_openapi_route(app, "orchestratord")
+    serve_metrics_on(app, metrics_host, metrics_port, metrics, DRIVER)
     app.on_shutdown.append(drain_streams)
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)
@@ -800,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
-                           profile=settings.profile, api_keys=settings.api_keys),
+                           profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
+                           metrics_port=settings.metrics_port),
                 host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5,
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
                 access_log_format=ACCESS_LOG_FORMAT)

@@ -52,7 +52,7 @@ from .config import ConfigError, PoolManagerSettings
 from .daemon import prepare
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
-from .http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404
+from .http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
 from .openapi_doc import add_openapi_route
 
 log = logging.getLogger("llama_orch.pool_managerd")
@@ -528,6 +528,7 @@ def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None
     app.router.add_post("/v2/pools/{pool_id}/reload", reload)
     app.router.add_get("/metrics", metrics)
     add_openapi_route(app, "pool_managerd")
+    serve_metrics_on(app, settings.host, settings.metrics_port, metrics, MANAGER)
     return app
 
 

@@ -488,3 +488,32 @@ async def test_a_stale_node_does_not_take_down_a_configured_manager_at_the_same_
         return await polls() >= seen + 3
     await eventually(three_more_polls, what="three more polls of the pool-managerd")
     assert await ready()  # still placed: the configured manager vouches for it
+
+
+async def test_prometheus_metrics_port_serves_metrics_apart_from_the_api(aiohttp_client, aiohttp_server, tmp_path):
+    import aiohttp
+    from cluster_support import free_port
+
+    port, pmd_port = free_port(), free_port()
+    client = await aiohttp_client(create_app(OrchestratorConfig(), [], metrics_port=port))
+    await aiohttp_server(pool_managerd_app(PoolManagerSettings(runtime_dir=tmp_path / "engines", provisioner_url=None,
+                                                               metrics_port=pmd_port)))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200 and "orchd_admission_queue_depth" in await r.text()
+        async with session.get(f"http://127.0.0.1:{port}/v2/pools") as r:
+            assert r.status == 404  # only metrics there
+        async with session.get(f"http://127.0.0.1:{pmd_port}/metrics") as r:
+            assert r.status == 200 and "pool_handoff_files_processed" in await r.text()
+    assert (await client.get("/metrics")).status == 200  # still on the API port too
+
+
+def test_prometheus_metrics_port_is_checked():
+    import pytest
+
+    from llama_orch.io.config import ConfigError, OrchdSettings
+
+    assert OrchdSettings.from_env({"PROMETHEUS_METRICS_PORT": "9090"}).metrics_port == 9090
+    assert PoolManagerSettings.from_env({"PROMETHEUS_METRICS_PORT": "9091"}).metrics_port == 9091
+    with pytest.raises(ConfigError, match="PROMETHEUS_METRICS_PORT"):
+        OrchdSettings.from_env({"PROMETHEUS_METRICS_PORT": "99999"})
