@@ -50,9 +50,8 @@ Decisions (they are part of the contract of this front door):
   and the stream closes without ``data: [DONE]``, so a client that ignores the error object
   still sees a truncated stream rather than a complete answer.
 - A client that goes away cancels its task (``TaskCanceled(reason="disconnect")``), which frees
-  the slot. aiohttp does not cancel handlers on a disconnect unless ``handler_cancellation``
-  is on, so the readers also check the connection whenever the stream moves and at least
-  every ``LIVENESS_CHECK_S`` while it does not.
+  the slot. The wait is ``Stream.wait_for_change``, shared with the v2 SSE reader: it also
+  looks at the connection while nothing moves.
 - Responses carry ``X-Task-Id``; the task can be followed or canceled through ``/v2/tasks``.
   ``chatcmpl-<task_id>`` and ``cmpl-<task_id>`` are the OpenAI ids.
 """
@@ -60,7 +59,6 @@ Decisions (they are part of the contract of this front door):
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -73,6 +71,7 @@ from ..core.commands import Rejected
 from ..core.placement import normalize_model_ref
 from ..core.types import Priority, TaskSpec
 from ..ext.sse import SSEParser
+from .http import retry_headers
 from .wire import MAX_INT, TaskPayload, WireError, parse_sampling
 
 if TYPE_CHECKING:
@@ -82,7 +81,6 @@ DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 DEFAULT_DEADLINE_MS = 300_000
 TEMPLATE_TOKENS_PER_MESSAGE = 4
-LIVENESS_CHECK_S = 1.0
 OWNER = "llama-orch"
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer
 
@@ -113,7 +111,7 @@ def backoff_headers(retry_after_ms: int | None) -> dict[str, str]:
     """``Retry-After`` in whole seconds (at least 1) as the contract wants, and the exact figure
     twice: ours (``X-Backoff-Ms``) and the one the official client reads (``retry-after-ms``)."""
     retry = retry_after_ms or 1000
-    return {"Retry-After": str(max(1, math.ceil(retry / 1000))), "X-Backoff-Ms": str(retry), "retry-after-ms": str(retry)}
+    return {**retry_headers(retry), "retry-after-ms": str(retry)}
 
 
 class OpenAIError(Exception):
@@ -403,33 +401,19 @@ def usage_of(parsed: ParsedRequest, tokens_out: int) -> dict:
             "total_tokens": parsed.prompt_tokens + tokens_out}
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def follow(request: web.Request, stream: Stream) -> AsyncIterator[list[tuple[str, bytes]]]:
     """The task's events as they come, one batch per wake-up; ``ConnectionResetError`` once the
     client is gone (the caller cancels the task)."""
     parser = SSEParser()
     seen = 0
     while True:
-        frames = stream.frames
-        if seen < len(frames):
-            batch = b"".join(frames[seen:])
-            seen = len(frames)
-            yield parser.feed(batch)
+        frames, seen, _ = stream.read(seen, 0, False)
+        if frames:
+            yield parser.feed(b"".join(frames))
             continue
         if stream.done:
             return
-        if _client_gone(request):
-            raise ConnectionResetError("the client went away")
-        stream.changed.clear()
-        try:
-            async with asyncio.timeout(LIVENESS_CHECK_S):
-                await stream.changed.wait()
-        except TimeoutError:
-            pass  # nothing new: check the connection, wait again
+        await stream.wait_for_change(request)
 
 
 class OpenAIFrontDoor:

@@ -77,6 +77,8 @@ from .wire import TaskPayload, WireError, parse_task_request
 log = logging.getLogger("llama_orch.orchestratord")
 
 
+LIVENESS_CHECK_S = 1.0
+
 #: What the adapters can run today; embedding and rerank are valid on the wire but not served.
 SERVED_WORKLOADS = ("completion",)
 ANY_POOL = "any"  # the pool_id label of queue-level series: a queued task has no pool yet
@@ -198,6 +200,22 @@ class Stream:
         if not self.done:
             self.notes.append((len(self.frames), frame_event("narration", orjson.dumps({"text": text}))))
             self.changed.set()
+
+    async def wait_for_change(self, request: web.Request) -> None:
+        """Until the stream moves; ``ConnectionResetError`` once the reader's client is gone. The
+        connection is looked at every ``LIVENESS_CHECK_S`` too: a server that does not cancel
+        handlers on disconnect would otherwise keep a queued or stalled task for nobody."""
+        self.changed.clear()
+        while True:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            try:
+                async with asyncio.timeout(LIVENESS_CHECK_S):
+                    await self.changed.wait()
+                return
+            except TimeoutError:
+                pass  # nothing new: look at the connection again
 
     def read(self, sent: int, noted: int, verbose: bool) -> tuple[list[bytes], int, int]:
         """Frames (and, verbose, notes) from the cursors on, with the new cursors."""
@@ -549,8 +567,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                 continue
             if stream.done:
                 break
-            stream.changed.clear()
-            await stream.changed.wait()
+            await stream.wait_for_change(request)
         finished = True
     finally:
         driver.reader_left(tid, stream, early=not finished)

@@ -517,3 +517,20 @@ def test_prometheus_metrics_port_is_checked():
     assert PoolManagerSettings.from_env({"PROMETHEUS_METRICS_PORT": "9091"}).metrics_port == 9091
     with pytest.raises(ConfigError, match="PROMETHEUS_METRICS_PORT"):
         OrchdSettings.from_env({"PROMETHEUS_METRICS_PORT": "99999"})
+
+
+async def test_a_queued_tasks_only_reader_leaving_cancels_it_without_waiting_for_a_frame(aiohttp_server, aiohttp_client,
+                                                                                        tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=1, tokens_per_s=20)
+    busy, queued = task(max_tokens=400), task(max_tokens=10)  # busy holds the only slot for 20 s
+    assert (await client.post("/v2/tasks", json=busy)).status == 202
+    assert (await client.post("/v2/tasks", json=queued)).status == 202
+    driver = client.app[DRIVER]
+    resp = await client.get(f"/v2/tasks/{queued['task_id']}/events")
+    assert resp.status == 200
+    resp.close()  # the reader hangs up while nothing is sent to it (the test server cancels no handler)
+
+    async def canceled():
+        return driver.core.task(queued["task_id"]) is None
+    await eventually(canceled, timeout=5, what="the queued task canceled once its only reader left")
+    await client.post(f"/v2/tasks/{busy['task_id']}/cancel")
