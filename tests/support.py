@@ -67,6 +67,17 @@ class Ledger:
         return [c for c in self.log if isinstance(c, kind) and (task_id is None or c.task_id == task_id)]
 
 
+def wait_until(check, timeout: float = 30.0, what: str = "condition"):
+    """``eventually`` for plain functions: ``check()`` until truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.05)
+
+
 async def eventually(check, timeout: float = 30.0, what: str = "condition"):
     """Await ``check()`` until it returns something truthy (returned), or fail after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -40,7 +40,7 @@ import orjson
 import pytest
 from cluster_support import CACHE, Node, Orchd, task
 from multidict import CIMultiDict
-from support import eventually
+from support import eventually, wait_until
 
 from llama_orch.ext.sse import SSEParser
 
@@ -62,15 +62,6 @@ def get_json(url: str, timeout: float = 2.0):
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.05)
 
 
 @dataclass

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import subprocess
 import sys
 
 import aiohttp
 import orjson
 import pytest
+from cluster_support import free_port
 from support import eventually
 
 from llama_orch.ext.sse import SSEParser
@@ -103,11 +103,6 @@ def mock_engine(aiohttp_server):
         return str(server.make_url("")).rstrip("/"), server.app[ENGINE]
     return start
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def slots_busy(session: aiohttp.ClientSession, url: str) -> list[bool]:

@@ -1,13 +1,13 @@
 """The mock engine speaks llama-server's protocol: parsed here with the project's own relay."""
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
 
 import aiohttp
 import pytest
+from cluster_support import free_port
 
 from llama_orch.ext.sse import TokenRelay
 from llama_orch.io.mock_engine import MockConfig, create_app
@@ -84,11 +84,6 @@ async def test_injected_errors(aiohttp_client):
     resp = await client.post("/completion", json={"prompt": "a"})
     assert resp.status == 500 and (await resp.json())["error"]["message"] == "injected fault"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_crash_mid_stream_kills_the_process():

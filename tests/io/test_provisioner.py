@@ -3,31 +3,15 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cluster_support import free_port
+from support import wait_until
 
 from llama_orch.io.provisioner import pid_alive
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class Run:
@@ -72,32 +56,32 @@ def runs():
 def test_mock_pool_is_provisioned_restarted_after_kill_9_and_stopped_on_sigterm(tmp_path, runs):
     run = Run(tmp_path, "--mode", "mock", "--slots", "3", "--ctx", "512")
     runs.append(run)
-    h = wait_for(lambda: run.handoff(), what="handoff")
+    h = wait_until(lambda: run.handoff(), what="handoff")
     assert h["pool_id"] == "pool-0" and h["slots_total"] == 3 and h["provisioning_mode"] == "mock"
     assert h["url"].startswith("http://127.0.0.1:") and "--parallel" in h["flags"] and h["error"] is None
     assert Path(h["model"]["path"]).read_bytes()[:4] == b"GGUF"  # no --model: the tiny model
     first = h["pid"]
     os.kill(first, signal.SIGKILL)
-    h2 = wait_for(lambda: (x := run.handoff()) and x["pid"] not in (None, first) and x,
+    h2 = wait_until(lambda: (x := run.handoff()) and x["pid"] not in (None, first) and x,
                   what="handoff rewritten after restart")
     assert pid_alive(h2["pid"]) and not pid_alive(first)
     assert run.stop() == 0
-    wait_for(lambda: not pid_alive(h2["pid"]), what="engine stopped on SIGTERM")
+    wait_until(lambda: not pid_alive(h2["pid"]), what="engine stopped on SIGTERM")
 
 
 def test_a_restarted_provisioner_adopts_its_healthy_engine(tmp_path, runs):
     run = Run(tmp_path, "--mode", "mock")
     runs.append(run)
-    pid = wait_for(lambda: run.handoff(), what="handoff")["pid"]
+    pid = wait_until(lambda: run.handoff(), what="handoff")["pid"]
     run.proc.kill()  # the provisioner dies; its engine lives on in its own session
     run.proc.wait()
     (run.handoffs / "pool-0-r0.json").unlink()
     again = Run(tmp_path, "--mode", "mock")
     runs.append(again)
-    h = wait_for(lambda: again.handoff(), what="handoff from the adopting provisioner")
+    h = wait_until(lambda: again.handoff(), what="handoff from the adopting provisioner")
     assert h["pid"] == pid and pid_alive(pid)
     assert again.stop() == 0
-    wait_for(lambda: not pid_alive(pid), what="adopted engine stopped")
+    wait_until(lambda: not pid_alive(pid), what="adopted engine stopped")
 
 
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"not a model", "not a GGUF file")])
@@ -107,7 +91,7 @@ def test_missing_or_corrupt_model_writes_an_error_handoff(tmp_path, runs, conten
         model.write_bytes(content)
     run = Run(tmp_path, "--mode", "mock", "--model", f"file:{model}")
     runs.append(run)
-    h = wait_for(lambda: run.handoff(), what="error handoff")
+    h = wait_until(lambda: run.handoff(), what="error handoff")
     assert h["url"] == "" and message in h["error"] and str(model) in h["error"]
     assert run.proc.poll() is None  # the provisioner stays up for its other pools
     assert run.stop() == 0
@@ -128,8 +112,8 @@ def test_config_file_provisions_several_pools(tmp_path, runs):
     cfg.write_text(json.dumps({"pools": [{"pool_id": "a", "slots": 1}, {"pool_id": "b", "slots": 2}]}))
     run = Run(tmp_path, "--mode", "mock", "--config", str(cfg))
     runs.append(run)
-    a = wait_for(lambda: run.handoff("a-r0.json"), what="pool a")
-    b = wait_for(lambda: run.handoff("b-r0.json"), what="pool b")
+    a = wait_until(lambda: run.handoff("a-r0.json"), what="pool a")
+    b = wait_until(lambda: run.handoff("b-r0.json"), what="pool b")
     assert (a["slots_total"], b["slots_total"]) == (1, 2) and a["url"] != b["url"]
     assert run.stop() == 0
 
@@ -139,7 +123,7 @@ def test_reload_swaps_the_model_and_rolls_back_a_missing_one(tmp_path, runs):
 
     run = Run(tmp_path, "--mode", "mock")
     runs.append(run)
-    first = wait_for(lambda: run.handoff(), what="handoff")
+    first = wait_until(lambda: run.handoff(), what="handoff")
     other = tmp_path / "other.gguf"
     other.write_bytes(Path(first["model"]["path"]).read_bytes())
 
@@ -153,19 +137,19 @@ def test_reload_swaps_the_model_and_rolls_back_a_missing_one(tmp_path, runs):
 
     status, body = post("/v2/pools/pool-0/reload", {"new_model_ref": f"file:{other}"})
     assert status == 202 and body["reloading"] == f"file:{other}"
-    swapped = wait_for(lambda: (h := run.handoff()) and h["model"]["id"] == f"file:{other}" and h, what="reload")
+    swapped = wait_until(lambda: (h := run.handoff()) and h["model"]["id"] == f"file:{other}" and h, what="reload")
     assert swapped["pid"] != first["pid"] and pid_alive(swapped["pid"])
-    wait_for(lambda: not pid_alive(first["pid"]), what="old engine retired")
+    wait_until(lambda: not pid_alive(first["pid"]), what="old engine retired")
     status, body = post("/v2/pools/pool-0/reload", {"new_model_ref": f"file:{tmp_path}/missing.gguf"})
     assert status == 202
-    kept = wait_for(lambda: (h := run.handoff()) and h.get("notice") and h, what="rollback notice")
+    kept = wait_until(lambda: (h := run.handoff()) and h.get("notice") and h, what="rollback notice")
     assert "rolled back" in kept["notice"] and "missing.gguf" in kept["notice"]
     assert kept["pid"] == swapped["pid"] and kept["model"]["id"] == f"file:{other}" and pid_alive(kept["pid"])
     assert post("/v2/pools/nope/reload", {"new_model_ref": "x"})[0] == 404
     assert post("/v2/pools/pool-0/reload", {})[0] == 400
     status, view = post("/v2/pools/pool-0/stop", {})
     assert status == 200 and view["state"] == "drained"
-    wait_for(lambda: not pid_alive(kept["pid"]), what="engine stopped")
+    wait_until(lambda: not pid_alive(kept["pid"]), what="engine stopped")
     assert run.stop() == 0
 
 
