@@ -72,6 +72,7 @@ from .http import (
 from .node_registry import add_node_routes
 from .openai_api import add_openai_routes
 from .openapi_doc import add_openapi_route
+from .waits import within
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
@@ -751,9 +752,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
         """SIGTERM: stop admitting, let admitted tasks finish within the grace, then cancel the rest."""
         driver.accepting = False
         log.info("shutting down: %d tasks to finish (grace %.0f s)", len(driver.core.tasks), shutdown_grace_s)
-        try:
-            await asyncio.wait_for(driver.idle.wait(), shutdown_grace_s)
-        except asyncio.TimeoutError:
+        if not await within(driver.idle.wait(), shutdown_grace_s):
             # Every stream gets its terminal event now, so its reader's handler returns at once.
             log.warning("shutdown grace over: canceled %d tasks", driver.cancel_all("shutdown"))
 

@@ -54,6 +54,7 @@ from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
 from .http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
 from .openapi_doc import add_openapi_route
+from .waits import within
 
 log = logging.getLogger("llama_orch.pool_managerd")
 
@@ -248,8 +249,7 @@ class PoolManager:
             deadlines = [d for p in self.pools.values() if (d := p.lifecycle.next_deadline()) is not None]
             timeout = max(0.0, (min(deadlines) - self.now()) / 1000) if deadlines else None
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await within(self._wake.wait(), timeout)
 
     def _apply(self, pool: Pool, commands: list) -> None:
         for cmd in commands:

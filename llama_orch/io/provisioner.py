@@ -48,6 +48,7 @@ from .daemon import prepare
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
 from .handoff import Handoff, write_handoff
 from .http import fail, json_body, json_response, pool_or_404
+from .waits import within
 
 log = logging.getLogger("llama_orch.provisioner")
 
@@ -129,9 +130,7 @@ class Engine:
     async def stop(self, grace_s: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.wait(), grace_s)
-        except asyncio.TimeoutError:
+        if not await within(self.wait(), grace_s):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             await self.wait()
@@ -445,8 +444,7 @@ class PoolSupervisor:
                 self._apply(self.lifecycle.handle(Tick(), now))
                 continue
             self.wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), None if due is None else (due - now) / 1000)
+            await within(self.wake.wait(), None if due is None else (due - now) / 1000)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
