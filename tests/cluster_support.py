@@ -87,7 +87,7 @@ class Orchd:
                     return r.status == 200
             except aiohttp.ClientError:
                 return False
-        await eventually(ready, timeout=60, what="orchestratord sees a ready pool\n" + node.logs())
+        await eventually(ready, timeout=60, what=lambda: "orchestratord sees a ready pool\n" + node.logs())
 
     def close(self) -> None:
         if self.proc.poll() is None:

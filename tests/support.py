@@ -78,12 +78,22 @@ def wait_until(check, timeout: float = 30.0, what: str = "condition"):
         time.sleep(0.05)
 
 
-async def eventually(check, timeout: float = 30.0, what: str = "condition"):
-    """Await ``check()`` until it returns something truthy (returned), or fail after ``timeout``."""
+def _describe(what) -> str:
+    return what() if callable(what) else what
+
+
+async def eventually(check, timeout: float = 30.0, what="condition"):
+    """Await ``check()`` until it returns something truthy (returned), or fail after ``timeout``.
+
+    ``what`` names the condition in the failure; a callable is asked then, for logs as they are at the end."""
     deadline = time.monotonic() + timeout
     while True:
-        result = await check()
+        try:  # a check that never answers fails at the deadline too, rather than at pytest's timeout
+            async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
+                result = await check()
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {_describe(what)}: a check did not answer in time") from None
         if result:
             return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {_describe(what)}"
         await asyncio.sleep(0.02)

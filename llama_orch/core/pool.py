@@ -59,6 +59,7 @@ POOL_TRANSITIONS: dict[tuple[PoolState, str], PoolState] = {
     (S.STARTING, "engine_started"): S.STARTING,
     (S.READY, "engine_started"): S.STARTING,
     (S.DRAINED, "engine_started"): S.STARTING,
+    (S.DRAINING, "engine_started"): S.DRAINING,  # replaced while draining (a reload landing): the drain goes on
     (S.STARTING, "health_ok"): S.READY,
     (S.READY, "health_ok"): S.READY,
     (S.UNREADY, "health_ok"): S.READY,

@@ -11,7 +11,6 @@ The events go to a callback: the driver that owns the core.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -79,8 +78,8 @@ class PoolDiscovery:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # gather, not a suppressed CancelledError: a cancel aimed at stop() itself still propagates
+            await asyncio.gather(self._task, return_exceptions=True)
         if self._own_session and self._session is not None:
             await self._session.close()
 

@@ -14,11 +14,13 @@ the same key from racing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -148,18 +150,26 @@ class _Builder:
         with self.log_path.open("a") as log:
             log.write(f"\n# step {name}: {' '.join(argv)}\n")
             log.flush()
+            # a session of its own, so that stopping a step stops the compilers it started as well
             proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.STDOUT)
+                                                        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
             shown = -1
             assert proc.stdout is not None
-            async for raw in proc.stdout:
-                line = raw.decode(errors="replace")
-                log.write(line)
-                match = re.match(r"\[\s*(\d+)%\]", line) if progress else None
-                if match and int(match.group(1)) >= shown + 5:
-                    shown = int(match.group(1))
-                    self.report(f"{name}: {shown}%")
-            rc = await proc.wait()
+            try:
+                async for raw in proc.stdout:
+                    line = raw.decode(errors="replace")
+                    log.write(line)
+                    match = re.match(r"\[\s*(\d+)%\]", line) if progress else None
+                    if match and int(match.group(1)) >= shown + 5:
+                        shown = int(match.group(1))
+                        self.report(f"{name}: {shown}%")
+                rc = await proc.wait()
+            except BaseException:  # canceled (shutdown) or failed: the step's child must not outlive it
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await asyncio.shield(proc.wait())
+                raise
         if rc != 0:
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
             raise BuildError(name, self.log_path, f"exit status {rc}: {' | '.join(tail)}")

@@ -101,6 +101,7 @@ class PoolManager:
         self.session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._discovering: asyncio.Future | None = None
         self._orchd_headers: dict[str, str] = {}
         self._rng = random.Random(0)
 
@@ -114,7 +115,7 @@ class PoolManager:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_ms / 1000))
         key = self.settings.orchestratord_api_key
         self._orchd_headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.refresh_gpus()
+        self.apply_gpus(self.gpu.discover())
         if self.discovery is not None and not self.discovery.nvml:
             log.warning("GPU discovery: %s; pools are CPU pools sized by system memory", self.discovery.error)
         self.settings.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +126,12 @@ class PoolManager:
             self._spawn(self._registration_loop())
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # again while a task being stopped spawned another
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._discovering is not None:
+            await asyncio.gather(self._discovering, return_exceptions=True)
         if self.settings.orchestratord_url and self.session is not None:
             await self._deregister()
         if self.session is not None:
@@ -229,8 +233,8 @@ class PoolManager:
                 healthy = resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             pass
-        if pool.handoff is not handoff:
-            return  # superseded by a newer handoff meanwhile
+        if (pool.handoff.url, pool.handoff.pid) != (handoff.url, handoff.pid) or pool.handoff.error is not None:
+            return  # superseded by another engine meanwhile (a rewrite with news of this one is not)
         now, pid = self.now(), handoff.pool_id
         out = pool.lifecycle.handle(EngineStarted(pool_id=pid, engine_url=handoff.url, pid=handoff.pid), now)
         if healthy:
@@ -395,8 +399,9 @@ class PoolManager:
 
     # -- GPUs -----------------------------------------------------------------------------------
 
-    def refresh_gpus(self) -> None:
-        self.discovery = self.gpu.discover()
+    def apply_gpus(self, discovery) -> None:
+        """Take a discovery in, on the loop: the pools and gauges are only touched from here."""
+        self.discovery = discovery
         for d in self.discovery.devices:
             self.metrics.vram_used.labels(device=str(d.index)).set(d.vram_total_bytes - d.vram_free_bytes)
             if d.utilization_pct is not None:
@@ -407,7 +412,10 @@ class PoolManager:
     async def _gpu_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.gpu_discovery_interval_ms / 1000)
-            await asyncio.to_thread(self.refresh_gpus)
+            # NVML may block, so it runs in a thread; stop() waits for a call in flight before it
+            # shuts NVML down, and the result is applied back on the loop
+            self._discovering = asyncio.ensure_future(asyncio.to_thread(self.gpu.discover))
+            self.apply_gpus(await asyncio.shield(self._discovering))
 
     def vram(self, pool: Pool) -> tuple[int, int]:
         if self.discovery is None:

@@ -53,6 +53,7 @@ from .waits import within
 log = logging.getLogger("llama_orch.provisioner")
 
 MODES = ("source", "binary", "mock")
+KILL_WAIT_S = 5.0  # after SIGKILL: only an unkillable (D-state) or foreign process takes longer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,13 +101,19 @@ def free_port(host: str) -> int:
 
 
 def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs. A zombie counts as gone: an adopted engine is not our child, so
+    nothing here can reap it, and waiting for it to vanish would wait for ever."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    return stat[stat.rindex(")") + 2:][:1] != "Z"  # the state follows the parenthesised command name
 
 
 class Engine:
@@ -133,7 +140,8 @@ class Engine:
         if not await within(self.wait(), grace_s):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            await self.wait()
+            if not await within(self.wait(), KILL_WAIT_S):
+                log.error("engine pid %d still there %.0f s after SIGKILL; leaving it", self.pid, KILL_WAIT_S)
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -457,9 +465,10 @@ class PoolSupervisor:
     async def stop(self) -> None:
         self.stopping = True
         self.wake.set()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # again while a task being stopped spawned another
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.engine is not None:
             await self.engine.stop()
         with contextlib.suppress(FileNotFoundError):
@@ -690,6 +699,8 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
             await waiter
         else:
             starting.cancel()
+            # let the half-done bring-up unwind before stop(), so nothing it starts outlives us
+            await asyncio.gather(starting, return_exceptions=True)
     finally:
         log.info("stopping engines")
         await provisioner.stop()

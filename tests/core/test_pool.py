@@ -104,7 +104,7 @@ def test_table_covers_every_state_and_the_missing_pairs_are_not_empty():
     targets = set(POOL_TRANSITIONS.values())
     assert sources | targets == set(PoolState)
     assert len(MISSING) + len(POOL_TRANSITIONS) == len(PoolState) * len(TRIGGERS)
-    assert (PoolState.UNKNOWN, "health_ok") in MISSING and (PoolState.DRAINING, "engine_started") in MISSING
+    assert (PoolState.UNKNOWN, "health_ok") in MISSING and (PoolState.DRAINING, "provision") in MISSING
 
 
 def _reach(state: PoolState) -> PoolLifecycle:
@@ -151,7 +151,6 @@ ILLEGAL_EVENTS = [
     (PoolState.STARTING, ProvisionStarted(pool_id=P)),
     (PoolState.READY, ProvisionStarted(pool_id=P)),
     (PoolState.READY, ProvisionFailed(pool_id=P, error="disk full")),
-    (PoolState.DRAINING, EngineStarted(pool_id=P, engine_url="http://other")),
     (PoolState.DRAINING, ProvisionStarted(pool_id=P)),
     (PoolState.DRAINED, ProvisionFailed(pool_id=P, error="disk full")),
     (PoolState.FAILED, ProvisionFailed(pool_id=P, error="disk full")),
@@ -600,6 +599,17 @@ def test_drain_while_starting_with_leases_survives_the_start_deadline():
     assert pl.state is PoolState.DRAINING
     out = pl.handle(Tick(), 5_010)
     assert StopEngine(pool_id=P, reason="drained") in out and pl.state is PoolState.DRAINED
+
+
+def test_an_engine_replaced_while_draining_keeps_the_drain_and_is_stopped_with_it():
+    # pool-managerd cannot refuse a handoff: a reload that lands mid-drain must not end the drain
+    pl = _reach(PoolState.READY)
+    pl.handle(LeasesChanged(pool_id=P, active=1), 10)
+    pl.handle(DrainRequested(pool_id=P, deadline_ms=5_000), 10)
+    assert pl.handle(EngineStarted(pool_id=P, engine_url="http://new"), 20) == []
+    assert pl.state is PoolState.DRAINING and pl.engine_url == "http://new"
+    assert pl.handle(LeasesChanged(pool_id=P, active=0), 30) == [
+        changed(PoolState.DRAINING, PoolState.DRAINED, "drained"), StopEngine(pool_id=P, reason="drained")]
 
 
 def test_provision_failure_while_starting_cancels_the_start_deadline():

@@ -49,7 +49,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         async def ready():
             st = await get_json(session, status_url)
             return st if st and st["ready"] else None
-        st = await eventually(ready, timeout=60, what="pool ready\n" + node.logs())
+        st = await eventually(ready, timeout=60, what=lambda: "pool ready\n" + node.logs())
         assert st["slots_total"] == 2 and st["slots_free"] == 2 and st["ctx_max"] == 2048
         assert st["engine"] == "llamacpp" and "+" in st["engine_version"] and st["provisioning_mode"] == "source"
         assert st["model_ref"].endswith("tiny.gguf") and st["last_error"] is None and st["live"] is True
@@ -93,7 +93,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         async def back():
             s = await get_json(session, status_url)
             return s if s and s["ready"] and s["engine_pid"] != st["engine_pid"] else None
-        st_back = await eventually(back, what="pool ready again\n" + node.logs())
+        st_back = await eventually(back, what=lambda: "pool ready again\n" + node.logs())
         assert pid_alive(st_back["engine_pid"]) and st_back["last_error"] is None
 
         metrics = await (await session.get(f"{node.url}/metrics")).text()
@@ -117,7 +117,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         async def rolled_back():
             s = await get_json(session, status_url)
             return s if s["last_error"] and "rolled back" in s["last_error"] else None
-        st_rb = await eventually(rolled_back, what="reload rolled back\n" + node.logs())
+        st_rb = await eventually(rolled_back, what=lambda: "reload rolled back\n" + node.logs())
         assert st_rb["ready"] and st_rb["engine_pid"] == st_back["engine_pid"] and st_rb["model_ref"] == st["model_ref"]
         second = tmp_path / "second.gguf"
         second.write_bytes(Path(st["model_ref"].removeprefix("file:")).read_bytes())
@@ -127,7 +127,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         async def reloaded():
             s = await get_json(session, status_url)
             return s if s["model_ref"] == f"file:{second}" and s["ready"] else None
-        st_new = await eventually(reloaded, what="reloaded\n" + node.logs())
+        st_new = await eventually(reloaded, what=lambda: "reloaded\n" + node.logs())
         watcher.cancel()
         assert all(watcher_ready), "the pool went unready during a reload"
         assert st_new["engine_pid"] != st_back["engine_pid"] and st_new["last_error"] is None
@@ -137,10 +137,12 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         async with session.post(f"{node.url}/v2/pools/pool-0/drain", json={"deadline_ms": 5000}) as r:
             assert r.status == 202
 
+        last = {}
+
         async def drained():
-            s = await get_json(session, status_url)
+            s = last["status"] = await get_json(session, status_url)
             return s if s["state"] == "drained" else None
-        assert (await eventually(drained, what="drained"))["ready"] is False
+        assert (await eventually(drained, what=lambda: f"drained; last status {last.get('status')}\n{node.logs()}"))["ready"] is False
         await eventually(lambda: _truthy(not pid_alive(st_new["engine_pid"])), what="drained engine stopped")
 
         node.prov.send_signal(signal.SIGTERM)
@@ -163,7 +165,7 @@ async def test_a_corrupt_model_leaves_the_pool_unready_with_last_error(llama_ser
         async def reported():
             s = await get_json(session, f"{node.url}/v2/pools/bad/status")
             return s if s and s["last_error"] else None
-        st = await eventually(reported, what="last_error for the corrupt model\n" + node.logs())
+        st = await eventually(reported, what=lambda: "last_error for the corrupt model\n" + node.logs())
         assert st["ready"] is False and "exited" in st["last_error"]
 
         async def failed_again():  # each failed restart is reported by a new error handoff

@@ -48,3 +48,29 @@ async def test_a_failed_step_names_the_step_and_the_log(tmp_path):
     assert cached_binary(tmp_path / "cache", spec) is None
     # no half-built tree left behind
     assert not [p for p in log.parent.iterdir() if p.name.startswith("llama-build-")]
+
+
+async def test_a_canceled_step_stops_the_processes_it_started(tmp_path):
+    # Shutdown during a build must not leave compilers running: the step's whole group goes.
+    import asyncio
+
+    from support import eventually
+
+    from llama_orch.io.engine_build import _Builder
+    from llama_orch.io.provisioner import pid_alive
+
+    pidfile = tmp_path / "grandchild.pid"
+    builder = _Builder(BuildSpec(), tmp_path, tmp_path / "build.log", lambda _: None, 1)
+    step = asyncio.ensure_future(builder._step("compile", ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]))
+
+    async def started():
+        return pidfile.is_file() and pidfile.read_text().strip()
+    grandchild = int(await eventually(started, timeout=10, what="the step's child process"))
+    assert pid_alive(grandchild)
+    step.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await step
+
+    async def gone():
+        return not pid_alive(grandchild)
+    await eventually(gone, timeout=5, what="the step's grandchild to be killed with it")

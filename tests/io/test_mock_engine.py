@@ -18,7 +18,7 @@ async def client_for(aiohttp_client, **kw):
 
 
 async def test_health_reports_loading_then_ok(aiohttp_client):
-    client = await client_for(aiohttp_client, start_delay_s=0.3)
+    client = await client_for(aiohttp_client, start_delay_s=2)  # room for a slow start before the first probe
     resp = await client.get("/health")
     assert resp.status == 503 and (await resp.json())["error"]["message"] == "Loading model"
     deadline = time.monotonic() + 5
@@ -64,8 +64,9 @@ async def test_openai_streams_end_with_done(aiohttp_client, path, body):
 
 
 async def test_a_busy_engine_defers_requests_until_a_slot_frees(aiohttp_client):
+    # 4 s of decoding: the deferred count is only visible while the first request holds the slot
     client = await client_for(aiohttp_client, slots=1, tokens_per_s=50)
-    first = asyncio.ensure_future(client.post("/completion", json={"prompt": "a", "n_predict": 10}))
+    first = asyncio.ensure_future(client.post("/completion", json={"prompt": "a", "n_predict": 200}))
     deadline = time.monotonic() + 5
     while not (await (await client.get("/slots")).json())[0]["is_processing"]:
         assert time.monotonic() < deadline
@@ -75,7 +76,7 @@ async def test_a_busy_engine_defers_requests_until_a_slot_frees(aiohttp_client):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     assert not second.done()
-    assert (await (await first).json())["tokens_predicted"] == 10
+    assert (await (await first).json())["tokens_predicted"] == 200
     assert (await (await second).json())["tokens_predicted"] == 1
 
 

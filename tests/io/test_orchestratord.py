@@ -188,8 +188,8 @@ async def test_metrics_follow_the_tasks(aiohttp_server, aiohttp_client, tmp_path
 async def test_verbose_stream_adds_narration_and_the_plain_one_does_not(aiohttp_server, aiohttp_client, tmp_path):
     import asyncio
 
-    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
-    body = task(max_tokens=60)  # about 120 ms: both readers attach while it runs
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=100)
+    body = task(max_tokens=60)  # about 0.6 s: both readers attach while it runs
 
     async def verbose_events():
         resp = await client.get(f"/v2/tasks/{body['task_id']}/events?verbose=true")
@@ -255,7 +255,7 @@ async def test_shutdown_stops_admitting_and_waits_for_running_tasks(aiohttp_serv
     import asyncio
 
     client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=200)
-    body = task(max_tokens=200)  # about a second
+    body = task(max_tokens=1000)  # about 5 s: still running while the checks below are made
     assert (await client.post("/v2/tasks", json=body)).status == 202
     stream = asyncio.ensure_future(events_of(client, body["task_id"]))
     shutdown = asyncio.ensure_future(client.app.shutdown())  # what SIGTERM runs first
@@ -267,8 +267,8 @@ async def test_shutdown_stops_admitting_and_waits_for_running_tasks(aiohttp_serv
         assert late.status == 503 and "shutting down" in (await late.json())["message"]
         assert int(late.headers["Retry-After"]) >= 1
         assert not shutdown.done()  # still waiting for the running task
-        events = await asyncio.wait_for(stream, 10)
-        assert events[-1][0] == "end" and events[-1][1]["tokens_out"] == 200
+        events = await asyncio.wait_for(stream, 20)
+        assert events[-1][0] == "end" and events[-1][1]["tokens_out"] == 1000
         await asyncio.wait_for(shutdown, 10)
     finally:
         for pending in (stream, shutdown):
@@ -300,7 +300,7 @@ async def test_nodes_register_heartbeat_go_stale_and_deregister(aiohttp_server, 
     write_handoff(tmp_path / "engines", Handoff(pool_id="pool-n", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
                                                 slots_total=1, model_id=MODEL))
     pmd_url = str(pmd.make_url("")).rstrip("/")
-    client = await aiohttp_client(create_app(OrchestratorConfig(), [], poll_interval_ms=30, node_stale_after_ms=300))
+    client = await aiohttp_client(create_app(OrchestratorConfig(), [], poll_interval_ms=30, node_stale_after_ms=1000))
 
     async def pool_ready():
         r = await client.get("/v2/pools/pool-n/health")
@@ -311,7 +311,7 @@ async def test_nodes_register_heartbeat_go_stale_and_deregister(aiohttp_server, 
     assert (await client.post("/v2/nodes/n1/heartbeat")).status == 404  # unknown: it must register
     reg = await client.post("/v2/nodes/register", json={"node_id": "n1", "base_url": pmd_url})
     body = await reg.json()
-    assert reg.status == 200 and body["stale_after_ms"] == 300 and body["heartbeat_interval_ms"] > 0
+    assert reg.status == 200 and body["stale_after_ms"] == 1000 and body["heartbeat_interval_ms"] > 0
     await eventually(pool_ready, what="the registered node's pool")  # polled from now on
     assert (await client.post("/v2/nodes/n1/heartbeat", json={"pools": ["pool-n"]})).status == 200
 

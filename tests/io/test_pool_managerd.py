@@ -157,6 +157,52 @@ async def test_pool_ready_callback_arrives(aiohttp_server, aiohttp_client, tmp_p
     assert received[-1]["pool_id"] == "pool-0" and received[-1]["node_id"] == "node-test"
 
 
+async def test_a_reload_is_announced_even_when_news_of_the_new_engine_lands_during_the_switch(
+        aiohttp_server, aiohttp_client, tmp_path):
+    # The provisioner writes the new engine's handoff, then again once it is ready: the second
+    # write must not make pool-managerd give up switching to the engine the first one named.
+    received = []
+
+    async def callback(request):
+        received.append(await request.json())
+        return web.json_response({}, status=202)
+
+    orchd = web.Application()
+    orchd.router.add_post("/callbacks/pool-ready", callback)
+    orchd_server = await aiohttp_server(orchd)
+    old = await engine(aiohttp_server)
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    @web.middleware
+    async def held_health(request, handler):
+        if request.path == "/health" and not answer.is_set():
+            asked.set()
+            await answer.wait()
+        return await handler(request)
+    new_app = mock_engine_app(MockConfig())
+    new_app.middlewares.append(held_health)
+    new = await aiohttp_server(new_app)
+    cfg = settings(tmp_path, callback_url=str(orchd_server.make_url("/callbacks/pool-ready")),
+                   health_interval_ms=60_000)
+    client = await aiohttp_client(create_app(cfg))
+    write_handoff(tmp_path / "engines", handoff_for(old, pid=1))
+    await eventually(lambda: _ready(client))
+    await eventually(lambda: _truthy(len(received) == 1), what="the first callback")
+    path = write_handoff(tmp_path / "engines", handoff_for(new, pid=2))
+    await asyncio.wait_for(asked.wait(), 10)  # the switch is checking the new engine now
+    await eventually(lambda: _truthy(not path.exists()), what="the first handoff read")
+    path = write_handoff(tmp_path / "engines", handoff_for(new, pid=2, notice="ready"))
+    await eventually(lambda: _truthy(not path.exists()), what="the rewrite read")
+    answer.set()
+    await eventually(lambda: _truthy(len(received) == 2), what="the callback announcing the new engine")
+    st = await _ready(client)
+    assert st["engine_url"] == handoff_for(new).url and st["engine_pid"] == 2
+
+
+async def _truthy(value):
+    return value
+
+
 async def test_reload_without_a_provisioner_is_a_clear_503(aiohttp_server, aiohttp_client, tmp_path):
     eng = await engine(aiohttp_server)
     client = await aiohttp_client(create_app(settings(tmp_path, provisioner_url="http://127.0.0.1:9")))

@@ -172,3 +172,15 @@ def test_threads_reach_the_engine_command_line_and_bad_values_are_refused(tmp_pa
     assert "--threads" not in sup.argv(1234)  # llama-server's own default
     with pytest.raises(ValueError, match="threads"):
         PoolSpec(pool_id="p", model_ref="file:/m.gguf", threads=0)
+
+
+def test_a_zombie_counts_as_gone():
+    # An adopted engine is not our child and cannot be reaped here: waiting for its zombie to
+    # vanish would wait for ever. (This one is our child, left unreaped on purpose.)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until(lambda: not pid_alive(child.pid), timeout=10, what="the exited, unreaped child")
+        assert Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z")  # still a zombie
+    finally:
+        child.wait()
+    assert pid_alive(os.getpid())
