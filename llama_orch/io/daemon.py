@@ -1,11 +1,13 @@
-"""What every daemon's ``main`` does first: logging in one format, and uvloop as the event loop.
+"""What every daemon does: logging in one format, uvloop as the event loop, background tasks.
 
 JSON logs with correlation ids (roadmap) will replace the format here, in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
 
 
 def prepare(prog: str) -> None:
@@ -15,3 +17,19 @@ def prepare(prog: str) -> None:
     except ImportError:  # uvloop is a dependency; without it the default loop still works
         return
     uvloop.install()
+
+
+def spawn(coro: Coroutine, tasks: set[asyncio.Task], log: logging.Logger) -> asyncio.Task:
+    """Run ``coro`` in the background, held in ``tasks`` until it ends. A crash is logged when it
+    happens, with its traceback: a dead watcher or timer loop must not go unnoticed until the
+    task is garbage-collected (or for ever)."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(lambda t: _report_crash(t, log))
+    return task
+
+
+def _report_crash(task: asyncio.Task, log: logging.Logger) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s crashed", task.get_coro().__qualname__, exc_info=exc)

@@ -49,7 +49,7 @@ from ..core.events import (
 )
 from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .config import ConfigError, PoolManagerSettings
-from .daemon import prepare
+from .daemon import prepare, spawn
 from .gpu import GpuDiscovery, select, vram_of
 from .handoff import Handoff, HandoffError, read_handoff
 from .http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
@@ -139,10 +139,7 @@ class PoolManager:
         self.gpu.close()
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return spawn(coro, self._tasks, log)
 
     # -- handoff watcher ------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from ..core.events import (
 from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .artifacts import ArtifactError, fetch_model, terminal_progress
 from .config import ConfigError, Env, parse_address
-from .daemon import prepare
+from .daemon import prepare, spawn
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
 from .handoff import Handoff, write_handoff
 from .http import fail, json_body, json_response, pool_or_404
@@ -475,9 +475,7 @@ class PoolSupervisor:
             self.state_file.unlink()
 
     def _spawn_task(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(coro, self._tasks, log)
 
 
 class Provisioner:
