@@ -232,6 +232,8 @@ class PoolManager:
             pass
         if (pool.handoff.url, pool.handoff.pid) != (handoff.url, handoff.pid) or pool.handoff.error is not None:
             return  # superseded by another engine meanwhile (a rewrite with news of this one is not)
+        if pool.lifecycle.state is PoolState.DRAINED:
+            return  # drained meanwhile: the drain stopped this engine too, and must not be undone
         now, pid = self.now(), handoff.pool_id
         out = pool.lifecycle.handle(EngineStarted(pool_id=pid, engine_url=handoff.url, pid=handoff.pid), now)
         if healthy:

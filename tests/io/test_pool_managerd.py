@@ -11,7 +11,7 @@ from llama_orch.io.config import ConfigError, PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.mock_engine import MockConfig
 from llama_orch.io.mock_engine import create_app as mock_engine_app
-from llama_orch.io.pool_managerd import create_app
+from llama_orch.io.pool_managerd import MANAGER, create_app
 
 
 def settings(tmp_path: Path, **kw) -> PoolManagerSettings:
@@ -157,6 +157,28 @@ async def test_pool_ready_callback_arrives(aiohttp_server, aiohttp_client, tmp_p
     assert received[-1]["pool_id"] == "pool-0" and received[-1]["node_id"] == "node-test"
 
 
+class HeldHealth:
+    """A mock engine whose /health answers only when released: a switch to it stays in flight."""
+
+    def __init__(self) -> None:
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def server(self, aiohttp_server):
+        @web.middleware
+        async def held(request, handler):
+            if request.path == "/health" and not self.answer.is_set():
+                self.asked.set()
+                await self.answer.wait()
+            return await handler(request)
+        app = mock_engine_app(MockConfig())
+        app.middlewares.append(held)
+        return await aiohttp_server(app)
+
+
+async def _switch_done(client):
+    return not any(t.get_coro().__qualname__.endswith("_switch") for t in client.app[MANAGER]._tasks)
+
+
 async def test_a_reload_is_announced_even_when_news_of_the_new_engine_lands_during_the_switch(
         aiohttp_server, aiohttp_client, tmp_path):
     # The provisioner writes the new engine's handoff, then again once it is ready: the second
@@ -170,18 +192,8 @@ async def test_a_reload_is_announced_even_when_news_of_the_new_engine_lands_duri
     orchd = web.Application()
     orchd.router.add_post("/callbacks/pool-ready", callback)
     orchd_server = await aiohttp_server(orchd)
-    old = await engine(aiohttp_server)
-    asked, answer = asyncio.Event(), asyncio.Event()
-
-    @web.middleware
-    async def held_health(request, handler):
-        if request.path == "/health" and not answer.is_set():
-            asked.set()
-            await answer.wait()
-        return await handler(request)
-    new_app = mock_engine_app(MockConfig())
-    new_app.middlewares.append(held_health)
-    new = await aiohttp_server(new_app)
+    old, held = await engine(aiohttp_server), HeldHealth()
+    new = await held.server(aiohttp_server)
     cfg = settings(tmp_path, callback_url=str(orchd_server.make_url("/callbacks/pool-ready")),
                    health_interval_ms=60_000)
     client = await aiohttp_client(create_app(cfg))
@@ -189,14 +201,32 @@ async def test_a_reload_is_announced_even_when_news_of_the_new_engine_lands_duri
     await eventually(lambda: _ready(client))
     await eventually(lambda: _truthy(len(received) == 1), what="the first callback")
     path = write_handoff(tmp_path / "engines", handoff_for(new, pid=2))
-    await asyncio.wait_for(asked.wait(), 10)  # the switch is checking the new engine now
+    await asyncio.wait_for(held.asked.wait(), 10)  # the switch is checking the new engine now
     await eventually(lambda: _truthy(not path.exists()), what="the first handoff read")
     path = write_handoff(tmp_path / "engines", handoff_for(new, pid=2, notice="ready"))
     await eventually(lambda: _truthy(not path.exists()), what="the rewrite read")
-    answer.set()
+    held.answer.set()
     await eventually(lambda: _truthy(len(received) == 2), what="the callback announcing the new engine")
     st = await _ready(client)
     assert st["engine_url"] == handoff_for(new).url and st["engine_pid"] == 2
+
+
+async def test_a_drain_during_a_switch_is_not_undone_by_it(aiohttp_server, aiohttp_client, tmp_path):
+    # Seen end to end: the switch's health check answered after the drain, and the drained pool
+    # came back as starting, then unready once the provisioner had stopped the engine.
+    old, held = await engine(aiohttp_server), HeldHealth()
+    new = await held.server(aiohttp_server)
+    client = await aiohttp_client(create_app(settings(tmp_path, health_interval_ms=60_000)))
+    write_handoff(tmp_path / "engines", handoff_for(old, pid=1))
+    await eventually(lambda: _ready(client))
+    write_handoff(tmp_path / "engines", handoff_for(new, pid=2))
+    await asyncio.wait_for(held.asked.wait(), 10)
+    drain = await client.post("/v2/pools/pool-0/drain", json={"deadline_ms": 0})
+    assert drain.status == 202 and (await drain.json())["state"] == "drained"
+    held.answer.set()
+    await eventually(lambda: _switch_done(client), what="the switch to finish")
+    st = await status(client)
+    assert st["state"] == "drained" and st["ready"] is False
 
 
 async def _truthy(value):
