@@ -111,6 +111,8 @@ def pid_alive(pid: int) -> bool:
         return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False  # exited and reaped since kill(0)
     except OSError:
         return True  # no procfs: trust kill(0)
     return stat[stat.rindex(")") + 2:][:1] != "Z"  # the state follows the parenthesised command name
@@ -326,7 +328,14 @@ class PoolSupervisor:
             self.spec = replace(self.spec, model_ref=new_ref)
             self.model_path = new_model
             candidate = await self._spawn(record=False)
-            error = await self._wait_healthy(candidate, self.settings.start_timeout_s)
+            try:
+                error = await self._wait_healthy(candidate, self.settings.start_timeout_s)
+            except BaseException:  # canceled (shutdown): the candidate must not outlive the reload
+                await asyncio.shield(candidate.stop())
+                self.spec, self.model_path = old_spec, old_model
+                raise
+            if error is None and self.lifecycle.state is PoolState.DRAINED:
+                error = "the pool was drained meanwhile"  # the later word wins: no engine comes back
             if error is not None:
                 await candidate.stop()
                 self.spec, self.model_path = old_spec, old_model
@@ -475,6 +484,9 @@ class PoolSupervisor:
             self.state_file.unlink()
 
     def _spawn_task(self, coro) -> None:
+        if self.stopping:  # stop() has cancelled what runs; nothing new may start behind it
+            coro.close()
+            return
         spawn(coro, self._tasks, log)
 
 
@@ -540,6 +552,8 @@ async def _control_reload(request: web.Request) -> web.Response:
     ref = (await json_body(request)).get("new_model_ref")
     if not isinstance(ref, str) or not ref:
         fail(400, "INVALID_PARAMS", "new_model_ref must be a non-empty string")
+    if sup.stopping:
+        fail(503, "POOL_UNREADY", f"pool {sup.spec.pool_id} is shutting down", retry_after_ms=5_000)
     if sup.reloading is not None:
         fail(409, "RELOAD_IN_PROGRESS", f"pool {sup.spec.pool_id} is already reloading {sup.reloading}")
     sup.reloading = ref
@@ -584,15 +598,21 @@ def _specs_from_args(args, env) -> list[PoolSpec]:
         for i, p in enumerate(pools):
             if not isinstance(p, dict) or "pool_id" not in p:
                 raise ValueError(f"config file {args.config}: pools[{i}] needs at least a pool_id")
-            known = {"pool_id", "model", "mode", "slots", "ctx", "replica_id", "gpu_mask", "binary", "host", "threads"}
+            known = {"pool_id", "model", "mode", "slots", "ctx", "replica_id", "gpu_mask", "binary", "host", "threads",
+                     "engine_args"}
             unknown = set(p) - known
             if unknown:
                 raise ValueError(f"config file {args.config}: pools[{i}] has unknown keys {sorted(unknown)}")
+            engine_args = p.get("engine_args", [])
+            if not isinstance(engine_args, list) or not all(isinstance(a, str) for a in engine_args):
+                raise ValueError(f"config file {args.config}: pools[{i}].engine_args must be a list of strings, "
+                                 f"got {engine_args!r}")
             specs.append(PoolSpec(pool_id=p["pool_id"], model_ref=p.get("model") or args.model,
                                   mode=p.get("mode", args.mode), slots=int(p.get("slots", args.slots)),
                                   ctx=int(p.get("ctx", args.ctx)), replica_id=p.get("replica_id", "r0"),
                                   gpu_mask=str(p.get("gpu_mask", args.gpu_mask)), binary=p.get("binary", args.binary),
-                                  host=p.get("host", args.host), threads=_threads(p.get("threads", args.threads), i)))
+                                  host=p.get("host", args.host), threads=_threads(p.get("threads", args.threads), i),
+                                  extra_args=tuple(engine_args)))
         return specs
     return [PoolSpec(pool_id=args.pool_id, model_ref=args.model, mode=args.mode, slots=args.slots, ctx=args.ctx,
                      gpu_mask=args.gpu_mask, binary=args.binary, host=args.host, threads=args.threads)]

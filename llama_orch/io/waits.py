@@ -21,8 +21,10 @@ async def within(awaitable: Awaitable[object], timeout_s: float | None) -> bool:
     propagates.
     """
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s) as scope:
             await awaitable
     except TimeoutError:
-        return False
+        if scope.expired():
+            return False
+        raise  # the awaitable's own TimeoutError, not our limit
     return True

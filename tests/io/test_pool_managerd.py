@@ -195,7 +195,7 @@ async def test_a_reload_is_announced_even_when_news_of_the_new_engine_lands_duri
     old, held = await engine(aiohttp_server), HeldHealth()
     new = await held.server(aiohttp_server)
     cfg = settings(tmp_path, callback_url=str(orchd_server.make_url("/callbacks/pool-ready")),
-                   health_interval_ms=60_000)
+                   health_interval_ms=60_000, health_timeout_ms=30_000)  # the held check must not time out
     client = await aiohttp_client(create_app(cfg))
     write_handoff(tmp_path / "engines", handoff_for(old, pid=1))
     await eventually(lambda: _ready(client))
@@ -216,7 +216,7 @@ async def test_a_drain_during_a_switch_is_not_undone_by_it(aiohttp_server, aioht
     # came back as starting, then unready once the provisioner had stopped the engine.
     old, held = await engine(aiohttp_server), HeldHealth()
     new = await held.server(aiohttp_server)
-    client = await aiohttp_client(create_app(settings(tmp_path, health_interval_ms=60_000)))
+    client = await aiohttp_client(create_app(settings(tmp_path, health_interval_ms=60_000, health_timeout_ms=30_000)))
     write_handoff(tmp_path / "engines", handoff_for(old, pid=1))
     await eventually(lambda: _ready(client))
     write_handoff(tmp_path / "engines", handoff_for(new, pid=2))

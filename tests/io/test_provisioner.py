@@ -97,14 +97,18 @@ def test_missing_or_corrupt_model_writes_an_error_handoff(tmp_path, runs, conten
     assert run.stop() == 0
 
 
-def test_bad_config_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize(("pool", "message"), [
+    ({"pool_id": "a", "slotz": 2}, "unknown keys ['slotz']"),
+    ({"pool_id": "a", "engine_args": "--mlock"}, "pools[0].engine_args must be a list of strings"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, pool, message):
     cfg = tmp_path / "pools.json"
-    cfg.write_text(json.dumps({"pools": [{"pool_id": "a", "slotz": 2}]}))
+    cfg.write_text(json.dumps({"pools": [pool]}))
     out = subprocess.run([sys.executable, "-m", "llama_orch.io.provisioner", "--config", str(cfg), "--mode", "mock",
                           "--control-bind", f"127.0.0.1:{free_port()}",
                           "--handoff-dir", str(tmp_path / "h"), "--cache-dir", str(tmp_path / "c")],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "unknown keys ['slotz']" in out.stderr and str(cfg) in out.stderr
+    assert out.returncode == 2 and message in out.stderr and str(cfg) in out.stderr
 
 
 def test_config_file_provisions_several_pools(tmp_path, runs):
@@ -184,3 +188,49 @@ def test_a_zombie_counts_as_gone():
     finally:
         child.wait()
     assert pid_alive(os.getpid())
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids
+
+
+def test_a_reload_still_starting_when_the_pool_is_stopped_brings_no_engine_back(tmp_path, runs):
+    import urllib.request
+
+    # engines that take 2 s to load: the stop lands while the reload's engine is still loading
+    cfg = tmp_path / "pools.json"
+    cfg.write_text(json.dumps({"pools": [{"pool_id": "pool-0", "engine_args": ["--start-delay-s", "2"]}]}))
+    run = Run(tmp_path, "--mode", "mock", "--config", str(cfg))
+    runs.append(run)
+    first = wait_until(lambda: run.handoff(), what="handoff")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(Path(first["model"]["path"]).read_bytes())
+
+    def post(path, body):
+        req = urllib.request.Request(run.control + path, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+
+    assert post("/v2/pools/pool-0/reload", {"new_model_ref": f"file:{other}"})[0] == 202
+    wait_until(lambda: len(_children(run.proc.pid)) == 2, what="the reload's engine started beside the first")
+    status, view = post("/v2/pools/pool-0/stop", {})
+    assert status == 200 and view["state"] == "drained" and view["reloading"] == f"file:{other}"
+
+    def pools():
+        with urllib.request.urlopen(run.control + "/v2/pools", timeout=10) as r:
+            return json.loads(r.read())["pools"][0]
+    after = wait_until(lambda: (p := pools())["reloading"] is None and p, what="the reload to end")
+    assert after["state"] == "drained" and "drained meanwhile" in after["notice"]
+    assert after["model_ref"] == first["model"]["id"]  # the pool's model is what it was
+    wait_until(lambda: _children(run.proc.pid) == [], what="no engine left running")
+    assert run.stop() == 0

@@ -76,3 +76,10 @@ async def test_pool_managerd_stops_when_stopped_right_after_a_wake(tmp_path):
     for task in leftovers:  # a loop that survived: leave nothing behind
         task.cancel()
     assert done and not leftovers
+
+
+async def test_within_passes_on_the_awaitables_own_timeout():
+    async def gives_up():
+        raise TimeoutError("the engine's own limit")
+    with pytest.raises(TimeoutError, match="engine's own"):
+        await within(gives_up(), 10)
