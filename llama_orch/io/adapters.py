@@ -291,9 +291,32 @@ class OpenAIAdapter(HttpAdapter):
         super().__init__(session, timeouts)
         #: Engines that refused ``stream_options``: asked without it from then on.
         self.no_stream_options: set[str] = set()
+        #: The model ids each engine serves (its ``GET /v1/models``), asked once per engine.
+        self.served: dict[str, tuple[str, ...]] = {}
+
+    async def model_name(self, request: UpstreamRequest) -> str:
+        """The name the engine knows the model by. vLLM and TGI refuse any other (404), while the
+        task names the model as the pools do (``file:/...``): an engine serving one model gets
+        that model's id; one serving several, or unable to say, gets the task's own name."""
+        engine = request.engine_url.rstrip("/")
+        served = self.served.get(engine)
+        if served is None:
+            try:
+                async with self.session.get(engine + "/v1/models", timeout=self.client_timeout) as resp:
+                    listing = orjson.loads(await resp.read()) if resp.status == 200 else {}
+                    definite = resp.status < 500  # a 404 is an answer; a 503 (loading) is not yet
+                data = listing.get("data") if isinstance(listing, dict) else None
+                served = tuple(m["id"] for m in data or () if isinstance(m, dict) and isinstance(m.get("id"), str))
+            except (aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+                served, definite = (), False
+            if definite:
+                self.served[engine] = served  # else asked again with the next task
+        if request.model in served or len(served) != 1:
+            return request.model
+        return served[0]
 
     async def request_body(self, request: UpstreamRequest) -> tuple[str, dict]:
-        body: dict = {"model": request.model, "max_tokens": request.max_tokens, "stream": True}
+        body: dict = {"model": await self.model_name(request), "max_tokens": request.max_tokens, "stream": True}
         if request.engine_url not in self.no_stream_options:
             body["stream_options"] = {"include_usage": True}
         if request.seed is not None:
@@ -305,6 +328,8 @@ class OpenAIAdapter(HttpAdapter):
         return "/v1/completions", {**body, "prompt": request.prompt or ""}
 
     def retry_body(self, request: UpstreamRequest, body: dict, status: int, text: str) -> dict | None:
+        if status == 404:  # a model the engine no longer serves (restarted with another?): ask it again next time
+            self.served.pop(request.engine_url.rstrip("/"), None)
         if status in (400, 422) and "stream_options" in body and "stream_options" in text:
             log.info("engine %s refuses stream_options; asking without it", request.engine_url)
             self.no_stream_options.add(request.engine_url)

@@ -78,6 +78,11 @@ class MockEngine:
                       "total_slots": self.config.slots, "model_path": self.config.model,
                       "build_info": "mock-engine", "is_sleeping": False})
 
+    async def v1_models(self, request: web.Request) -> web.Response:
+        # llama-server lists the one model it serves, by its alias or path
+        return json_response({"object": "list", "data": [{"id": self.config.model, "object": "model", "created": 0,
+                                                          "owned_by": "llamacpp"}]})
+
     async def slots_state(self, request: web.Request) -> web.Response:
         return json_response([{"id": i, "n_ctx": self.config.ctx, "is_processing": busy} for i, busy in enumerate(self.busy)])
 
@@ -257,6 +262,7 @@ def create_app(config: MockConfig) -> web.Application:
     app.router.add_get("/health", engine.health)
     app.router.add_get("/props", engine.props)
     app.router.add_get("/slots", engine.slots_state)
+    app.router.add_get("/v1/models", engine.v1_models)
     app.router.add_get("/metrics", engine.metrics)
     app.router.add_post("/apply-template", engine.apply_template)
     app.router.add_post("/completion", engine.completion)

@@ -175,6 +175,37 @@ async def test_a_chat_stream_without_usage_still_counts_its_tokens(mock_engine, 
     assert sink.only_end()["tokens_out"] == 4 and len(sink.events) == 4
 
 
+async def test_the_openai_adapter_names_the_model_as_the_engine_serves_it(mock_engine, session, aiohttp_server):
+    # vLLM refuses a model name it does not serve; tasks name models as the pools do (file:/...).
+    from dataclasses import replace
+
+    from aiohttp import web
+
+    url, engine = await mock_engine(tokens_per_s=2000, model="served-name")
+    adapter = OpenAIAdapter(session, FAST)
+    for model in ("file:/models/tiny.gguf", "served-name"):
+        sink = RecordingSink()
+        await run(adapter, replace(request(url, max_tokens=2), model=model), sink)
+        sink.only_end()
+    assert [body["model"] for _, body in engine.requests] == ["served-name", "served-name"]
+    assert adapter.served == {url: ("served-name",)}  # asked once per engine
+
+    @web.middleware
+    async def no_listing(request, handler):
+        if request.path == "/v1/models":
+            raise web.HTTPNotFound()
+        return await handler(request)
+    app = create_app(MockConfig(tokens_per_s=2000, model="served-name"))
+    app.middlewares.append(no_listing)
+    quiet = await aiohttp_server(app)
+    quiet_url = str(quiet.make_url("")).rstrip("/")
+    sink = RecordingSink()
+    await run(adapter, replace(request(quiet_url, max_tokens=2), model="file:/models/tiny.gguf"), sink)
+    sink.only_end()
+    assert quiet.app[ENGINE].requests[-1][1]["model"] == "file:/models/tiny.gguf"  # cannot say: the task's name
+    assert adapter.served[quiet_url] == ()  # a definite answer: not asked again for every task
+
+
 # -- failures before the first token -----------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
