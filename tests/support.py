@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import time
 
@@ -83,14 +84,17 @@ def _describe(what) -> str:
 
 
 async def eventually(check, timeout: float = 30.0, what="condition"):
-    """Await ``check()`` until it returns something truthy (returned), or fail after ``timeout``.
+    """Await ``check()`` (or call it: a plain function works too) until it returns something
+    truthy (returned), or fail after ``timeout``.
 
     ``what`` names the condition in the failure; a callable is asked then, for logs as they are at the end."""
     deadline = time.monotonic() + timeout
     while True:
         try:  # a check that never answers fails at the deadline too, rather than at pytest's timeout
             async with asyncio.timeout(max(0.5, deadline - time.monotonic())):
-                result = await check()
+                result = check()
+                if inspect.isawaitable(result):
+                    result = await result
         except TimeoutError:
             raise AssertionError(f"timed out waiting for {_describe(what)}: a check did not answer in time") from None
         if result:

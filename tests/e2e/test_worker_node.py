@@ -55,7 +55,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         assert st["model_ref"].endswith("tiny.gguf") and st["last_error"] is None and st["live"] is True
         listing = await get_json(session, f"{node.url}/v2/pools")
         assert [p["pool_id"] for p in listing["pools"]] == ["pool-0"]
-        await eventually(lambda: _truthy(callbacks), timeout=10, what="pool-ready callback")
+        await eventually(lambda: callbacks, timeout=10, what="pool-ready callback")
         assert callbacks[0]["pool_id"] == "pool-0"
 
         # Two long completions at once: pool-managerd sees both slots taken while they stream.
@@ -131,7 +131,7 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         watcher.cancel()
         assert all(watcher_ready), "the pool went unready during a reload"
         assert st_new["engine_pid"] != st_back["engine_pid"] and st_new["last_error"] is None
-        await eventually(lambda: _truthy(not pid_alive(st_back["engine_pid"])), what="old engine retired")
+        await eventually(lambda: not pid_alive(st_back["engine_pid"]), what="old engine retired")
 
         # Drain: no new work, then the provisioner stops the engine.
         async with session.post(f"{node.url}/v2/pools/pool-0/drain", json={"deadline_ms": 5000}) as r:
@@ -143,16 +143,13 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
             s = last["status"] = await get_json(session, status_url)
             return s if s["state"] == "drained" else None
         assert (await eventually(drained, what=lambda: f"drained; last status {last.get('status')}\n{node.logs()}"))["ready"] is False
-        await eventually(lambda: _truthy(not pid_alive(st_new["engine_pid"])), what="drained engine stopped")
+        await eventually(lambda: not pid_alive(st_new["engine_pid"]), what="drained engine stopped")
 
         node.prov.send_signal(signal.SIGTERM)
         assert node.prov.wait(timeout=30) == 0
     finally:
         node.close()
 
-
-async def _truthy(x):
-    return bool(x)
 
 
 async def test_a_corrupt_model_leaves_the_pool_unready_with_last_error(llama_server, tmp_path, session):

@@ -199,14 +199,14 @@ async def test_a_reload_is_announced_even_when_news_of_the_new_engine_lands_duri
     client = await aiohttp_client(create_app(cfg))
     write_handoff(tmp_path / "engines", handoff_for(old, pid=1))
     await eventually(lambda: _ready(client))
-    await eventually(lambda: _truthy(len(received) == 1), what="the first callback")
+    await eventually(lambda: len(received) == 1, what="the first callback")
     path = write_handoff(tmp_path / "engines", handoff_for(new, pid=2))
     await asyncio.wait_for(held.asked.wait(), 10)  # the switch is checking the new engine now
-    await eventually(lambda: _truthy(not path.exists()), what="the first handoff read")
+    await eventually(lambda: not path.exists(), what="the first handoff read")
     path = write_handoff(tmp_path / "engines", handoff_for(new, pid=2, notice="ready"))
-    await eventually(lambda: _truthy(not path.exists()), what="the rewrite read")
+    await eventually(lambda: not path.exists(), what="the rewrite read")
     held.answer.set()
-    await eventually(lambda: _truthy(len(received) == 2), what="the callback announcing the new engine")
+    await eventually(lambda: len(received) == 2, what="the callback announcing the new engine")
     st = await _ready(client)
     assert st["engine_url"] == handoff_for(new).url and st["engine_pid"] == 2
 
@@ -228,9 +228,6 @@ async def test_a_drain_during_a_switch_is_not_undone_by_it(aiohttp_server, aioht
     st = await status(client)
     assert st["state"] == "drained" and st["ready"] is False
 
-
-async def _truthy(value):
-    return value
 
 
 async def test_reload_without_a_provisioner_is_a_clear_503(aiohttp_server, aiohttp_client, tmp_path):
