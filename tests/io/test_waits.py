@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from support import eventually
 
 from llama_orch.io.config import PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
@@ -67,7 +68,8 @@ async def test_pool_managerd_stops_when_stopped_right_after_a_wake(tmp_path):
     manager = PoolManager(PoolManagerSettings(runtime_dir=tmp_path, provisioner_url=None, health_interval_ms=60_000))
     await manager.start()
     assert "pool-0" in manager.pools and manager.pools["pool-0"].lifecycle.next_deadline() is not None
-    await asyncio.sleep(0.05)  # the timer loop is waiting on its wake
+    # only the timer loop clears its wake, just before it waits on it
+    await eventually(lambda: not manager._wake.is_set(), timeout=5, what="the timer loop waiting on its wake")
     loop = asyncio.get_running_loop()
     loop.call_soon(manager._wake.set)
     stopping = asyncio.ensure_future(manager.stop())  # runs right after the wake, same iteration
