@@ -24,8 +24,8 @@ from llama_orch.core.events import PoolUpdated
 from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.core.types import PoolSnapshot
 from llama_orch.ext import implementations
-from llama_orch.io.adapters import MockAdapter
-from llama_orch.io.orchestratord import DRIVER, create_app
+from llama_orch.io.orchestratord.adapters import MockAdapter
+from llama_orch.io.orchestratord.app import DRIVER, create_app
 
 MODEL = "file:/models/bench.gguf"
 TASKS = 1500
@@ -36,8 +36,8 @@ TOKENS = 8
 def _use_twins() -> None:
     """The pure twins for the whole daemon: the admission queue and the SSE codec."""
     import llama_orch.core.admission as admission_module
-    import llama_orch.io.adapters as adapters_module
-    import llama_orch.io.orchestratord as orchestratord_module
+    import llama_orch.io.orchestratord.adapters as adapters_module
+    import llama_orch.io.orchestratord.app as orchestratord_module
 
     admission_module.AdmissionQueue = implementations("queue")["py"].AdmissionQueue
     sse_py = implementations("sse")["py"]

@@ -103,7 +103,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny_model import write_tiny_model
+    from .io.provisioner.tiny_model import write_tiny_model
 
     path = write_tiny_model(args.out)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
@@ -113,7 +113,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _build_engine(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .io.engine_build import BuildError, default_spec, ensure_llama_server
+    from .io.provisioner.engine_build import BuildError, default_spec, ensure_llama_server
 
     try:
         path = asyncio.run(ensure_llama_server(Path(args.cache_dir).expanduser(), default_spec(args.gpu_mask)))

@@ -282,12 +282,12 @@ class LocalCluster:
         self._lock_file = f
 
     async def _obtain_model(self) -> None:
-        from .artifacts import ArtifactError, fetch_model, parse_model_ref, terminal_progress
+        from .provisioner.artifacts import ArtifactError, fetch_model, parse_model_ref, terminal_progress
 
         if self.config.model is None:
             tiny = self.config.cache_dir / "models" / "tiny.gguf"
             if not tiny.exists():
-                from ..tiny_model import write_tiny_model
+                from .provisioner.tiny_model import write_tiny_model
 
                 write_tiny_model(tiny)
                 self.report(f"wrote the tiny model to {tiny}")
@@ -308,7 +308,7 @@ class LocalCluster:
         self.model_ref = self.config.model
 
     async def _obtain_engine(self) -> None:
-        from .engine_build import BuildError, cached_binary, default_spec, ensure_llama_server, stderr_report
+        from .provisioner.engine_build import BuildError, cached_binary, default_spec, ensure_llama_server, stderr_report
 
         spec = default_spec("")  # what the provisioner builds for a pool without a GPU mask
         if cached_binary(self.config.cache_dir, spec) is None:

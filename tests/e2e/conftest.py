@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from cluster_support import CACHE
 
-from llama_orch.io.engine_build import cached_binary, default_spec, ensure_llama_server
+from llama_orch.io.provisioner.engine_build import cached_binary, default_spec, ensure_llama_server
 
 
 @pytest.fixture(scope="session")

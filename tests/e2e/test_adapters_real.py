@@ -15,8 +15,8 @@ import pytest
 from cluster_support import CACHE, free_port
 
 from llama_orch.ext.sse import SSEParser
-from llama_orch.io.adapters import LlamaCppAdapter, OpenAIAdapter, Timeouts, UpstreamRequest
-from llama_orch.io.engine_build import cached_binary, default_spec
+from llama_orch.io.orchestratord.adapters import LlamaCppAdapter, OpenAIAdapter, Timeouts, UpstreamRequest
+from llama_orch.io.provisioner.engine_build import cached_binary, default_spec
 
 MODEL = CACHE / "models" / "tiny.gguf"
 TIMEOUTS = Timeouts(connect_s=5, first_token_s=30, between_tokens_s=30, total_s=60)

@@ -17,7 +17,7 @@ import pytest
 from cluster_support import CACHE, free_port
 
 from llama_orch.io.local_cluster import process_alive
-from llama_orch.io.mock_engine import WORDS
+from llama_orch.io.provisioner.mock_engine import WORDS
 
 CLI = [sys.executable, "-m", "llama_orch.cli"]
 DAEMON_LINE = re.compile(r"^\s+(orchestratord|pool-managerd|engine-provisioner)\s+(http://\S+)\s+pid (\d+)", re.M)

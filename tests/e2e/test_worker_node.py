@@ -14,7 +14,7 @@ from cluster_support import Node
 from support import eventually
 
 from llama_orch.ext.sse import TokenRelay
-from llama_orch.io.provisioner import pid_alive
+from llama_orch.io.provisioner.supervisor import pid_alive
 
 
 @pytest.fixture

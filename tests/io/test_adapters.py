@@ -16,7 +16,7 @@ from cluster_support import free_port
 from support import eventually
 
 from llama_orch.ext.sse import SSEParser
-from llama_orch.io.adapters import (
+from llama_orch.io.orchestratord.adapters import (
     ADAPTERS,
     MOCK_WORDS,
     LlamaCppAdapter,
@@ -26,7 +26,7 @@ from llama_orch.io.adapters import (
     UpstreamRequest,
     adapter_for,
 )
-from llama_orch.io.mock_engine import ENGINE, WORDS, MockConfig, create_app
+from llama_orch.io.provisioner.mock_engine import ENGINE, WORDS, MockConfig, create_app
 
 FAST = Timeouts(connect_s=2.0, first_token_s=5.0, between_tokens_s=5.0, total_s=20.0)
 CHAT = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"})
@@ -322,7 +322,7 @@ async def test_an_upstream_error_frame_is_an_internal_failure(mock_engine, sessi
 
 async def _start_mock_process(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.mock_engine", "--port", str(port), *args])
+    proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.provisioner.mock_engine", "--port", str(port), *args])
     url = f"http://127.0.0.1:{port}"
 
     async def healthy() -> bool:
@@ -510,7 +510,7 @@ async def test_a_stream_that_ends_without_its_final_frame_is_a_worker_reset(aioh
 async def test_sampler_settings_reach_the_engine(mock_engine, session, kind):
     from dataclasses import replace
 
-    from llama_orch.io.wire import parse_sampling
+    from llama_orch.io.orchestratord.wire import parse_sampling
 
     url, engine = await mock_engine(tokens_per_s=2000)
     sampling = parse_sampling({"temperature": 0.2, "top_p": 0.9, "top_k": 40, "stop": ["\n\n", "END"]})
@@ -527,7 +527,7 @@ async def test_sampler_settings_reach_the_engine(mock_engine, session, kind):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"presence_penalty": True}, "presence_penalty"),
 ])
 def test_bad_sampler_settings_name_the_field(body, field):
-    from llama_orch.io.wire import WireError, parse_sampling
+    from llama_orch.io.orchestratord.wire import WireError, parse_sampling
 
     with pytest.raises(WireError) as err:
         parse_sampling(body)

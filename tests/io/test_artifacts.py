@@ -6,8 +6,8 @@ import os
 import pytest
 from aiohttp import web
 
-from llama_orch.io.artifacts import ArtifactError, fetch_model, parse_model_ref
-from llama_orch.tiny_model import write_tiny_model
+from llama_orch.io.provisioner.artifacts import ArtifactError, fetch_model, parse_model_ref
+from llama_orch.io.provisioner.tiny_model import write_tiny_model
 
 
 @pytest.fixture(scope="module")

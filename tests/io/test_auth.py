@@ -7,10 +7,10 @@ from support import eventually
 from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.io.config import ConfigError, OrchdSettings, PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
-from llama_orch.io.mock_engine import MockConfig
-from llama_orch.io.mock_engine import create_app as mock_engine_app
-from llama_orch.io.orchestratord import create_app
-from llama_orch.io.pool_managerd import create_app as pool_managerd_app
+from llama_orch.io.provisioner.mock_engine import MockConfig
+from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
+from llama_orch.io.orchestratord.app import create_app
+from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
 
 KEY = "k" * 24
 OTHER = "o" * 24

@@ -6,11 +6,11 @@ from support import eventually
 
 from llama_orch.core.events import PoolLost, PoolRemoved, PoolUpdated
 from llama_orch.io.config import PoolManagerSettings
-from llama_orch.io.discovery import PoolDiscovery, snapshot_from_status
+from llama_orch.io.orchestratord.discovery import PoolDiscovery, snapshot_from_status
 from llama_orch.io.handoff import Handoff, write_handoff
-from llama_orch.io.mock_engine import MockConfig
-from llama_orch.io.mock_engine import create_app as mock_engine_app
-from llama_orch.io.pool_managerd import create_app as pool_managerd_app
+from llama_orch.io.provisioner.mock_engine import MockConfig
+from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
+from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
 
 
 def test_snapshot_from_the_contract_status_shape():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from llama_orch.io.engine_build import (
+from llama_orch.io.provisioner.engine_build import (
     BuildError,
     BuildSpec,
     cached_binary,
@@ -56,8 +56,8 @@ async def test_a_canceled_step_stops_the_processes_it_started(tmp_path):
 
     from support import eventually
 
-    from llama_orch.io.engine_build import _Builder
-    from llama_orch.io.provisioner import pid_alive
+    from llama_orch.io.provisioner.engine_build import _Builder
+    from llama_orch.io.provisioner.supervisor import pid_alive
 
     pidfile = tmp_path / "grandchild.pid"
     builder = _Builder(BuildSpec(), tmp_path, tmp_path / "build.log", lambda _: None, 1)

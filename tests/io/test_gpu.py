@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from llama_orch.io.gpu import Device, Discovery, GpuDiscovery, describe, select, vram_of
+from llama_orch.io.pool_managerd.gpu import Device, Discovery, GpuDiscovery, describe, select, vram_of
 
 GIB = 1 << 30
 

@@ -10,7 +10,7 @@ import pytest
 from cluster_support import free_port
 
 from llama_orch.ext.sse import TokenRelay
-from llama_orch.io.mock_engine import MockConfig, create_app
+from llama_orch.io.provisioner.mock_engine import MockConfig, create_app
 
 
 async def client_for(aiohttp_client, **kw):
@@ -89,7 +89,7 @@ async def test_injected_errors(aiohttp_client):
 
 async def test_crash_mid_stream_kills_the_process():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.mock_engine", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.provisioner.mock_engine", "--port", str(port),
                              "--crash-after", "3", "--tokens-per-s", "500"])
     try:
         async with aiohttp.ClientSession() as session:

@@ -36,7 +36,8 @@ from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.core.sessions import BudgetPolicy
 from llama_orch.ext.sse import SSEParser
-from llama_orch.io import orchestratord, pool_managerd
+from llama_orch.io.orchestratord import app as orchestratord
+from llama_orch.io.pool_managerd import manager as pool_managerd
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.openapi_doc import DOCUMENTS, add_openapi_route, document
 

@@ -9,9 +9,9 @@ from support import eventually
 
 from llama_orch.io.config import ConfigError, PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
-from llama_orch.io.mock_engine import MockConfig
-from llama_orch.io.mock_engine import create_app as mock_engine_app
-from llama_orch.io.pool_managerd import MANAGER, create_app
+from llama_orch.io.provisioner.mock_engine import MockConfig
+from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
+from llama_orch.io.pool_managerd.manager import MANAGER, create_app
 
 
 def settings(tmp_path: Path, **kw) -> PoolManagerSettings:

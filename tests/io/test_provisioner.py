@@ -11,7 +11,7 @@ import pytest
 from cluster_support import free_port
 from support import wait_until
 
-from llama_orch.io.provisioner import pid_alive
+from llama_orch.io.provisioner.supervisor import pid_alive
 
 
 class Run:
@@ -165,7 +165,7 @@ def test_a_bad_environment_value_is_named(tmp_path):
 
 
 def test_threads_reach_the_engine_command_line_and_bad_values_are_refused(tmp_path):
-    from llama_orch.io.provisioner import PoolSpec, PoolSupervisor, ProvisionerSettings
+    from llama_orch.io.provisioner.supervisor import PoolSpec, PoolSupervisor, ProvisionerSettings
 
     settings = ProvisionerSettings(handoff_dir=tmp_path, cache_dir=tmp_path, state_dir=tmp_path)
     sup = PoolSupervisor(PoolSpec(pool_id="p", model_ref="file:/m.gguf", threads=3), settings, None)

@@ -7,7 +7,7 @@ from support import eventually
 
 from llama_orch.io.config import PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
-from llama_orch.io.pool_managerd import PoolManager
+from llama_orch.io.pool_managerd.manager import PoolManager
 from llama_orch.io.waits import within
 
 

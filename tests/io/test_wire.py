@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from llama_orch.core.types import Determinism, PlacementMode, Priority
-from llama_orch.io.wire import WireError, parse_task_request
+from llama_orch.io.orchestratord.wire import WireError, parse_task_request
 
 
 def body(**kw):

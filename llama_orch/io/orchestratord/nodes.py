@@ -16,9 +16,9 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 
-from ..core.nodes import Nodes, NodeState
+from ...core.nodes import Nodes, NodeState
 from .discovery import PoolDiscovery
-from .http import fail, json_body, json_response
+from ..http import fail, json_body, json_response
 
 log = logging.getLogger("llama_orch.orchestratord.nodes")
 

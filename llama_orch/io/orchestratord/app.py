@@ -35,8 +35,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .. import __version__
-from ..core.commands import (
+from ... import __version__
+from ...core.commands import (
     Admitted,
     CloseUpstream,
     Dispatch,
@@ -45,7 +45,7 @@ from ..core.commands import (
     ForwardTokens,
     Rejected,
 )
-from ..core.events import (
+from ...core.events import (
     DispatchFailed,
     Event,
     StreamEnded,
@@ -55,24 +55,24 @@ from ..core.events import (
     Tick,
     TokensReceived,
 )
-from ..core.admission import QueuePolicy
-from ..core.orchestrator import Orchestrator, OrchestratorConfig
-from ..core.placement import Strategy
-from ..core.sessions import BudgetPolicy
-from ..core.types import Priority, TaskSpec
-from ..ext.sse import frame_event
+from ...core.admission import QueuePolicy
+from ...core.orchestrator import Orchestrator, OrchestratorConfig
+from ...core.placement import Strategy
+from ...core.sessions import BudgetPolicy
+from ...core.types import Priority, TaskSpec
+from ...ext.sse import frame_event
 from .auth import api_key_middleware
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
-from .daemon import prepare
+from ..daemon import prepare
 from .discovery import PoolDiscovery
-from .config import OrchdSettings
-from .http import (
+from ..config import OrchdSettings
+from ..http import (
     ACCESS_LOG_FORMAT, CORRELATION_ID, correlation, fail, json_body, json_response, retry_headers, serve_metrics_on,
 )
-from .node_registry import add_node_routes
+from .nodes import add_node_routes
 from .openai_api import add_openai_routes
-from .openapi_doc import add_openapi_route
-from .waits import within
+from ..openapi_doc import add_openapi_route
+from ..waits import within
 from .wire import TaskPayload, WireError, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord")
@@ -802,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .config import ConfigError, OrchdSettings
+    from ..config import ConfigError, OrchdSettings
 
     parser = argparse.ArgumentParser(prog="orchestratord", description="llama-orch control plane")
     parser.add_argument("--bind", help="HOST:PORT (env ORCHD_BIND_ADDR, default 127.0.0.1:8080)")
@@ -826,11 +826,3 @@ def main(argv: list[str] | None = None) -> int:
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
                 access_log_format=ACCESS_LOG_FORMAT)
     return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy's: app keys must be the same objects
-    # that other modules (and tests) import from llama_orch.io.orchestratord.
-    from llama_orch.io.orchestratord import main as _main
-
-    raise SystemExit(_main())

@@ -67,15 +67,15 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 import orjson
 from aiohttp import web
 
-from ..core.commands import Rejected
-from ..core.placement import normalize_model_ref
-from ..core.types import Priority, TaskSpec
-from ..ext.sse import SSEParser
-from .http import retry_headers
+from ...core.commands import Rejected
+from ...core.placement import normalize_model_ref
+from ...core.types import Priority, TaskSpec
+from ...ext.sse import SSEParser
+from ..http import retry_headers
 from .wire import MAX_INT, TaskPayload, WireError, parse_sampling
 
 if TYPE_CHECKING:
-    from .orchestratord import CoreDriver, Stream
+    from .app import CoreDriver, Stream
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16

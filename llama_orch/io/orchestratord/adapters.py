@@ -44,7 +44,7 @@ from typing import Protocol
 import aiohttp
 import orjson
 
-from ..ext.sse import TokenRelay, frame_events
+from ...ext.sse import TokenRelay, frame_events
 
 log = logging.getLogger("llama_orch.adapters")
 

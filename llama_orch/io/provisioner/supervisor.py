@@ -31,8 +31,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ..core.commands import PoolStateChanged, ProbeHealth, StartEngine, StopEngine
-from ..core.events import (
+from ...core.commands import PoolStateChanged, ProbeHealth, StartEngine, StopEngine
+from ...core.events import (
     DrainRequested,
     EngineExited,
     EngineStarted,
@@ -41,14 +41,14 @@ from ..core.events import (
     ProvisionStarted,
     Tick,
 )
-from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
+from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
 from .artifacts import ArtifactError, fetch_model, terminal_progress
-from .config import ConfigError, Env, parse_address
-from .daemon import prepare, spawn
+from ..config import ConfigError, Env, parse_address
+from ..daemon import prepare, spawn
 from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
-from .handoff import Handoff, write_handoff
-from .http import fail, json_body, json_response, pool_or_404
-from .waits import within
+from ..handoff import Handoff, write_handoff
+from ..http import fail, json_body, json_response, pool_or_404
+from ..waits import within
 
 log = logging.getLogger("llama_orch.provisioner")
 
@@ -196,7 +196,7 @@ class PoolSupervisor:
     async def _obtain_binary(self) -> list[str]:
         if self.spec.mode == "mock":
             self.engine_version = "mock"
-            return [sys.executable, "-m", "llama_orch.io.mock_engine"]
+            return [sys.executable, "-m", "llama_orch.io.provisioner.mock_engine"]
         if self.spec.mode == "binary":
             path = Path(self.spec.binary or "")
             if not (path.is_file() and os.access(path, os.X_OK)):
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare("engine-provisioner")
     cache = Path(args.cache_dir).expanduser()
     if not args.model:
-        from ..tiny_model import write_tiny_model
+        from .tiny_model import write_tiny_model
 
         tiny = cache / "models" / "tiny.gguf"
         if not tiny.exists():
@@ -724,7 +724,3 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
         await provisioner.stop()
         await runner.cleanup()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

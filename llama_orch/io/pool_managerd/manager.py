@@ -36,8 +36,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..core.commands import PoolStateChanged, ProbeHealth, StopEngine
-from ..core.events import (
+from ...core.commands import PoolStateChanged, ProbeHealth, StopEngine
+from ...core.events import (
     DrainRequested,
     EngineExited,
     EngineStarted,
@@ -47,14 +47,14 @@ from ..core.events import (
     ProvisionStarted,
     Tick,
 )
-from ..core.pool import PoolLifecycle, PoolPolicy, PoolState
-from .config import ConfigError, PoolManagerSettings
-from .daemon import prepare, spawn
+from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
+from ..config import ConfigError, PoolManagerSettings
+from ..daemon import prepare, spawn
 from .gpu import GpuDiscovery, select, vram_of
-from .handoff import Handoff, HandoffError, read_handoff
-from .http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
-from .openapi_doc import add_openapi_route
-from .waits import within
+from ..handoff import Handoff, HandoffError, read_handoff
+from ..http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
+from ..openapi_doc import add_openapi_route
+from ..waits import within
 
 log = logging.getLogger("llama_orch.pool_managerd")
 
@@ -556,7 +556,3 @@ def main(argv: list[str] | None = None) -> int:
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
                 handle_signals=True, shutdown_timeout=10, access_log_format=ACCESS_LOG_FORMAT)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

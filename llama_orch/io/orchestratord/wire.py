@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.types import (
+from ...core.types import (
     Determinism,
     PlacementMode,
     PlacementRequest,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from .daemon import prepare
-from .http import json_response
+from ..daemon import prepare
+from ..http import json_response
 
 WORDS = ("the", "llama", "orch", "pool", "token", "stream", "queue", "slot", "engine", "model", "fast", "ready")
 

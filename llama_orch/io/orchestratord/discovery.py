@@ -19,8 +19,8 @@ from typing import Callable
 import aiohttp
 import orjson
 
-from ..core.events import Event, PoolLost, PoolRemoved, PoolUpdated
-from ..core.types import PoolSnapshot
+from ...core.events import Event, PoolLost, PoolRemoved, PoolUpdated
+from ...core.types import PoolSnapshot
 
 log = logging.getLogger("llama_orch.orchestratord.discovery")
 

@@ -1,0 +1,5 @@
+"""``python -m llama_orch.io.provisioner``: run the daemon."""
+
+from .supervisor import main
+
+raise SystemExit(main())
