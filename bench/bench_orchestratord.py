@@ -25,7 +25,8 @@ from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.core.types import PoolSnapshot
 from llama_orch.ext import implementations
 from llama_orch.io.orchestratord.adapters import MockAdapter
-from llama_orch.io.orchestratord.app import DRIVER, create_app
+from llama_orch.io.orchestratord.app import create_app
+from llama_orch.io.orchestratord.driver import DRIVER
 
 MODEL = "file:/models/bench.gguf"
 TASKS = 1500
@@ -37,11 +38,11 @@ def _use_twins() -> None:
     """The pure twins for the whole daemon: the admission queue and the SSE codec."""
     import llama_orch.core.admission as admission_module
     import llama_orch.io.orchestratord.adapters as adapters_module
-    import llama_orch.io.orchestratord.app as orchestratord_module
+    import llama_orch.io.orchestratord.driver as driver_module
 
     admission_module.AdmissionQueue = implementations("queue")["py"].AdmissionQueue
     sse_py = implementations("sse")["py"]
-    orchestratord_module.frame_event = sse_py.frame_event
+    driver_module.frame_event = sse_py.frame_event
     adapters_module.frame_events = sse_py.frame_events
     adapters_module.TokenRelay = sse_py.TokenRelay
 

@@ -16,7 +16,7 @@ from cluster_support import CACHE, free_port
 
 from llama_orch.ext.sse import SSEParser
 from llama_orch.io.orchestratord.adapters import LlamaCppAdapter, OpenAIAdapter, Timeouts, UpstreamRequest
-from llama_orch.io.provisioner.engine_build import cached_binary, default_spec
+from llama_orch.io.provisioner.tiny_model import write_tiny_model
 
 MODEL = CACHE / "models" / "tiny.gguf"
 TIMEOUTS = Timeouts(connect_s=5, first_token_s=30, between_tokens_s=30, total_s=60)
@@ -24,10 +24,10 @@ CHAT = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "
 
 
 @pytest.fixture(scope="module")
-def engine_url(tmp_path_factory):
-    binary = cached_binary(CACHE, default_spec())
-    if binary is None or not MODEL.is_file():
-        pytest.skip("llama-server or the tiny model is not cached (make test builds them)")
+def engine_url(tmp_path_factory, llama_server):
+    binary = llama_server
+    if not MODEL.is_file():  # the first e2e test of a fresh machine: nothing has written it yet
+        write_tiny_model(MODEL)
     port = free_port()
     log = (tmp_path_factory.mktemp("llama-server") / "llama-server.log").open("wb")
     proc = subprocess.Popen([str(binary), "-m", str(MODEL), "--host", "127.0.0.1", "--port", str(port), "-np", "2",

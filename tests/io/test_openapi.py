@@ -42,17 +42,18 @@ from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.openapi_doc import DOCUMENTS, add_openapi_route, document
 
 
-def _sibling(name: str):
-    """Another test module of this directory, for its builders: tests/io is no package (it would
+def _sibling(relative: str):
+    """Another test module under tests/io, for its builders: tests/io is no package (it would
     shadow the stdlib ``io``), so it is loaded from its file rather than imported."""
-    spec = importlib.util.spec_from_file_location(f"_openapi_{name}", Path(__file__).with_name(f"{name}.py"))
+    name = Path(relative).name
+    spec = importlib.util.spec_from_file_location(f"_openapi_{name}", Path(__file__).parent / f"{relative}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-orchd_tests = _sibling("test_orchestratord")
-pmd_tests = _sibling("test_pool_managerd")
+orchd_tests = _sibling("orchestratord/test_orchestratord")
+pmd_tests = _sibling("pool_managerd/test_pool_managerd")
 task = orchd_tests.task
 
 # Endpoints documented before they are routed (say, while a front door is being built). An entry

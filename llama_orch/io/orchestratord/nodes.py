@@ -17,8 +17,8 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from ...core.nodes import Nodes, NodeState
-from .discovery import PoolDiscovery
 from ..http import fail, json_body, json_response
+from .discovery import PoolDiscovery
 
 log = logging.getLogger("llama_orch.orchestratord.nodes")
 

@@ -5,7 +5,7 @@ request becomes a ``TaskSpec`` and a ``TaskPayload`` and goes through ``CoreDriv
 same admission, placement, budgets and metrics as ``POST /v2/tasks``. The answer is read back
 from the task's own SSE frames (``driver.streams[task_id]``) and framed again as OpenAI
 chunks (``stream: true``) or as one JSON body. ``add_openai_routes(app)`` mounts the routes on
-an orchestratord app (it takes the app keys of the driver and of the correlation id).
+an orchestratord app.
 
 Decisions (they are part of the contract of this front door):
 
@@ -62,7 +62,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -71,11 +71,9 @@ from ...core.commands import Rejected
 from ...core.placement import normalize_model_ref
 from ...core.types import Priority, TaskSpec
 from ...ext.sse import SSEParser
-from ..http import retry_headers
+from ..http import CORRELATION_ID, retry_headers
+from .driver import DRIVER, CoreDriver, Stream
 from .wire import MAX_INT, TaskPayload, WireError, parse_sampling
-
-if TYPE_CHECKING:
-    from .app import CoreDriver, Stream
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -417,11 +415,9 @@ async def follow(request: web.Request, stream: Stream) -> AsyncIterator[list[tup
 
 
 class OpenAIFrontDoor:
-    """The route handlers, bound to the app keys of the driver and the correlation id."""
+    """The route handlers, and what they remember between requests."""
 
-    def __init__(self, driver_key: web.AppKey, correlation_key: web.RequestKey | None) -> None:
-        self.driver_key = driver_key
-        self.correlation_key = correlation_key
+    def __init__(self) -> None:
         self.first_seen: dict[str, int] = {}  # model id -> when /v1/models first listed it (its "created")
 
     # -- models ---------------------------------------------------------------------------------
@@ -440,11 +436,11 @@ class OpenAIFrontDoor:
                 for model in sorted(ids)]
 
     async def list_models(self, request: web.Request) -> web.Response:
-        return _json({"object": "list", "data": self._models(request.app[self.driver_key])})
+        return _json({"object": "list", "data": self._models(request.app[DRIVER])})
 
     async def get_model(self, request: web.Request) -> web.Response:
         wanted = normalize_model_ref(request.match_info["model"])
-        for model in self._models(request.app[self.driver_key]):
+        for model in self._models(request.app[DRIVER]):
             if model["id"] == wanted:
                 return _json(model)
         return OpenAIError(404, f"The model '{request.match_info['model']}' does not exist", param="model",
@@ -459,7 +455,7 @@ class OpenAIFrontDoor:
         return await self._serve(request, chat=False)
 
     async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        driver = request.app[self.driver_key]
+        driver = request.app[DRIVER]
         try:
             try:
                 body = orjson.loads(await request.read())
@@ -497,8 +493,8 @@ class OpenAIFrontDoor:
 
     def _headers(self, request: web.Request, task_id: str) -> dict[str, str]:
         headers = {"X-Task-Id": task_id}
-        if self.correlation_key is not None and self.correlation_key in request:
-            headers["X-Correlation-Id"] = request[self.correlation_key]  # the middleware is too late for a stream
+        if CORRELATION_ID in request:
+            headers["X-Correlation-Id"] = request[CORRELATION_ID]  # the middleware is too late for a stream
         return headers
 
     async def _collect(self, request: web.Request, parsed: ParsedRequest, stream: Stream) -> web.Response:
@@ -562,13 +558,9 @@ def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
-def add_openai_routes(app: web.Application, driver_key: web.AppKey,
-                      correlation_key: web.RequestKey | None = None) -> OpenAIFrontDoor:
-    """Mount the ``/v1`` routes on an orchestratord app: ``add_openai_routes(app, DRIVER,
-    CORRELATION_ID)``. The keys are passed, not imported from orchestratord: that module imports
-    this one, and run as ``python -m`` it is ``__main__``, whose keys are other objects than
-    those of ``llama_orch.io.orchestratord``."""
-    door = OpenAIFrontDoor(driver_key, correlation_key)
+def add_openai_routes(app: web.Application) -> OpenAIFrontDoor:
+    """Mount the ``/v1`` routes on an orchestratord app (one whose ``DRIVER`` is set)."""
+    door = OpenAIFrontDoor()
     app.router.add_get("/v1/models", door.list_models)
     app.router.add_get("/v1/models/{model:.+}", door.get_model)  # model refs hold slashes
     app.router.add_post("/v1/chat/completions", door.chat_completions)

@@ -50,11 +50,11 @@ from ...core.events import (
 from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
 from ..config import ConfigError, PoolManagerSettings
 from ..daemon import prepare, spawn
-from .gpu import GpuDiscovery, select, vram_of
 from ..handoff import Handoff, HandoffError, read_handoff
 from ..http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
 from ..openapi_doc import add_openapi_route
 from ..waits import within
+from .gpu import GpuDiscovery, select, vram_of
 
 log = logging.getLogger("llama_orch.pool_managerd")
 

@@ -42,13 +42,13 @@ from ...core.events import (
     Tick,
 )
 from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
-from .artifacts import ArtifactError, fetch_model, terminal_progress
 from ..config import ConfigError, Env, parse_address
 from ..daemon import prepare, spawn
-from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
 from ..handoff import Handoff, write_handoff
 from ..http import fail, json_body, json_response, pool_or_404
 from ..waits import within
+from .artifacts import ArtifactError, fetch_model, terminal_progress
+from .engine_build import BuildError, BuildSpec, default_spec, ensure_llama_server
 
 log = logging.getLogger("llama_orch.provisioner")
 

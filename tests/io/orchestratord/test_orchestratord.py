@@ -11,10 +11,11 @@ from llama_orch.core.sessions import BudgetPolicy
 from llama_orch.ext.sse import SSEParser
 from llama_orch.io.config import PoolManagerSettings
 from llama_orch.io.handoff import Handoff, write_handoff
+from llama_orch.io.orchestratord.app import create_app
+from llama_orch.io.orchestratord.driver import DRIVER
+from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
 from llama_orch.io.provisioner.mock_engine import MockConfig
 from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
-from llama_orch.io.orchestratord.app import DRIVER, create_app
-from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
 
 MODEL = "file:/models/tiny.gguf"
 

@@ -19,8 +19,9 @@ from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.core.types import PoolSnapshot, Priority
 from llama_orch.ext.sse import frame_events
 from llama_orch.io.orchestratord.adapters import MOCK_WORDS
+from llama_orch.io.orchestratord.app import create_app
+from llama_orch.io.orchestratord.driver import DRIVER
 from llama_orch.io.orchestratord.openai_api import SESSION_NAMESPACE, terminal_error
-from llama_orch.io.orchestratord.app import DRIVER, create_app
 
 MODEL = "file:/models/tiny.gguf"
 UNREADY_MODEL = "file:/models/unready.gguf"

@@ -1,0 +1,116 @@
+"""orchestratord's Prometheus metrics: the contract's task metrics and the ``orchd_*`` series.
+
+``OrchdMetrics`` owns one registry per app and learns everything from the commands the core
+returns (``observe``), so the metrics can never disagree with what the driver did. No label
+value is a task id; ``pool_id`` labels of queue-level series are ``any`` (a queued task has no
+pool yet). ``render`` sets the gauges from the core's state at scrape time and writes the
+exposition format.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ...core.commands import Admitted, Dispatch, Finish, ForwardTokens, Rejected
+from ...core.orchestrator import Orchestrator
+from ...core.types import Priority
+
+ANY_POOL = "any"  # the pool_id label of queue-level series: a queued task has no pool yet
+
+
+class OrchdMetrics:
+    """The contract's orchestratord metrics (no task id is ever a label)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.enqueued = Counter("tasks_enqueued", "Tasks admitted to the queue", registry=r)
+        self.started = Counter("tasks_started", "Tasks dispatched to an engine for the first time", registry=r)
+        self.canceled = Counter("tasks_canceled", "Tasks canceled", ["reason"], registry=r)
+        self.rejected = Counter("tasks_rejected", "Submissions not admitted", ["reason"], registry=r)
+        self.backpressure = Counter("admission_backpressure_events", "429s from a full queue", ["policy"], registry=r)
+        self.queue_depth = Gauge("queue_depth", "Queued tasks", ["priority"], registry=r)
+        self.first_token = Histogram("latency_first_token_ms", "Submission to first token (ms)", registry=r,
+                                     buckets=(50, 100, 150, 200, 300, 500, 750, 1000, 1500, 2000, 3000))
+        self.decode = Histogram("latency_decode_ms", "First token to the end of the stream (ms)", registry=r,
+                                buckets=(250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000))
+        self.tokens_in = Counter("tokens_in", "Prompt tokens sent to engines (estimated)", registry=r)
+        self.tokens_out = Counter("tokens_out", "Tokens streamed to clients", registry=r)
+        self.placements = Counter("placement_decisions", "Placement decisions", ["outcome", "pinned", "fallback"],
+                                  registry=r)
+        self.orchd_queue_depth = Gauge("orchd_admission_queue_depth", "Queued tasks", ["pool_id"], registry=r)
+        self.orchd_enqueued = Counter("orchd_admission_enqueued", "Submissions by admission outcome",
+                                      ["pool_id", "outcome"], registry=r)
+        self.orchd_rejected = Counter("orchd_admission_rejected", "Submissions refused", ["pool_id", "reason"],
+                                      registry=r)
+        self.health_checks = Counter("orchd_pool_health_checks", "Pool status polls", ["pool_id", "outcome"],
+                                     registry=r)
+        self.health_check_ms = Histogram("orchd_pool_health_check_duration_ms", "Pool status poll duration (ms)",
+                                         ["pool_id"], registry=r,
+                                         buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))
+        self.dispatched = Counter("orchd_tasks_dispatched", "Dispatch attempts", ["pool_id", "outcome"], registry=r)
+        self.dispatch_latency = Histogram("orchd_dispatch_latency_ms", "Dispatch to the first token from that pool (ms)",
+                                          ["pool_id"], registry=r,
+                                          buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
+        self.pools_available = Gauge("orchd_pools_available", "1 when the pool takes work", ["pool_id"], registry=r)
+        self._dispatched_at: dict[str, tuple[str, float]] = {}  # task -> (pool, time) until its first token
+
+    def health_check(self, pool_id: str, ok: bool, duration_ms: float) -> None:
+        self.health_checks.labels(pool_id=pool_id, outcome="ok" if ok else "error").inc()
+        self.health_check_ms.labels(pool_id=pool_id).observe(duration_ms)
+
+    def observe(self, core: Orchestrator, commands: tuple, now: float) -> None:
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is ForwardTokens:
+                self.tokens_out.inc(cmd.count)
+                if cmd.first_index == 0:
+                    task = core.task(cmd.task_id)
+                    if task is not None:
+                        self.first_token.observe(now - task.submitted_at)
+                    pending = self._dispatched_at.pop(cmd.task_id, None)
+                    if pending is not None:
+                        self.dispatch_latency.labels(pool_id=pending[0]).observe(now - pending[1])
+            elif kind is Admitted:
+                self.enqueued.inc()
+                self.orchd_enqueued.labels(pool_id=self._pool_label(core, cmd.task_id), outcome="admitted").inc()
+            elif kind is Rejected:
+                self.rejected.labels(reason=cmd.code).inc()
+                pool = cmd.pool_id or ANY_POOL
+                self.orchd_enqueued.labels(pool_id=pool, outcome="rejected").inc()
+                self.orchd_rejected.labels(pool_id=pool, reason=cmd.code).inc()
+                if cmd.http_status == 429:
+                    self.backpressure.labels(policy=cmd.policy_label or "reject").inc()
+            elif kind is Dispatch:
+                self.dispatched.labels(pool_id=cmd.pool_id, outcome="sent").inc()
+                task = core.task(cmd.task_id)
+                placement = task.spec.placement if task is not None else None
+                pinned = placement is not None and placement.mode.value == "pin"
+                preferred = placement is not None and placement.prefer_pools and cmd.pool_id not in placement.prefer_pools
+                self.placements.labels(outcome="placed" if cmd.attempt == 1 else "retried", pinned=str(pinned).lower(),
+                                       fallback=str(cmd.attempt > 1 or bool(preferred)).lower()).inc()
+                self._dispatched_at[cmd.task_id] = (cmd.pool_id, now)
+                if cmd.attempt == 1:
+                    self.started.inc()
+                    if task is not None:
+                        self.tokens_in.inc(task.spec.prompt_tokens)
+            elif kind is Finish:
+                self._dispatched_at.pop(cmd.task_id, None)
+                if cmd.outcome.value == "canceled":
+                    self.canceled.labels(reason=str(cmd.data.get("reason", "client"))).inc()
+                elif cmd.kind == "end" and cmd.data.get("decode_ms") is not None:
+                    self.decode.observe(cmd.data["decode_ms"])
+
+    @staticmethod
+    def _pool_label(core: Orchestrator, task_id: str) -> str:
+        task = core.task(task_id)
+        if task is not None and task.spec.placement.mode.value == "pin" and task.spec.placement.pin_pool_id:
+            return task.spec.placement.pin_pool_id
+        return ANY_POOL
+    def render(self, core: Orchestrator) -> bytes:
+        """The exposition text, with the gauges read from the core now."""
+        for priority in Priority:
+            self.queue_depth.labels(priority=priority.value).set(core.queue_depth(priority))
+        self.orchd_queue_depth.labels(pool_id=ANY_POOL).set(core.queue_depth())
+        for pool_id in core.placer.pool_ids():
+            self.pools_available.labels(pool_id=pool_id).set(1 if core.placer.is_usable(pool_id) else 0)
+        return generate_latest(self.registry)
