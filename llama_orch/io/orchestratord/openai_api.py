@@ -209,7 +209,7 @@ def parse_messages(body: dict) -> tuple[dict, ...]:
         if not isinstance(message, dict):
             raise _bad(param, "expected an object with role and content")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"{param}.role", f"expected one of {', '.join(ROLES)}; got {role!r}")
         messages.append({"role": ROLES[role], "content": _content(message.get("content"), f"{param}.content", role=role)})
     return tuple(messages)
@@ -232,7 +232,7 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
     """Parameters that would change the answer and that we cannot honour: 400, not silence."""
     for name in ("n", "best_of"):
         value = body.get(name)
-        if value is not None and value != 1:
+        if value is not None and (type(value) is not int or value != 1):
             raise _bad(name, f"only 1 is supported (one choice per request; send {value!r} requests instead)")
     if chat:
         for name in ("tools", "functions"):

@@ -116,11 +116,17 @@ def _str(body: dict, name: str, *, required: bool, choices: tuple[str, ...] | No
 
 
 def _uuid(body: dict, name: str) -> str:
+    """A UUID in its canonical spelling only: the id is the key the client's later requests (events,
+    cancel, sessions) must match, so another spelling of the same UUID is refused, not rewritten."""
     value = _str(body, name, required=True)
     try:
-        return str(uuid.UUID(value))
+        canonical = str(uuid.UUID(value))
     except ValueError:
         raise WireError(name, f"expected a UUID, got {value!r}") from None
+    if value != canonical:
+        raise WireError(name, f"expected a UUID in canonical form (lowercase, hyphenated 8-4-4-4-12): write "
+                              f"{canonical!r}, not {value!r}")
+    return value
 
 
 def _str_list(body: dict, name: str, *, prefix: str = "") -> tuple[str, ...]:
@@ -181,6 +187,9 @@ def parse_task_request(body: object) -> tuple[TaskSpec, TaskPayload]:
     expected = _int(body, "expected_tokens", required=False, minimum=0)
     kv_hint = _str(body, "kv_hint", required=False, choices=KV_HINTS)
     placement = _placement(body)
+    if max_tokens > ctx:
+        raise WireError("max_tokens", f"{max_tokens} does not fit in ctx {ctx}: the prompt and the tokens to "
+                                      f"generate share the context, so max_tokens must be at most ctx")
     if workload == "completion" and prompt is None and not inputs:
         raise WireError("prompt", "is required for workload 'completion' (or give inputs[])")
     text = prompt if prompt is not None else " ".join(inputs)

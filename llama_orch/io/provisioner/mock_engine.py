@@ -147,13 +147,20 @@ class MockEngine:
             return _invalid("Unrecognized request argument supplied: stream_options")
         if self.config.error_rate and self.rng.random() < self.config.error_rate:
             return json_response({"error": {"code": 500, "message": "injected fault", "type": "server_error"}}, 500)
-        n_predict = int(body.get("n_predict", body.get("max_tokens", 16)) or 16)
+        n_predict = body.get("n_predict", body.get("max_tokens", 16)) or 16
+        if not isinstance(n_predict, int) or isinstance(n_predict, bool):
+            return _invalid("n_predict: expected an integer")
+        # As llama-server: generation stops at the context (-1 means "until then"), so what one
+        # request makes is bounded by --ctx-size, never by the number a client asked for.
+        n_predict = self.config.ctx if n_predict < 0 else min(n_predict, self.config.ctx)
+        seed = body.get("seed")
+        seed = seed if isinstance(seed, int) else 0
         prompt = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages", []))
         prompt_tokens = max(1, len(str(prompt).split()))
         stream = bool(body.get("stream", False))
         options = body.get("stream_options")
         usage = dialect != "openai-chat" or isinstance(options, dict) and bool(options.get("include_usage"))
-        words = random.Random(body.get("seed", 0)).choices(WORDS, k=n_predict)
+        words = random.Random(seed).choices(WORDS, k=n_predict)
         self.deferred += 1
         async with self.slots:
             self.deferred -= 1

@@ -10,6 +10,8 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from aiohttp import web
 from support import eventually
 
@@ -21,7 +23,7 @@ from llama_orch.ext.sse import frame_events
 from llama_orch.io.orchestratord.adapters import MOCK_WORDS
 from llama_orch.io.orchestratord.app import create_app
 from llama_orch.io.orchestratord.driver import DRIVER
-from llama_orch.io.orchestratord.openai_api import SESSION_NAMESPACE, terminal_error
+from llama_orch.io.orchestratord.openai_api import SESSION_NAMESPACE, OpenAIError, parse_request, terminal_error
 
 MODEL = "file:/models/tiny.gguf"
 UNREADY_MODEL = "file:/models/unready.gguf"
@@ -217,6 +219,10 @@ async def test_headers_choose_priority_session_and_deadline(aiohttp_client):
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      "messages[0].content[0]", "text parts"),
     ("/v1/chat/completions", chat(messages=[{"role": "user", "content": 3}]), "messages[0].content", "string"),
+    ("/v1/chat/completions", chat(messages=[{"role": {}, "content": "hi"}]), "messages[0].role", "expected one of"),
+    ("/v1/chat/completions", chat(messages=[{"role": ["user"], "content": "hi"}]), "messages[0].role",
+     "expected one of"),
+    ("/v1/chat/completions", chat(n=True), "n", "one choice"),
     ("/v1/chat/completions", chat(n=2), "n", "one choice"),
     ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "not supported"),
     ("/v1/chat/completions", chat(max_tokens=0), "max_tokens", "integer from 1"),
@@ -462,3 +468,49 @@ async def test_the_official_openai_client_raises_its_own_errors():
         with pytest.raises(openai.APIError, match="engine died"):
             async for _ in stream:
                 pass
+
+
+# -- fuzzing: any JSON in any field is an OpenAIError or a task, never another exception ---------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+_OPENAI_FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "seed", "user", "stream",
+                  "stream_options", "n", "best_of", "tools", "functions", "response_format", "echo", "suffix",
+                  "temperature", "top_p", "top_k", "min_p", "stop", "presence_penalty", "frequency_penalty"]
+_MESSAGE_FIELDS = ["role", "content", "name"]
+
+
+class _Placer:
+    """Just enough of the core's placer for ``parse_request``: one usable pool serving MODEL."""
+
+    def pool_ids(self):
+        return ["pool-0"]
+
+    def snapshot(self, pool_id):
+        return PoolSnapshot(pool_id=pool_id, ready=True, engine="mock", model_ref=MODEL)
+
+    def is_usable(self, pool_id):
+        return True
+
+
+class _Request:
+    headers: dict = {}
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chat_=st.booleans(),
+       changes=st.dictionaries(st.sampled_from(_OPENAI_FIELDS), _json_values, max_size=4),
+       message=st.dictionaries(st.sampled_from(_MESSAGE_FIELDS), _json_values, max_size=3))
+def test_any_json_in_any_openai_field_is_a_400_or_a_task(chat_, changes, message):
+    body = chat(**changes) if chat_ else completion(**changes)
+    if chat_ and "messages" not in changes:
+        body["messages"] = [{"role": "user", "content": "hi", **message}]
+    try:
+        parsed = parse_request(_Request(), body, _Placer(), chat=chat_)
+    except OpenAIError as exc:
+        assert 400 <= exc.status < 500 and exc.message
+        return
+    assert parsed.spec.max_tokens >= 1 and parsed.spec.ctx >= parsed.spec.max_tokens

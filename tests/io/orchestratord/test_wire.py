@@ -3,6 +3,8 @@
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llama_orch.core.types import Determinism, PlacementMode, Priority
 from llama_orch.io.orchestratord.wire import WireError, parse_task_request
@@ -66,3 +68,71 @@ def test_each_bad_field_is_named(change, field, message):
 def test_not_an_object():
     with pytest.raises(WireError, match="body: expected a JSON object"):
         parse_task_request(["task"])
+
+
+CANONICAL = "0f8fad5b-d9cb-469f-a165-70867728950e"
+
+
+@pytest.mark.parametrize("field", ["task_id", "session_id"])
+@pytest.mark.parametrize("spelling", [CANONICAL.upper(), "{" + CANONICAL + "}", "urn:uuid:" + CANONICAL,
+                                      CANONICAL.replace("-", "")])
+def test_another_spelling_of_a_uuid_is_refused_naming_the_canonical_one(field, spelling):
+    # The id is what later requests (events, cancel, sessions) must match: accepting another
+    # spelling and storing the canonical one left the task unreachable under the client's id.
+    with pytest.raises(WireError) as err:
+        parse_task_request(body(**{field: spelling}))
+    assert err.value.field == field and "canonical" in str(err.value) and repr(CANONICAL) in str(err.value)
+
+
+def test_a_canonical_uuid_is_kept_as_sent():
+    spec, _ = parse_task_request(body(task_id=CANONICAL, session_id=CANONICAL))
+    assert spec.task_id == CANONICAL and spec.session_id == CANONICAL
+
+
+@pytest.mark.parametrize("ctx, max_tokens, ok", [(16, 100_000, False), (16, 17, False), (16, 16, True),
+                                                 (0, 1, False), (512, 32, True)])
+def test_max_tokens_must_fit_in_ctx(ctx, max_tokens, ok):
+    if ok:
+        spec, _ = parse_task_request(body(ctx=ctx, max_tokens=max_tokens))
+        assert (spec.ctx, spec.max_tokens) == (ctx, max_tokens)
+        return
+    with pytest.raises(WireError) as err:
+        parse_task_request(body(ctx=ctx, max_tokens=max_tokens))
+    assert err.value.field == "max_tokens" and f"ctx {ctx}" in str(err.value)
+
+
+# -- fuzzing: any JSON in any field is a WireError or a task, never another exception ----------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+FIELDS = ["task_id", "session_id", "workload", "model_ref", "engine", "ctx", "priority", "max_tokens", "deadline_ms",
+          "seed", "determinism", "sampler_profile_version", "prompt", "inputs", "expected_tokens", "kv_hint",
+          "placement"]
+PLACEMENT_FIELDS = ["mode", "pin_pool_id", "prefer_pools", "avoid_pools", "require_device_mask", "allow_fallback"]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.dictionaries(st.sampled_from(FIELDS), json_values, min_size=1, max_size=4),
+       placement=st.one_of(st.none(), st.dictionaries(st.sampled_from(PLACEMENT_FIELDS), json_values, max_size=3)))
+def test_any_json_in_any_field_is_a_named_400_or_a_task(changes, placement):
+    request = body(**changes)
+    if placement is not None:
+        request["placement"] = placement
+    try:
+        spec, _ = parse_task_request(request)
+    except WireError as exc:
+        assert str(exc).startswith(exc.field + ":") and exc.field.split(".")[0] in FIELDS + ["body"]
+        return
+    assert spec.max_tokens <= spec.ctx
+
+
+@settings(max_examples=100, deadline=None)
+@given(json_values)
+def test_any_json_body_is_a_400_or_a_task(value):
+    try:
+        parse_task_request(value)
+    except WireError:
+        pass

@@ -50,6 +50,23 @@ async def test_streamed_completion_in_llamacpp_frames(aiohttp_client):
     assert "llamacpp:tokens_predicted_total 7" in metrics
 
 
+@pytest.mark.parametrize("n_predict", [10**12, -1])
+async def test_generation_stops_at_the_context_whatever_was_asked(aiohttp_client, n_predict):
+    # A huge n_predict once made the mock build a list of that many words before the first byte.
+    client = await client_for(aiohttp_client, tokens_per_s=100_000, ctx=40)
+    resp = await client.post("/completion", json={"prompt": "hello", "n_predict": n_predict, "stream": True})
+    relay = TokenRelay("llamacpp")
+    async for chunk in resp.content.iter_any():
+        relay.feed(chunk)
+    assert relay.tokens == 40
+
+
+async def test_a_non_integer_n_predict_is_a_400(aiohttp_client):
+    client = await client_for(aiohttp_client)
+    resp = await client.post("/completion", json={"prompt": "hello", "n_predict": "lots", "seed": {}})
+    assert resp.status == 400 and "n_predict" in (await resp.json())["error"]["message"]
+
+
 @pytest.mark.parametrize("path, body", [
     ("/v1/completions", {"prompt": "x", "max_tokens": 4, "stream": True}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True}),
