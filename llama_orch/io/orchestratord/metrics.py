@@ -16,6 +16,9 @@ from ...core.orchestrator import Orchestrator
 from ...core.types import Priority
 
 ANY_POOL = "any"  # the pool_id label of queue-level series: a queued task has no pool yet
+UNKNOWN_POOL = "unknown"  # a pool id a client named that no pool has: never a label of its own
+#: Cancel reasons as labels; a reason outside this set is counted as ``other``.
+CANCEL_REASONS = frozenset({"client", "disconnect", "shutdown", "internal"})
 
 
 class OrchdMetrics:
@@ -75,7 +78,7 @@ class OrchdMetrics:
                 self.orchd_enqueued.labels(pool_id=self._pool_label(core, cmd.task_id), outcome="admitted").inc()
             elif kind is Rejected:
                 self.rejected.labels(reason=cmd.code).inc()
-                pool = cmd.pool_id or ANY_POOL
+                pool = self._known_pool(core, cmd.pool_id) if cmd.pool_id else ANY_POOL
                 self.orchd_enqueued.labels(pool_id=pool, outcome="rejected").inc()
                 self.orchd_rejected.labels(pool_id=pool, reason=cmd.code).inc()
                 if cmd.http_status == 429:
@@ -96,15 +99,22 @@ class OrchdMetrics:
             elif kind is Finish:
                 self._dispatched_at.pop(cmd.task_id, None)
                 if cmd.outcome.value == "canceled":
-                    self.canceled.labels(reason=str(cmd.data.get("reason", "client"))).inc()
+                    reason = str(cmd.data.get("reason", "client"))
+                    self.canceled.labels(reason=reason if reason in CANCEL_REASONS else "other").inc()
                 elif cmd.kind == "end" and cmd.data.get("decode_ms") is not None:
                     self.decode.observe(cmd.data["decode_ms"])
 
     @staticmethod
-    def _pool_label(core: Orchestrator, task_id: str) -> str:
+    def _known_pool(core: Orchestrator, pool_id: str) -> str:
+        """A client-named pool id as a label: itself when that pool exists, else ``unknown``, so
+        made-up ids cannot grow the series (each series is memory kept for good)."""
+        return pool_id if pool_id in core.placer else UNKNOWN_POOL
+
+    @classmethod
+    def _pool_label(cls, core: Orchestrator, task_id: str) -> str:
         task = core.task(task_id)
         if task is not None and task.spec.placement.mode.value == "pin" and task.spec.placement.pin_pool_id:
-            return task.spec.placement.pin_pool_id
+            return cls._known_pool(core, task.spec.placement.pin_pool_id)
         return ANY_POOL
     def render(self, core: Orchestrator) -> bytes:
         """The exposition text, with the gauges read from the core now."""

@@ -225,6 +225,27 @@ async def test_one_reader_leaving_does_not_cancel_a_task_another_still_reads(aio
     assert events[-1][0] == "end" and "canceled" not in events[-1][1] and events[-1][1]["tokens_out"] == 60
 
 
+async def test_made_up_pool_ids_never_become_metric_labels(aiohttp_server, aiohttp_client, tmp_path):
+    # 5,000 pinned submissions to made-up pools once added 20,000 series for good.
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path)
+    await client.post("/v2/tasks", json=task(placement={"mode": "pin", "pin_pool_id": "made-up-0"}))
+    before = (await (await client.get("/metrics")).text()).count("\n")
+    for i in range(1, 60):
+        pinned = task(placement={"mode": "pin", "pin_pool_id": f"made-up-{i}", "allow_fallback": i % 2 == 0})
+        resp = await client.post("/v2/tasks", json=pinned)
+        assert resp.status in (202, 400, 404, 503), resp.status
+    text = await (await client.get("/metrics")).text()
+    assert "made-up" not in text
+    assert text.count("\n") == before, "the scrape grew with client-chosen ids"
+    assert 'pool_id="unknown"' in text
+    # a pool that exists keeps its own label
+    body = task(max_tokens=2, placement={"mode": "pin", "pin_pool_id": "pool-0"})
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    await events_of(client, body["task_id"])
+    assert 'orchd_admission_enqueued_total{outcome="admitted",pool_id="pool-0"} 1.0' in \
+        await (await client.get("/metrics")).text()
+
+
 async def test_metrics_frames_and_time_and_cost_budgets(aiohttp_server, aiohttp_client, tmp_path):
     budgets = BudgetPolicy(tokens=100, time_ms=600_000, cost=10.0, cost_per_1k_prompt_tokens=1000.0,
                            cost_per_1k_output_tokens=100.0)
