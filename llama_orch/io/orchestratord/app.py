@@ -110,9 +110,13 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                 break
             await stream.wait_for_change(request)
         finished = True
+        await resp.write_eof()
+    except ConnectionError as exc:
+        # A client going away is normal: one line, no traceback (aiohttp logs an escaped
+        # exception at ERROR with its stack, thousands of lines for a burst of resets).
+        log.info("task %s: SSE reader went away (%s)", tid, type(exc).__name__)
     finally:
         driver.reader_left(tid, stream, early=not finished)
-    await resp.write_eof()
     return resp
 
 

@@ -1,5 +1,9 @@
 """orchestratord in process, with a pool-managerd and mock engines on loopback."""
 
+import asyncio
+import logging
+import socket
+import struct
 import uuid
 
 import orjson
@@ -244,6 +248,33 @@ async def test_made_up_pool_ids_never_become_metric_labels(aiohttp_server, aioht
     await events_of(client, body["task_id"])
     assert 'orchd_admission_enqueued_total{outcome="admitted",pool_id="pool-0"} 1.0' in \
         await (await client.get("/metrics")).text()
+
+
+async def _read_then_reset(port: int, tid: str) -> None:
+    """An SSE reader that reads a little, then drops the connection with a TCP reset."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /v2/tasks/{tid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await reader.read(100)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_readers_dropped_with_resets_are_info_lines_not_errors(aiohttp_server, aiohttp_client, tmp_path,
+                                                                    caplog):
+    # 500 readers dropped with resets once wrote 28k log lines: an ERROR and a traceback each
+    # (a write, or the final write_eof, into a transport the reset had closed).
+    caplog.set_level(logging.INFO)
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=8, tokens_per_s=200)
+    driver = client.server.app[DRIVER]
+    bodies = [task(max_tokens=200) for _ in range(24)]  # 8 streaming, 16 queued
+    for body in bodies:
+        assert (await client.post("/v2/tasks", json=body)).status == 202
+    for _ in range(3):  # readers come and go: each reset is one reader leaving
+        await asyncio.gather(*(_read_then_reset(client.server.port, b["task_id"]) for b in bodies))
+    await eventually(lambda: not driver.core.tasks, what="every task canceled once its last reader was gone")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 async def test_metrics_frames_and_time_and_cost_budgets(aiohttp_server, aiohttp_client, tmp_path):
