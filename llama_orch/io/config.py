@@ -9,6 +9,7 @@ setting, the first one set wins. A flag given on the command line beats the envi
 from __future__ import annotations
 
 import ipaddress
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,23 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+#: A node id: a host name's characters (letters, digits, ``.``, ``_``, ``-``; a letter or digit
+#: first), at most 253 of them. It is a path segment of ``/v2/nodes/{node_id}``, so nothing a route
+#: cannot match; ``register`` is taken by ``POST /v2/nodes/register``.
+NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}"
+NODE_ID_RULE = "1-253 letters, digits, '.', '_' or '-', starting with a letter or digit, and not 'register'"
+
+
+def is_node_id(value: object) -> bool:
+    return isinstance(value, str) and value != "register" and re.fullmatch(NODE_ID_PATTERN, value) is not None
+
+
+def _node_id(raw: str) -> str:
+    if not is_node_id(raw):
+        raise ValueError(raw)
+    return raw
 
 
 class Env:
@@ -131,6 +149,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _default_node_id() -> str:
+    """The host name when it is a valid node id, else its valid characters (a container's host
+    name is almost always valid already)."""
+    name = os.uname().nodename
+    if is_node_id(name):
+        return name
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-")[:253]
+    return cleaned if is_node_id(cleaned) else "node"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolManagerSettings:
     host: str = "127.0.0.1"
@@ -165,7 +193,8 @@ class PoolManagerSettings:
             stale_after_misses=env.integer("POOL_MANAGERD_STALE_AFTER_MISSES", default=3, minimum=1),
             callback_url=env.url("POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL", default=None),
             provisioner_url=env.url("POOL_MANAGERD_PROVISIONER_URL", default="http://127.0.0.1:9300"),
-            node_id=env.text("POOL_MANAGERD_NODE_ID", default=os.uname().nodename),
+            node_id=env.get("POOL_MANAGERD_NODE_ID", default=_default_node_id(), parse=_node_id,
+                            expected=f"a node id ({NODE_ID_RULE})"),
             orchestratord_url=env.url("POOL_MANAGERD_ORCHESTRATORD_URL", default=None),
             advertise_url=env.url("POOL_MANAGERD_ADVERTISE_URL", default=None),
             orchestratord_api_key=env.text("POOL_MANAGERD_ORCHESTRATORD_API_KEY", default="") or None,

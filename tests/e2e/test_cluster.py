@@ -52,7 +52,7 @@ async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp
         # Cancel mid-stream: a 204, then the stream ends with canceled. Tokens already on the wire
         # may still arrive after the 204 (another connection), but none was sent after the cancel
         # was processed: the stream holds exactly the end event's tokens_out tokens, then the end.
-        long = task(max_tokens=900)
+        long = task(max_tokens=900, ctx=1024)
         async with session.post(f"{orchd_url}/v2/tasks", json=long) as r:
             assert r.status == 202
         seen, after_cancel = [], None

@@ -453,7 +453,7 @@ async def test_cancel_while_queued_ends_without_a_token(held, session):
 
 async def test_cancel_while_streaming_from_a_real_engine(real, session):
     orchd = real.orchds[0]
-    long = await admitted(session, orchd, max_tokens=2000)
+    long = await admitted(session, orchd, max_tokens=2000, ctx=2048)
     stream = Stream(session, orchd, long["task_id"])
     try:
         await stream.until(lambda s: s.of("token"), "the first token")

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from ...core.nodes import Nodes, NodeState
+from ..config import NODE_ID_PATTERN, NODE_ID_RULE, is_node_id
 from ..http import fail, json_body, json_response
 from .discovery import PoolDiscovery
 
@@ -112,8 +113,8 @@ NODES = web.AppKey("nodes", NodeService)
 
 
 def _node_id(value: object) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 253:
-        fail(400, "INVALID_PARAMS", "node_id: expected a non-empty string of at most 253 characters")
+    if not is_node_id(value):
+        fail(400, "INVALID_PARAMS", f"node_id: expected {NODE_ID_RULE}; got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -171,7 +172,9 @@ def add_node_routes(app: web.Application, discovery: PoolDiscovery, **kw: float)
 
     app.cleanup_ctx.append(timer)
     app.router.add_post("/v2/nodes/register", register)
-    app.router.add_post("/v2/nodes/{node_id}/heartbeat", heartbeat)
-    app.router.add_delete("/v2/nodes/{node_id}", deregister)
+    # Only valid node ids match, so /v2/nodes/register is never also "DELETE /v2/nodes/{node_id}".
+    node = "{node_id:(?!register$)" + NODE_ID_PATTERN + "}"
+    app.router.add_post(f"/v2/nodes/{node}/heartbeat", heartbeat)
+    app.router.add_delete(f"/v2/nodes/{node}", deregister)
     app.router.add_get("/v2/nodes", list_nodes)
     return service

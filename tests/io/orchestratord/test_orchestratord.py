@@ -7,13 +7,14 @@ import struct
 import uuid
 
 import orjson
+import pytest
 from support import eventually
 
 from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.core.sessions import BudgetPolicy
 from llama_orch.ext.sse import SSEParser
-from llama_orch.io.config import PoolManagerSettings
+from llama_orch.io.config import ConfigError, PoolManagerSettings, is_node_id
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.orchestratord.app import create_app
 from llama_orch.io.orchestratord.driver import DRIVER
@@ -42,7 +43,7 @@ async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_p
 
 def task(**kw):
     body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
-            "model_ref": MODEL, "engine": "llamacpp", "ctx": 256, "priority": "interactive", "max_tokens": 12,
+            "model_ref": MODEL, "engine": "llamacpp", "ctx": 2048, "priority": "interactive", "max_tokens": 12,
             "deadline_ms": 30_000, "prompt": "hello"}
     body.update(kw)
     return body
@@ -511,6 +512,42 @@ async def test_an_error_after_the_stream_started_never_writes_a_second_response_
     except aiohttp.ClientPayloadError:
         pass  # the stream is cut: that is how a client learns it broke
     assert body.startswith(b"event: token") and b"HTTP/1.1 500" not in body and b"INTERNAL" not in body
+
+
+@pytest.mark.parametrize("node_id", ["gpu{1}", "a/b", "register", "-lead", "", " ", "x" * 254, "n 1", 5, None])
+async def test_node_ids_that_routes_cannot_match_are_refused(aiohttp_client, node_id):
+    # "gpu{1}" once registered, then no heartbeat or deregister could reach it: stale for ever,
+    # holding one of the 1024 node places.
+    client = await aiohttp_client(create_app(OrchestratorConfig(), [], poll_interval_ms=30))
+    resp = await client.post("/v2/nodes/register", json={"node_id": node_id, "base_url": "http://127.0.0.1:1"})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["code"] == "INVALID_PARAMS" and body["message"].startswith("node_id: expected 1-253 letters")
+    assert (await (await client.get("/v2/nodes")).json())["nodes"] == []
+
+
+async def test_a_valid_node_id_is_reachable_and_register_is_not_also_a_node(aiohttp_server, aiohttp_client, tmp_path):
+    pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
+        runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
+    client = await aiohttp_client(create_app(OrchestratorConfig(), [], poll_interval_ms=30))
+    node_id = "gpu-1.rack_2.example"
+    reg = await client.post("/v2/nodes/register", json={"node_id": node_id,
+                                                         "base_url": str(pmd.make_url("")).rstrip("/")})
+    assert reg.status == 200
+    assert (await client.post(f"/v2/nodes/{node_id}/heartbeat", json={})).status == 200
+    # the route overlap: OPTIONS /v2/nodes/register advertised DELETE (it matched /v2/nodes/{node_id})
+    options = await client.options("/v2/nodes/register")
+    assert options.status == 405 and set(options.headers["Allow"].split(",")) == {"POST"}
+    assert (await client.delete("/v2/nodes/register")).status == 405
+    assert (await client.delete(f"/v2/nodes/{node_id}")).status == 204
+
+
+def test_pool_managerd_refuses_a_node_id_orchestratord_would_refuse():
+    with pytest.raises(ConfigError) as err:
+        PoolManagerSettings.from_env({"POOL_MANAGERD_NODE_ID": "gpu{1}"})
+    assert str(err.value).startswith("POOL_MANAGERD_NODE_ID='gpu{1}': expected a node id (1-253 letters")
+    assert PoolManagerSettings.from_env({"POOL_MANAGERD_NODE_ID": "gpu-1"}).node_id == "gpu-1"
+    assert is_node_id(PoolManagerSettings.from_env({}).node_id)  # the host name, or its valid characters
 
 
 async def test_a_stale_node_does_not_take_down_a_configured_manager_at_the_same_url(aiohttp_server, aiohttp_client,
