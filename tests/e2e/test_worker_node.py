@@ -145,6 +145,18 @@ async def test_worker_node_with_a_real_llama_server(llama_server, tmp_path, sess
         assert (await eventually(drained, what=lambda: f"drained; last status {last.get('status')}\n{node.logs()}"))["ready"] is False
         await eventually(lambda: not pid_alive(st_new["engine_pid"]), what="drained engine stopped")
 
+        # Undrain: the operator takes the drain back; the same model on a new engine, ready again.
+        async with session.post(f"{node.url}/v2/pools/pool-0/undrain") as r:
+            assert r.status == 202, await r.text()
+
+        async def undrained():
+            s = await get_json(session, status_url)
+            return s if s["ready"] and s["engine_pid"] not in (None, st_new["engine_pid"]) else None
+        st_back_again = await eventually(undrained, what=lambda: "undrained\n" + node.logs())
+        assert st_back_again["model_ref"] == st_new["model_ref"] and st_back_again["last_error"] is None
+        async with session.post(f"{node.url}/v2/pools/pool-0/undrain") as r:
+            assert r.status == 409 and (await r.json())["code"] == "POOL_NOT_DRAINED"
+
         node.prov.send_signal(signal.SIGTERM)
         assert node.prov.wait(timeout=30) == 0
     finally:

@@ -525,6 +525,9 @@ async def test_pool_managerd_answers_match_the_document(aiohttp_server, aiohttp_
     assert (await api.post("/v2/pools/nope/reload", json={"new_model_ref": "file:/m/y.gguf"})).status == 404
     assert (await api.post("/v2/pools/pool-0/drain", json={"deadline_ms": -1}, valid_request=False)).status == 400
     assert (await api.post("/v2/pools/nope/drain")).status == 404
+    not_drained = await api.post("/v2/pools/pool-0/undrain")
+    assert not_drained.status == 409 and not_drained.json()["code"] == "POOL_NOT_DRAINED"
+    assert (await api.post("/v2/pools/nope/undrain")).status == 404
     drain = await api.post("/v2/pools/pool-0/drain")  # no body: the default deadline
     assert drain.status == 202 and drain.json()["deadline_ms"] == 30_000
     assert (await api.get("/openapi.json")).json()["info"]["title"] == "llama-orch pool-managerd"

@@ -188,6 +188,10 @@ async def pool_reload(request: web.Request) -> web.Response:
     return await _forward(request, "reload")
 
 
+async def pool_undrain(request: web.Request) -> web.Response:
+    return await _forward(request, "undrain")
+
+
 async def capabilities(request: web.Request) -> web.Response:
     placer = request.app[DRIVER].core.placer
     engines: dict[str, dict] = {}
@@ -309,6 +313,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     app.router.add_get("/v2/pools/{pool_id}/health", pool_health)
     app.router.add_post("/v2/pools/{pool_id}/drain", pool_drain)
     app.router.add_post("/v2/pools/{pool_id}/reload", pool_reload)
+    app.router.add_post("/v2/pools/{pool_id}/undrain", pool_undrain)
     app.router.add_get("/v2/meta/capabilities", capabilities)
     app.router.add_get("/v2/meta/version", version)
     app.router.add_get("/metrics", metrics)

@@ -499,7 +499,21 @@ async def reload(request: web.Request) -> web.Response:
     ref = (await json_body(request)).get("new_model_ref")
     if not isinstance(ref, str) or not ref:
         fail(400, "INVALID_PARAMS", "new_model_ref must be a non-empty string")
-    m = request.app[MANAGER]
+    return await _reload(request.app[MANAGER], pool, ref)
+
+
+async def undrain(request: web.Request) -> web.Response:
+    """A drained pool back into service: its engine started again with the model it served."""
+    pool = _pool(request)
+    state = pool.lifecycle.state
+    if state is not PoolState.DRAINED:
+        fail(409, "POOL_NOT_DRAINED", f"pool {pool.handoff.pool_id} is {state.value}: only a drained pool can be "
+                                      "undrained (a draining one finishes its drain first)")
+    return await _reload(request.app[MANAGER], pool, pool.model_ref)
+
+
+async def _reload(m: PoolManager, pool: Pool, ref: str) -> web.Response:
+    """The provisioner owns the engines: a reload (of a drained pool too) is its to do."""
     if not m.settings.provisioner_url:
         fail(503, "PROVISIONER_UNAVAILABLE", "no engine-provisioner is configured on this node")
     url = f"{m.settings.provisioner_url}/v2/pools/{pool.handoff.pool_id}/reload"
@@ -533,6 +547,7 @@ def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None
     app.router.add_get("/v2/pools/{pool_id}/status", pool_status)
     app.router.add_post("/v2/pools/{pool_id}/drain", drain)
     app.router.add_post("/v2/pools/{pool_id}/reload", reload)
+    app.router.add_post("/v2/pools/{pool_id}/undrain", undrain)
     app.router.add_get("/metrics", metrics)
     add_openapi_route(app, "pool_managerd")
     serve_metrics_on(app, settings.host, settings.metrics_port, metrics, MANAGER)

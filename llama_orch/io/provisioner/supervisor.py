@@ -169,6 +169,7 @@ class PoolSupervisor:
         self.stopping = False
         self.reloading: str | None = None  # the model ref being loaded by a reload in progress
         self.notice: str | None = None  # the outcome of the last failed reload, for the handoff
+        self.drains = 0  # stops asked for so far: a reload tells a drain that came during it from an earlier one
         self._tasks: set[asyncio.Task] = set()
 
     @staticmethod
@@ -319,6 +320,7 @@ class PoolSupervisor:
         """Swap the model atomically: the old engine serves until one with the new model is
         healthy; if the new one never gets there it is stopped and the old one stays."""
         old_spec, old_model, old_engine = self.spec, self.model_path, self.engine
+        drains_before = self.drains  # a pool drained before the reload is brought back by it
         self.reloading = new_ref
         try:
             try:
@@ -334,8 +336,8 @@ class PoolSupervisor:
                 await asyncio.shield(candidate.stop())
                 self.spec, self.model_path = old_spec, old_model
                 raise
-            if error is None and self.lifecycle.state is PoolState.DRAINED:
-                error = "the pool was drained meanwhile"  # the later word wins: no engine comes back
+            if error is None and self.drains != drains_before:
+                error = "the pool was drained while the new engine loaded"  # the later word wins
             if error is not None:
                 await candidate.stop()
                 self.spec, self.model_path = old_spec, old_model
@@ -391,6 +393,7 @@ class PoolSupervisor:
     async def stop_engine(self, reason: str) -> None:
         """Stop the engine for good (a drained pool); no restart until a reload."""
         engine = self.engine
+        self.drains += 1
         self._apply(self.lifecycle.handle(DrainRequested(pool_id=self.spec.pool_id, deadline_ms=0), self.now()))
         if engine is not None:  # the lifecycle's StopEngine is under way: wait for it
             await engine.wait()
