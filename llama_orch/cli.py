@@ -399,7 +399,7 @@ def _banner(cluster, elapsed_s: float) -> str:
     url = cluster.orchestratord_url
     flag = "" if url == DEFAULT_URL else f" --url {url}"
     prog = _invoked_as()
-    lines.append(f'try:  {prog} submit "Why is the sky blue?"{flag}')
+    lines.append(f'try, in another terminal while this one serves:\n      {prog} submit "Why is the sky blue?"{flag}')
     lines.append(f"      {prog} status{flag}")
     return "\n".join(lines)
 

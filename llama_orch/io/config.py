@@ -225,6 +225,11 @@ class OrchdSettings:
     profile: str = "cloud"
     api_keys: tuple[str, ...] = ()
     metrics_port: int | None = None
+    stream_buffer_frames: int = 4096
+    stream_buffer_bytes: int = 1 << 20
+    retained_streams: int = 10_000
+    retained_stream_ttl_ms: int = 300_000
+    retained_stream_bytes: int = 256 << 20
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -288,6 +293,11 @@ class OrchdSettings:
             first_token_timeout_ms=env.integer("ORCHD_FIRST_TOKEN_TIMEOUT_MS", default=60_000, minimum=1),
             token_timeout_ms=env.integer("ORCHD_TOKEN_TIMEOUT_MS", default=30_000, minimum=1),
             stream_timeout_ms=env.integer("ORCHD_STREAM_TIMEOUT_MS", default=3_600_000, minimum=1),
+            stream_buffer_frames=env.integer("ORCHD_STREAM_BUFFER_FRAMES", default=4096, minimum=2),
+            stream_buffer_bytes=env.integer("ORCHD_STREAM_BUFFER_BYTES", default=1 << 20, minimum=1024),
+            retained_streams=env.integer("ORCHD_RETAINED_STREAMS", default=10_000, minimum=0),
+            retained_stream_ttl_ms=env.integer("ORCHD_RETAINED_STREAM_TTL_MS", default=300_000, minimum=0),
+            retained_stream_bytes=env.integer("ORCHD_RETAINED_STREAM_BYTES", default=256 << 20, minimum=0),
             api_keys=api_keys,
             metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
             profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),

@@ -49,6 +49,7 @@ MODEL = f"file:{CACHE / 'models' / 'tiny.gguf'}"
 pytestmark = pytest.mark.timeout(120)
 
 FOREVER = 100_000  # max_tokens of a task that holds its slot until canceled (500 s from the mock engine)
+MOCK_CTX = FOREVER + 1024  # a mock engine stops at its context, as llama-server does: room for FOREVER
 
 
 # -- the cluster --------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def real(llama_server, tmp_path_factory):
 def held(tmp_path_factory):
     """Two mock engines of one slot each, shared; every test brings its own orchestratord and
     leaves both engine slots free again."""
-    cluster = start_cluster(tmp_path_factory.mktemp("held"), mode="mock", slots=1, ctx=1024)
+    cluster = start_cluster(tmp_path_factory.mktemp("held"), mode="mock", slots=1, ctx=MOCK_CTX)
     try:
         yield cluster
     finally:
@@ -161,7 +162,7 @@ def held(tmp_path_factory):
 @pytest.fixture
 def own(tmp_path):
     """A cluster of two mock engines (1 slot each) for one test that kills things."""
-    cluster = start_cluster(tmp_path, mode="mock", slots=1, ctx=1024)
+    cluster = start_cluster(tmp_path, mode="mock", slots=1, ctx=MOCK_CTX)
     try:
         yield cluster
     finally:
@@ -194,6 +195,7 @@ async def submit(session, orchd: Orchd, body: dict) -> tuple[int, dict, CIMultiD
 
 async def admitted(session, orchd: Orchd, **kw) -> dict:
     body = task(**kw)
+    body["ctx"] = max(body["ctx"], body["max_tokens"])  # max_tokens must fit in ctx
     status, answer, _ = await submit(session, orchd, body)
     assert status == 202, answer
     return body

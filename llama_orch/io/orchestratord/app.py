@@ -45,7 +45,7 @@ from ..waits import within
 from .adapters import Timeouts
 from .auth import api_key_middleware
 from .discovery import PoolDiscovery
-from .driver import DRIVER, SERVED_WORKLOADS, CoreDriver
+from .driver import DRIVER, SERVED_WORKLOADS, CoreDriver, Cursor, StreamLimits
 from .nodes import add_node_routes
 from .openai_api import add_openai_routes
 from .wire import WireError
@@ -94,15 +94,23 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     if stream is None:
         return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
     verbose = request.query.get("verbose", "false").lower() in ("true", "1", "yes")
+    last_id = request.headers.get("Last-Event-ID")
+    if last_id is None:
+        cursor = Cursor()
+    else:  # a reconnecting reader goes on after the last event it got
+        try:
+            cursor = stream.cursor_after(int(last_id))
+        except ValueError:
+            fail(400, "INVALID_PARAMS", f"Last-Event-ID: expected the id of an event of this stream, got {last_id!r}")
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Correlation-Id": request[CORRELATION_ID]})
-    driver.reader_joined(stream)  # before the first await: a reader leaving meanwhile must count this one
+    transport = request.transport
+    driver.reader_joined(stream, transport)  # before the first await: a reader leaving meanwhile must count this one
     finished = False
     try:
         await resp.prepare(request)
-        sent = noted = 0
         while True:
-            out, sent, noted = stream.read(sent, noted, verbose)
+            out = stream.read(cursor, verbose)
             if out:
                 await resp.write(b"".join(out))
                 continue
@@ -116,7 +124,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         # exception at ERROR with its stack, thousands of lines for a burst of resets).
         log.info("task %s: SSE reader went away (%s)", tid, type(exc).__name__)
     finally:
-        driver.reader_left(tid, stream, early=not finished)
+        driver.reader_left(tid, stream, transport, early=not finished)
     return resp
 
 
@@ -276,10 +284,11 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
                seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
                node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
                api_keys: tuple[str, ...] = (), metrics_host: str = "127.0.0.1",
-               metrics_port: int | None = None) -> web.Application:
+               metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits()) -> web.Application:
     app = web.Application(middlewares=[correlation, *([api_key_middleware(api_keys)] if api_keys else [])])
     app[PROFILE] = profile
-    driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts)
+    driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts,
+                                      limits=stream_limits)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
                                    on_check=driver.metrics.health_check)
 
@@ -323,6 +332,13 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     return app
 
 
+def stream_limits(settings: OrchdSettings) -> StreamLimits:
+    return StreamLimits(buffer_frames=settings.stream_buffer_frames, buffer_bytes=settings.stream_buffer_bytes,
+                        retained_streams=settings.retained_streams,
+                        retained_ttl_s=settings.retained_stream_ttl_ms / 1000,
+                        retained_bytes=settings.retained_stream_bytes)
+
+
 def core_config(settings: OrchdSettings) -> tuple[OrchestratorConfig, Timeouts]:
     """The core's configuration and the adapters' timeouts from the daemon's settings."""
     config = OrchestratorConfig(
@@ -360,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                            shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
                            profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
-                           metrics_port=settings.metrics_port),
+                           metrics_port=settings.metrics_port, stream_limits=stream_limits(settings)),
                 host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5,
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
                 access_log_format=ACCESS_LOG_FORMAT)

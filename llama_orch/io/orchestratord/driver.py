@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -44,32 +45,120 @@ LIVENESS_CHECK_S = 1.0
 SERVED_WORKLOADS = ("completion",)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamLimits:
+    """What orchestratord keeps of tasks' SSE streams, so no client can grow its memory without bound
+    (``ORCHD_STREAM_BUFFER_FRAMES``, ``_BUFFER_BYTES``, ``ORCHD_RETAINED_STREAMS``, ``_TTL_MS``, ``_BYTES``).
+
+    One stream holds at most ``buffer_frames`` frames (a frame is one upstream read, often several
+    tokens) and ``buffer_bytes`` bytes: past that its oldest frames but the first (``started``) are
+    dropped, and a reader that had not read them gets one ``gap`` event saying how many it missed.
+    A finished stream stays readable for ``retained_ttl_s``; the oldest finished ones go first once
+    there are more than ``retained_streams`` of them or they hold more than ``retained_bytes``.
+    """
+
+    buffer_frames: int = 4096
+    buffer_bytes: int = 1 << 20
+    retained_streams: int = 10_000
+    retained_ttl_s: float = 300.0
+    retained_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        if self.buffer_frames < 2 or self.buffer_bytes < 1 or self.retained_streams < 0 or self.retained_ttl_s < 0 \
+                or self.retained_bytes < 0:
+            raise ValueError(f"stream limits out of range: {self}")
+
+
+MAX_NOTES = 64  # narration lines one stream keeps (a few per task; never per token)
+NO_PAYLOAD = TaskPayload(prompt=None, inputs=(), seed=None, kv_hint=None)
+
+
+@dataclass(slots=True)
+class Cursor:
+    """Where one reader is: frames read (an absolute index, which is also the next frame's SSE id),
+    narration lines sent (absolute), and the queued-progress update it saw last."""
+
+    sent: int = 0
+    noted: int = 0
+    progress: int = 0
+
+
 @dataclass(slots=True)
 class Stream:
     """What a task's SSE readers will see: frames so far, and whether the terminal one is in.
 
-    ``notes`` are the narration for ``?verbose=true`` readers: ``(n, frame)`` goes out just
-    before ``frames[n]``. Plain readers never see them.
+    Frame ``n`` (absolute, from 0) goes out with SSE ``id: n`` on its last event, so a reader that
+    reconnects with ``Last-Event-ID: n`` goes on at frame ``n + 1``. ``frames[0]`` is the first frame
+    (``started``) and is kept; ``frames[1:]`` are frames ``skipped + 1`` onwards (see ``StreamLimits``).
+    ``notes`` are the narration for ``?verbose=true`` readers: ``(n, frame)`` goes out just before
+    frame ``n``. While the task is queued (no frame yet), ``progress`` is its latest ``metrics``
+    event (and ``progress_note`` its narration): only the latest is kept, and every reader gets each
+    new one once, so a long wait costs one frame, not one per tick.
     """
 
     frames: list[bytes] = field(default_factory=list)
+    skipped: int = 0
+    nbytes: int = 0
     notes: list[tuple[int, bytes]] = field(default_factory=list)
+    notes_skipped: int = 0
+    progress: bytes | None = None
+    progress_note: bytes | None = None
+    progress_seq: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     started: bool = False  # the ``started`` frame is out: ``metrics`` may follow it
     readers: int = 0  # attached readers; the task is canceled when the last one leaves early
+    transports: list = field(default_factory=list)  # the attached readers' connections
     upstream: asyncio.Task | None = None
-    payload: TaskPayload = TaskPayload(prompt=None, inputs=(), seed=None, kv_hint=None)
+    payload: TaskPayload = NO_PAYLOAD  # what the adapter sends: dropped once dispatched
+    limits: StreamLimits = StreamLimits()
+
+    @property
+    def total(self) -> int:
+        """Frames pushed so far, dropped ones included."""
+        return len(self.frames) + self.skipped
 
     def push(self, frame: bytes, *, last: bool = False) -> None:
-        self.frames.append(frame)
+        frames = self.frames
+        frames.append(frame)
+        self.nbytes += len(frame)
+        limits = self.limits
+        if len(frames) > limits.buffer_frames or self.nbytes > limits.buffer_bytes:
+            self._trim()
         self.done = self.done or last
         self.changed.set()
 
+    def _trim(self) -> None:
+        """Drop the oldest frames but the first and the newest until the stream is within its limits."""
+        frames, limits = self.frames, self.limits
+        drop, nbytes = 0, self.nbytes
+        while (len(frames) - drop > limits.buffer_frames or nbytes > limits.buffer_bytes) and len(frames) - drop > 2:
+            drop += 1
+            nbytes -= len(frames[drop])
+        if drop:
+            del frames[1:1 + drop]
+            self.skipped += drop
+            self.nbytes = nbytes
+
     def note(self, text: str) -> None:
         if not self.done:
-            self.notes.append((len(self.frames), frame_event("narration", orjson.dumps({"text": text}))))
+            self.notes.append((self.total, frame_event("narration", orjson.dumps({"text": text}))))
+            if len(self.notes) > MAX_NOTES:
+                del self.notes[0]
+                self.notes_skipped += 1
             self.changed.set()
+
+    def queued(self, metrics: bytes, narration: str) -> None:
+        """The latest progress of a queued task, replacing the one before."""
+        self.progress = metrics
+        self.progress_note = frame_event("narration", orjson.dumps({"text": narration}))
+        self.progress_seq += 1
+        self.changed.set()
+
+    def release(self) -> None:
+        """What only the dispatch needed (prompt, messages): gone once the task is dispatched or ended."""
+        self.payload = NO_PAYLOAD
+        self.progress = self.progress_note = None
 
     async def wait_for_change(self, request: web.Request) -> None:
         """Until the stream moves; ``ConnectionResetError`` once the reader's client is gone. The
@@ -87,37 +176,60 @@ class Stream:
             except TimeoutError:
                 pass  # nothing new: look at the connection again
 
-    def read(self, sent: int, noted: int, verbose: bool) -> tuple[list[bytes], int, int]:
-        """Frames (and, verbose, notes) from the cursors on, with the new cursors."""
-        frames = self.frames
-        if not verbose:
-            return frames[sent:], len(frames), noted
+    def cursor_after(self, last_event_id: int) -> Cursor:
+        """A reader resuming after frame ``last_event_id`` (its ``Last-Event-ID``)."""
+        sent = min(max(last_event_id + 1, 0), self.total)
+        return Cursor(sent=sent, noted=self.notes_skipped + sum(1 for n, _ in self.notes if n < sent),
+                      progress=self.progress_seq)
+
+    def read(self, cursor: Cursor, verbose: bool) -> list[bytes]:
+        """Everything from the cursor on (narration too when verbose); the cursor moves past it."""
         out: list[bytes] = []
-        notes = self.notes
-        end = len(frames)
-        while sent < end or noted < len(notes):
-            if noted < len(notes) and notes[noted][0] <= sent:
-                out.append(notes[noted][1])
-                noted += 1
-            elif sent < end:
-                out.append(frames[sent])
-                sent += 1
-            else:
+        frames, notes, total, skipped = self.frames, self.notes, self.total, self.skipped
+        sent = cursor.sent
+        while True:
+            if verbose:
+                i = max(cursor.noted - self.notes_skipped, 0)
+                while i < len(notes) and notes[i][0] <= sent:
+                    out.append(notes[i][1])
+                    i += 1
+                cursor.noted = i + self.notes_skipped
+            if sent >= total:
                 break
-        return out, sent, noted
+            if 0 < sent <= skipped:  # dropped past the buffer bounds: say so, do not leave a silent hole
+                missed = skipped + 1 - sent
+                out.append(_with_id(frame_event("gap", orjson.dumps({
+                    "missed_frames": missed, "message": f"{missed} frames of this stream were dropped before they "
+                                                        "were read (the stream buffer is bounded)"})), skipped))
+                sent = skipped + 1
+                continue
+            out.append(_with_id(frames[sent - skipped if sent else 0], sent))
+            sent += 1
+        cursor.sent = sent
+        if total == 0 and self.progress is not None and cursor.progress != self.progress_seq:
+            if verbose and self.progress_note is not None:
+                out.append(self.progress_note)
+            out.append(self.progress)
+            cursor.progress = self.progress_seq
+        return out
+
+
+def _with_id(frame: bytes, n: int) -> bytes:
+    """The frame with ``id: n`` on its last event (a frame ends with its blank line)."""
+    return b"%bid: %d\n\n" % (frame[:-1], n)
 
 
 class CoreDriver:
-    def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(), stream_ttl_s: float = 300.0,
-                 max_finished_streams: int = 10_000) -> None:
+    def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(),
+                 limits: StreamLimits = StreamLimits()) -> None:
         self.core = core
         self.streams: dict[str, Stream] = {}
         self.session: aiohttp.ClientSession | None = None
         self.timeouts = timeouts
         self.adapters: dict[str, HttpAdapter | MockAdapter] = {}
-        self.stream_ttl_s = stream_ttl_s
-        self.max_finished_streams = max_finished_streams
-        self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, task) oldest first
+        self.limits = limits
+        self._finished: collections.deque[tuple[float, str, int]] = collections.deque()  # (when, task, bytes), oldest first
+        self._finished_bytes = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self.metrics = OrchdMetrics()
         self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
@@ -172,7 +284,7 @@ class CoreDriver:
         if spec.task_id in self.streams:
             return Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
                             message=f"task_id {spec.task_id} is already in use")
-        self.streams[spec.task_id] = Stream(payload=payload)
+        self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits)
         decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
                         and isinstance(c, (Admitted, Rejected)))
         if isinstance(decision, Rejected):
@@ -190,11 +302,12 @@ class CoreDriver:
                 self._dispatch(cmd)
             elif kind is EmitEvent:
                 stream = self.streams.get(cmd.task_id)
-                if stream is not None:
+                if stream is not None and not stream.done:  # (a dispatch just refused by _abandoned ended it)
                     if cmd.kind == "started":
                         stream.started = True
                     elif cmd.kind == "metrics" and not stream.started:
-                        self._narrate_queued(stream, cmd.data)  # the contract's order: nothing before started
+                        # queued: every reader hears its progress, and only the latest is kept
+                        stream.queued(frame_event("metrics", orjson.dumps(cmd.data)), self._queued_text(cmd.data))
                         continue
                     stream.push(frame_event(cmd.kind, orjson.dumps(cmd.data)))
             elif kind is Finish:
@@ -254,12 +367,12 @@ class CoreDriver:
             stream.note(f"The pool failed before the first token ({code}: {message}).")
 
     @staticmethod
-    def _narrate_queued(stream: Stream, data: Mapping[str, Any]) -> None:
+    def _queued_text(data: Mapping[str, Any]) -> str:
         position = data.get("queue_position")
         where = f"position {position} of {data.get('queue_depth')}" if position is not None else \
             f"{data.get('queue_depth')} queued"
-        stream.note(f"Still queued: {where}; predicted start in {data.get('predicted_start_ms')} ms; "
-                    f"on-time probability {data.get('on_time_probability')}.")
+        return (f"Still queued: {where}; predicted start in {data.get('predicted_start_ms')} ms; "
+                f"on-time probability {data.get('on_time_probability')}.")
 
     def _narrate_finish(self, cmd: Finish) -> None:
         stream = self.streams.get(cmd.task_id)
@@ -280,24 +393,30 @@ class CoreDriver:
         if stream is None:
             return
         stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
-        self._retain(cmd.task_id)
+        stream.release()
+        stream.upstream = None
+        self._retain(cmd.task_id, stream)
 
-    def _retain(self, task_id: str) -> None:
-        """Keep a finished stream for late readers, within a count and an age; forget the oldest."""
-        self._finished.append((asyncio.get_running_loop().time(), task_id))
+    def _retain(self, task_id: str, stream: Stream) -> None:
+        """Keep a finished stream for late readers, within a count, a byte total and an age; forget the oldest."""
+        size = stream.nbytes + sum(len(frame) for _, frame in stream.notes)
+        self._finished.append((asyncio.get_running_loop().time(), task_id, size))
+        self._finished_bytes += size
         self._sweep()
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        finished = self._finished
-        while finished and (len(finished) > self.max_finished_streams or finished[0][0] < now - self.stream_ttl_s):
-            _, old = finished.popleft()
+        finished, limits = self._finished, self.limits
+        while finished and (len(finished) > limits.retained_streams or self._finished_bytes > limits.retained_bytes
+                            or finished[0][0] <= now - limits.retained_ttl_s):
+            _, old, size = finished.popleft()
+            self._finished_bytes -= size
             stream = self.streams.get(old)
             if stream is not None and stream.done:
                 self.streams.pop(old, None)
         if finished and self._sweeper is None:  # the age limit holds without new traffic too
-            self._sweeper = loop.call_at(finished[0][0] + self.stream_ttl_s, self._swept)
+            self._sweeper = loop.call_at(finished[0][0] + limits.retained_ttl_s, self._swept)
 
     def _swept(self) -> None:
         self._sweeper = None
@@ -305,23 +424,26 @@ class CoreDriver:
 
     # -- readers --------------------------------------------------------------------------------
 
-    def reader_joined(self, stream: Stream) -> None:
+    def reader_joined(self, stream: Stream, transport: Any) -> None:
         stream.readers += 1
+        stream.transports.append(transport)
 
-    def reader_left(self, task_id: str, stream: Stream, *, early: bool, reason: str | None = None) -> None:
+    def reader_left(self, task_id: str, stream: Stream, transport: Any, *, early: bool,
+                    reason: str | None = None) -> None:
         """A reader is gone. The last one leaving before the end cancels the task (nobody listens:
-        free the slot); one that read to the end lets the stream shrink to its terminal frame."""
+        free the slot). A finished stream stays whole for later readers, within ``StreamLimits``."""
         stream.readers -= 1
-        if early:
-            if stream.readers == 0 and not stream.done:
-                reason = reason or ("shutdown" if not self.accepting else "disconnect")
-                self.handle(TaskCanceled(task_id=task_id, reason=reason))
-            return
-        if stream.readers == 0 and stream.done and len(stream.frames) > 2:
-            # Read to the end: a latecomer gets started and the end (the tokens were delivered).
-            # Readers' cursors index frames, so this happens only with none attached.
-            stream.frames = [stream.frames[0], stream.frames[-1]]
-            stream.notes = [(1, frame) for _, frame in stream.notes[-1:]]
+        with contextlib.suppress(ValueError):
+            stream.transports.remove(transport)
+        if early and stream.readers == 0 and not stream.done:
+            reason = reason or ("shutdown" if not self.accepting else "disconnect")
+            self.handle(TaskCanceled(task_id=task_id, reason=reason))
+
+    @staticmethod
+    def _abandoned(stream: Stream) -> bool:
+        """Readers came and every one of their connections is closing: nobody will read this task.
+        (Their handlers may not have run their goodbyes yet: a burst of disconnects lands at once.)"""
+        return bool(stream.transports) and all(t is None or t.is_closing() for t in stream.transports)
 
     def cancel_all(self, reason: str) -> int:
         task_ids = list(self.core.tasks)
@@ -335,6 +457,9 @@ class CoreDriver:
         stream = self.streams[cmd.task_id]
         if stream.upstream is not None:
             stream.upstream.cancel()
+        if self._abandoned(stream):  # no prompt evaluation for a client that is gone
+            self.handle(TaskCanceled(task_id=cmd.task_id, reason="disconnect"))
+            return
         task = self.core.task(cmd.task_id)
         snap = self.core.placer.snapshot(cmd.pool_id)
         if task is None or snap is None or cmd.engine_url is None:
@@ -364,7 +489,10 @@ class _TaskSink:
         out = self.driver.handle(TokensReceived(task_id=self.task_id, count=count, attempt=self.attempt))
         for cmd in out:
             if type(cmd) is ForwardTokens:
-                self.stream.push(frames)  # every token of this read, in one write
+                stream = self.stream
+                stream.push(frames)  # every token of this read, in one write
+                if cmd.first_index == 0:
+                    stream.release()  # no retry after the first token: the prompt is not needed again
                 break
 
     def ended(self, *, tokens_out: int | None, decode_ms: float | None) -> None:

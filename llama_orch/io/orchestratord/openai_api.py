@@ -72,7 +72,7 @@ from ...core.placement import normalize_model_ref
 from ...core.types import Priority, TaskSpec
 from ...ext.sse import SSEParser
 from ..http import CORRELATION_ID, retry_headers
-from .driver import DRIVER, CoreDriver, Stream
+from .driver import DRIVER, CoreDriver, Cursor, Stream
 from .wire import MAX_INT, TaskPayload, WireError, parse_sampling
 
 DEFAULT_CHAT_MAX_TOKENS = 256
@@ -403,11 +403,18 @@ async def follow(request: web.Request, stream: Stream) -> AsyncIterator[list[tup
     """The task's events as they come, one batch per wake-up; ``ConnectionResetError`` once the
     client is gone (the caller cancels the task)."""
     parser = SSEParser()
-    seen = 0
+    cursor = Cursor()
     while True:
-        frames, seen, _ = stream.read(seen, 0, False)
+        frames = stream.read(cursor, False)
         if frames:
-            yield parser.feed(b"".join(frames))
+            events = parser.feed(b"".join(frames))
+            for i, (name, data) in enumerate(events):
+                if name == "gap":  # this reader fell behind the bounded buffer: the answer is incomplete
+                    message = orjson.loads(data).get("message", "frames were dropped")
+                    yield [*events[:i], ("error", orjson.dumps({"code": "STREAM_GAP", "message": message,
+                                                                 "retriable": True}))]
+                    return
+            yield events
             continue
         if stream.done:
             return
@@ -467,7 +474,8 @@ class OpenAIFrontDoor:
                 raise rejection_error(decision)
             task_id = decision.task_id
             stream = driver.streams[task_id]
-            driver.reader_joined(stream)
+            transport = request.transport
+            driver.reader_joined(stream, transport)
             finished, reason = False, None
             try:
                 if parsed.stream:
@@ -486,8 +494,9 @@ class OpenAIFrontDoor:
                 reason = "internal"
                 raise
             finally:
-                # the last reader gone before the end: cancel, which frees the slot
-                driver.reader_left(task_id, stream, early=not finished, reason=reason)
+                # the last reader gone before the end (an answer cut short by a gap too): cancel, which
+                # frees the slot
+                driver.reader_left(task_id, stream, transport, early=not (finished and stream.done), reason=reason)
         except OpenAIError as err:
             return err.response()
 

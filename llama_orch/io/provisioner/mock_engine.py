@@ -19,6 +19,7 @@ Every generation request's path and body are kept in ``app[ENGINE].requests`` fo
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import os
 import random
@@ -61,7 +62,7 @@ class MockEngine:
         self.predicted_total = 0
         self.deferred = 0
         #: ``(path, body)`` of every generation and template request, in arrival order.
-        self.requests: list[tuple[str, dict]] = []
+        self.requests: collections.deque[tuple[str, dict]] = collections.deque(maxlen=64)  # the latest, for tests
 
     def loading(self) -> bool:
         return time.monotonic() - self.started < self.config.start_delay_s

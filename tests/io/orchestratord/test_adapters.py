@@ -407,7 +407,7 @@ async def test_a_bad_start_index_is_reported_not_raised(mock_engine, session, ki
     failure = sink.only_failure()
     assert failure["code"] == "INTERNAL" and failure["before_first_token"] is True
     assert "start_index" in failure["message"]
-    assert engine.requests == []
+    assert not engine.requests
 
 
 def test_timeouts_must_be_positive():

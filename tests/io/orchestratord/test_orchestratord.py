@@ -1,9 +1,11 @@
 """orchestratord in process, with a pool-managerd and mock engines on loopback."""
 
 import asyncio
+import gc
 import logging
 import socket
 import struct
+import tracemalloc
 import uuid
 
 import orjson
@@ -17,27 +19,29 @@ from llama_orch.ext.sse import SSEParser
 from llama_orch.io.config import ConfigError, PoolManagerSettings, is_node_id
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.orchestratord.app import create_app
-from llama_orch.io.orchestratord.driver import DRIVER
+from llama_orch.io.orchestratord.driver import DRIVER, NO_PAYLOAD, StreamLimits
 from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
-from llama_orch.io.provisioner.mock_engine import MockConfig
+from llama_orch.io.provisioner.mock_engine import ENGINE, MockConfig
 from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
 
 MODEL = "file:/models/tiny.gguf"
 
 
-async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_per_s=500.0, grace_s=30.0, **cfg):
+async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_per_s=500.0, grace_s=30.0,
+                  limits=StreamLimits(), **cfg):
     engine = await aiohttp_server(mock_engine_app(MockConfig(slots=slots, tokens_per_s=tokens_per_s)))
     pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
         runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
     write_handoff(tmp_path / "engines", Handoff(pool_id="pool-0", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
                                                 slots_total=slots, model_id=MODEL))
     client = await aiohttp_client(create_app(OrchestratorConfig(**cfg), [str(pmd.make_url("")).rstrip("/")],
-                                             poll_interval_ms=30, shutdown_grace_s=grace_s))
+                                             poll_interval_ms=30, shutdown_grace_s=grace_s, stream_limits=limits))
 
     async def ready():
         r = await client.get("/readyz")
         return r.status == 200
     await eventually(ready, what="a ready pool")
+    client.engine = engine  # the in-process mock engine, for tests that look at it
     return client
 
 
@@ -212,8 +216,9 @@ async def test_verbose_stream_adds_narration_and_the_plain_one_does_not(aiohttp_
     assert notes[-1].startswith("Done: 60 tokens") and kinds[-1] == "end" and kinds[-2] == "narration"
     assert kinds.index("narration") < kinds.index("started") < kinds.index("token")
     assert [k for k, _ in plain] == [k for k in kinds if k != "narration"]  # the same stream without narration
-    # Read to the end by its readers, the stream shrinks to started and end for latecomers.
-    assert [k for k, _ in await events_of(client, body["task_id"])] == ["started", "end"]
+    # A latecomer reads the same stream, every token included, while it is retained (it once got
+    # started and end only).
+    assert await events_of(client, body["task_id"]) == plain
 
 
 async def test_one_reader_leaving_does_not_cancel_a_task_another_still_reads(aiohttp_server, aiohttp_client, tmp_path):
@@ -462,8 +467,15 @@ async def test_queued_progress_is_narrated_and_metrics_follow_started(aiohttp_se
     events, plain = await asyncio.gather(verbose(second["task_id"]), events_of(client, second["task_id"]))
     notes = [d["text"] for k, d in events if k == "narration"]
     assert any(n.startswith("Still queued: position 0 of 1") for n in notes), notes
+    # A plain reader of a queued task hears its progress too (it once got nothing until started).
     kinds = [k for k, _ in plain]
-    assert kinds[0] == "started" and kinds[-1] == "end"  # no metrics before started on the plain stream
+    queued = [d for k, d in plain[:kinds.index("started")] if k == "metrics"]
+    assert queued and all(d["queue_position"] == 0 and "predicted_start_ms" in d for d in queued), plain[:3]
+    assert kinds[-1] == "end" and "started" not in kinds[:kinds.index("metrics")]
+    # Only the latest progress is kept, for readers while the task waits: a latecomer of the
+    # finished task reads the stream from started on.
+    late = [k for k, _ in await events_of(client, second["task_id"])]
+    assert late[0] == "started" and late[-1] == "end"
 
 
 async def test_unexpected_errors_and_unknown_routes_get_the_envelope_and_correlation_id(aiohttp_client):
@@ -627,3 +639,113 @@ async def test_a_queued_tasks_only_reader_leaving_cancels_it_without_waiting_for
         return driver.core.task(queued["task_id"]) is None
     await eventually(canceled, timeout=5, what="the queued task canceled once its only reader left")
     await client.post(f"/v2/tasks/{busy['task_id']}/cancel")
+
+
+# -- streams: retained memory, bounded buffers, ids and resumption, abandoned tasks --------------
+
+
+def _frames_with_ids(raw: bytes) -> list[tuple[str, int | None]]:
+    """(event name, id) of each event of a raw SSE body; the id is None where an event has none."""
+    out = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        out.append((fields.get("event", "message"), int(fields["id"]) if "id" in fields else None))
+    return out
+
+
+async def test_a_finished_task_keeps_neither_its_prompt_nor_unbounded_frames(aiohttp_server, aiohttp_client,
+                                                                            tmp_path):
+    # 300 tasks with 900 KB prompts once held 262 MB for 5 minutes: the prompt stayed with the stream.
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=4, tokens_per_s=5000)
+    driver = client.server.app[DRIVER]
+    prompt = "word " * 40_000  # 200 KB
+    warm = task(max_tokens=8, prompt=prompt)
+    assert (await client.post("/v2/tasks", json=warm)).status == 202
+    await events_of(client, warm["task_id"])
+    # What orchestratord's code allocated and still holds: not aiohttp's per-connection buffers
+    # (bounded by the connections), nor the in-process mock engine's.
+    ours = [tracemalloc.Filter(True, "*llama_orch*", all_frames=True),
+            tracemalloc.Filter(False, "*mock_engine*", all_frames=True)]
+    gc.collect()
+    tracemalloc.start(12)
+    try:
+        before = tracemalloc.take_snapshot().filter_traces(ours)
+        bodies = [task(max_tokens=8, prompt=prompt) for _ in range(20)]
+        for body in bodies:
+            assert (await client.post("/v2/tasks", json=body)).status == 202
+        for body in bodies:
+            assert (await events_of(client, body["task_id"]))[-1][0] == "end"
+        client.engine.app[ENGINE].requests.clear()  # the in-process engine's own record of the prompts
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces(ours)
+    finally:
+        tracemalloc.stop()
+    per_task = sum(stat.size_diff for stat in after.compare_to(before, "filename")) / len(bodies)
+    streams = [driver.streams[b["task_id"]] for b in bodies]
+    assert all(s.done and s.payload is NO_PAYLOAD for s in streams)
+    assert per_task < 20_000, f"{per_task:.0f} bytes retained per finished task (its prompt is 200,000)"
+
+
+async def test_an_unread_stream_is_bounded_and_a_late_reader_is_told_of_the_gap(aiohttp_server, aiohttp_client,
+                                                                                tmp_path):
+    limits = StreamLimits(buffer_frames=6, buffer_bytes=1 << 20)
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=200, limits=limits)
+    driver = client.server.app[DRIVER]
+    body = task(max_tokens=60)
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    stream = driver.streams[body["task_id"]]
+    await eventually(lambda: stream.done, what="the unread task to finish")
+    assert len(stream.frames) <= 6 and stream.skipped > 0  # bounded while nobody read it
+    events = await events_of(client, body["task_id"])
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "started" and kinds[1] == "gap" and kinds[-1] == "end"
+    assert events[1][1]["missed_frames"] == stream.skipped and "dropped" in events[1][1]["message"]
+    tokens = [d["i"] for k, d in events if k == "token"]
+    assert tokens == list(range(tokens[0], 60)), "after the gap, the rest of the tokens in order"
+
+
+async def test_every_event_batch_has_an_id_and_last_event_id_resumes_after_it(aiohttp_server, aiohttp_client,
+                                                                              tmp_path):
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, tokens_per_s=300)
+    body = task(max_tokens=30)
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    url = f"/v2/tasks/{body['task_id']}/events"
+    raw = await (await client.get(url)).read()
+    full = _frames_with_ids(raw)
+    ids = [i for _, i in full if i is not None]
+    assert ids == list(range(len(ids))) and full[-1] == ("end", ids[-1]), full  # frame n carries id n
+    assert [k for k, _ in full].count("token") == 30
+    for last in (0, len(ids) // 2, ids[-1]):
+        resumed = _frames_with_ids(await (await client.get(url, headers={"Last-Event-ID": str(last)})).read())
+        after = full[[i for _, i in full].index(last) + 1:]
+        assert resumed == after, (last, resumed[:3], after[:3])
+    bad = await client.get(url, headers={"Last-Event-ID": "yesterday"})
+    assert bad.status == 400 and "Last-Event-ID" in (await bad.json())["message"]
+
+
+async def test_a_queued_task_whose_readers_are_all_gone_is_not_dispatched(aiohttp_server, aiohttp_client,
+                                                                          tmp_path):
+    # 500 readers dropped at once: every queued task was dispatched (a prompt evaluation each)
+    # before its own cancel was seen. The disconnects are here before the slot frees.
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=1, tokens_per_s=100)
+    driver = client.server.app[DRIVER]
+    running, queued = task(max_tokens=500), task(max_tokens=5)
+    for body in (running, queued):
+        assert (await client.post("/v2/tasks", json=body)).status == 202
+    await eventually(lambda: driver.streams[running["task_id"]].started, what="the first task running")
+
+    class Gone:  # the connection of a reader whose disconnect the server has seen, not yet handled
+        @staticmethod
+        def is_closing() -> bool:
+            return True
+
+    driver.reader_joined(driver.streams[queued["task_id"]], Gone())
+    sent_before = driver.metrics.dispatched.labels(pool_id="pool-0", outcome="completed")._value.get()
+    assert (await client.post(f"/v2/tasks/{running['task_id']}/cancel")).status == 204  # the slot frees
+    stream = driver.streams[queued["task_id"]]
+    await eventually(lambda: stream.done, what="the abandoned task to end")
+    assert stream.upstream is None and queued["task_id"] not in driver.core.tasks
+    end = [k for k, _ in await events_of(client, queued["task_id"])]
+    assert end[-1] == "end" and "token" not in end
+    assert driver.metrics.canceled.labels(reason="disconnect")._value.get() == 1
+    assert driver.metrics.dispatched.labels(pool_id="pool-0", outcome="completed")._value.get() == sent_before
