@@ -13,6 +13,11 @@ Rules
   service times per class (dispatch to completion), divided over the ready slots. Service
   times, not completion counts, so an idle hour does not make the estimate collapse; before
   the first completion a configured prior stands in.
+- When no slot is free, the hints also look at the work in flight now: the orchestrator passes
+  ``next_slot_ms``, when the first running task is expected to end (its tokens left times the
+  measured time per token). A full queue's ``retry_after_ms`` is that moment (a place frees
+  when the head of the queue starts), and no predicted start comes before it, so long tasks
+  after a run of short ones are not hinted with the short ones' times.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class QueuePolicy(Enum):
 class ServiceTimeEstimator:
     """EWMA of service time per priority class; turns queue positions into waiting times."""
 
-    __slots__ = ("alpha", "prior_ms", "_ewma", "samples")
+    __slots__ = ("alpha", "prior_ms", "_ewma", "samples", "ms_per_token", "overhead_ms", "fill")
 
     def __init__(self, *, alpha: float = 0.2, prior_ms: float = 2000.0) -> None:
         if not 0.0 < alpha <= 1.0:
@@ -46,13 +51,40 @@ class ServiceTimeEstimator:
         self.prior_ms = float(prior_ms)
         self._ewma: list[float | None] = [None, None]
         self.samples = [0, 0]
+        self.ms_per_token: float | None = None  # decode time per token, first token to the end
+        self.overhead_ms: float | None = None  # dispatch to the first token (prompt evaluation, the hop)
+        self.fill = 1.0  # tokens produced / tokens asked for: tasks that stop early are not counted long
 
-    def record(self, priority: Priority, service_ms: float) -> None:
+    def record(self, priority: Priority, service_ms: float, *, tokens_out: int = 0, target_tokens: int = 0,
+               first_token_ms: float | None = None) -> None:
         rank = priority.rank
         old = self._ewma[rank]
         service_ms = max(0.0, float(service_ms))
         self._ewma[rank] = service_ms if old is None else old + self.alpha * (service_ms - old)
         self.samples[rank] += 1
+        if first_token_ms is None or tokens_out < 1:
+            return
+        self.overhead_ms = self._mix(self.overhead_ms, max(0.0, float(first_token_ms)))
+        if tokens_out > 1:
+            self.ms_per_token = self._mix(self.ms_per_token, max(0.0, service_ms - first_token_ms) / (tokens_out - 1))
+        if target_tokens > 0:
+            self.fill = self._mix(self.fill, min(1.0, max(0.05, tokens_out / target_tokens)))
+
+    def _mix(self, old: float | None, sample: float) -> float:
+        return sample if old is None else old + self.alpha * (sample - old)
+
+    def tokens_expected(self, spec: TaskSpec) -> int:
+        """How many tokens the task will likely produce: its own ``expected_tokens``, else its
+        ``max_tokens`` scaled by how full past tasks ran."""
+        if spec.expected_tokens:
+            return min(spec.expected_tokens, spec.max_tokens)
+        return max(1, int(math.ceil(spec.max_tokens * self.fill)))
+
+    def expected_service_ms(self, spec: TaskSpec) -> float:
+        """Dispatch to the end for this task: from the measured cost per token once known."""
+        if self.ms_per_token is None:
+            return self.service_ms(spec.priority)
+        return (self.overhead_ms or 0.0) + self.tokens_expected(spec) * self.ms_per_token
 
     def service_ms(self, priority: Priority) -> float:
         own = self._ewma[priority.rank]
@@ -109,8 +141,9 @@ class Admission:
             return self.queue.len_class(0)
         return len(self.queue)
 
-    def submit(self, spec: TaskSpec, *, free_slots: int, slots: int) -> AdmissionResult:
-        """Admit ``spec`` into the queue or say why not. Pure decision plus the enqueue."""
+    def submit(self, spec: TaskSpec, *, free_slots: int, slots: int, next_slot_ms: int | None = None) -> AdmissionResult:
+        """Admit ``spec`` into the queue or say why not. Pure decision plus the enqueue.
+        ``next_slot_ms``: when a running task is expected to free its slot (None: unknown)."""
         if spec.deadline_ms <= 0:
             return AdmissionResult(decision=Rejected(
                 task_id=spec.task_id, http_status=400, code="DEADLINE_UNMET",
@@ -119,7 +152,7 @@ class Admission:
             raise UsageError(f"task {spec.task_id} is already queued")
         evicted: str | None = None
         if self.queue.is_full:
-            retry = self.estimator.retry_after_ms(slots)
+            retry = next_slot_ms if next_slot_ms is not None else self.estimator.retry_after_ms(slots)
             if self.policy is QueuePolicy.REJECT:
                 return AdmissionResult(decision=Rejected(
                     task_id=spec.task_id, http_status=429, code="ADMISSION_REJECT",
@@ -134,20 +167,27 @@ class Admission:
             # Peek first: a newcomer that would miss its deadline anyway must not evict anyone.
             victim = self.queue.head(victim_class, 1)[0]
             position = self._position_after_evicting(spec.priority, victim_class)
-            wait = self.estimator.wait_ms(spec.priority, position, free_slots, slots)
+            wait = self._wait(spec, position, free_slots, slots, next_slot_ms)
             if wait > spec.deadline_ms:
                 return self._deadline_unmet(spec, wait)
             self.queue.remove(victim)
             evicted = victim
         position = self.position_if_enqueued(spec.priority)
-        wait = self.estimator.wait_ms(spec.priority, position, free_slots, slots)
+        wait = self._wait(spec, position, free_slots, slots, next_slot_ms)
         if wait > spec.deadline_ms:
             return self._deadline_unmet(spec, wait)
         self.queue.push(spec.task_id, spec.priority.rank)
-        backoff = 0 if wait == 0 else min(wait, self.estimator.retry_after_ms(slots))
+        retry = next_slot_ms if next_slot_ms is not None else self.estimator.retry_after_ms(slots)
+        backoff = 0 if wait == 0 else min(wait, retry)
         return AdmissionResult(
             decision=Admitted(task_id=spec.task_id, queue_position=position, predicted_start_ms=wait, backoff_ms=backoff),
             evicted=evicted)
+
+    def _wait(self, spec: TaskSpec, position: int, free_slots: int, slots: int, next_slot_ms: int | None) -> int:
+        wait = self.estimator.wait_ms(spec.priority, position, free_slots, slots)
+        if position >= free_slots and next_slot_ms is not None:
+            wait = max(wait, next_slot_ms)  # nothing starts before a running task ends
+        return wait
 
     def _position_after_evicting(self, priority: Priority, victim_class: int) -> int:
         position = self.position_if_enqueued(priority)

@@ -30,6 +30,7 @@ Rules (on top of those of admission, placement and the task lifecycle)
 from __future__ import annotations
 
 import heapq
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -194,7 +195,9 @@ class Orchestrator:
                                        retry_after_ms=retry, pool_id=spec.placement.pin_pool_id))
             return
         free, total = placer.slots(spec)
-        result = self.admission.submit(spec, free_slots=free, slots=total)
+        busy = free == 0 or self.admission.queue.is_full
+        result = self.admission.submit(spec, free_slots=free, slots=total,
+                                       next_slot_ms=self.next_slot_ms(now) if busy else None)
         decision = result.decision
         if isinstance(decision, Rejected):
             self._reject(out, decision)
@@ -210,7 +213,8 @@ class Orchestrator:
             victim = self.tasks[result.evicted]
             self._finish(victim, Outcome.EVICTED, now, out, code="QUEUE_FULL_DROP_LRU",
                          message=f"evicted from the full admission queue by task {spec.task_id} (policy drop-lru)",
-                         retriable=True, retry_after_ms=self.admission.estimator.retry_after_ms(total))
+                         retriable=True,
+                         retry_after_ms=self.next_slot_ms(now) or self.admission.estimator.retry_after_ms(total))
 
     def forget_session(self, session_id: str) -> bool:
         return self.sessions.forget(session_id)
@@ -314,7 +318,9 @@ class Orchestrator:
         if task is None or task.phase is TaskPhase.QUEUED or (event.attempt is not None and event.attempt != task.attempts):
             return
         if task.dispatched_at is not None:
-            self.admission.estimator.record(task.spec.priority, now - task.dispatched_at)
+            first = task.first_token_at - task.dispatched_at if task.first_token_at is not None else None
+            self.admission.estimator.record(task.spec.priority, now - task.dispatched_at, tokens_out=task.tokens_out,
+                                            target_tokens=task.spec.max_tokens, first_token_ms=first)
         decode_ms = event.decode_ms
         if decode_ms is None:
             decode_ms = now - (task.first_token_at if task.first_token_at is not None else now)
@@ -530,6 +536,32 @@ class Orchestrator:
             if key == task.task_id:
                 return ahead + i
         return None
+
+    def next_slot_ms(self, now: float) -> int | None:
+        """When the first running task is expected to end and free its slot, from now (None: none runs)."""
+        estimator = self.admission.estimator
+        soonest: float | None = None
+        for task_ids in self.in_flight.values():
+            for task_id in task_ids:
+                task = self.tasks.get(task_id)
+                if task is None or task.dispatched_at is None:
+                    continue
+                per_token = None
+                if task.phase is TaskPhase.STREAMING and task.first_token_at is not None and task.tokens_out > 0:
+                    elapsed = now - task.first_token_at
+                    if task.tokens_out >= 8 and elapsed > 0:
+                        per_token = elapsed / (task.tokens_out - 1)  # this task's own pace
+                    else:  # a few tokens (or one burst) say little about the pace: the measured one
+                        per_token = estimator.ms_per_token
+                if per_token is not None:
+                    left = max(1, estimator.tokens_expected(task.spec) - task.tokens_out)
+                    remaining = left * per_token
+                else:
+                    remaining = estimator.expected_service_ms(task.spec) - (now - task.dispatched_at)
+                remaining = max(1.0, remaining)
+                if soonest is None or remaining < soonest:
+                    soonest = remaining
+        return None if soonest is None else int(math.ceil(soonest))
 
     def progress(self, task: Task, now: float) -> dict:
         """The ``metrics`` event of a live task: where it is, how fast, will it make its deadline."""

@@ -72,7 +72,8 @@ def test_second_task_queues_then_dispatches_when_the_slot_frees():
     core, run = make()
     run(TaskSubmitted(spec=spec("t1")), 0.0)
     out = run(TaskSubmitted(spec=spec("t2")), 1.0)
-    assert out == (Admitted(task_id="t2", queue_position=0, predicted_start_ms=2000, backoff_ms=2000),)
+    # the backoff is when t1 should end: the prior 2000 ms less the 1 ms it has run
+    assert out == (Admitted(task_id="t2", queue_position=0, predicted_start_ms=2000, backoff_ms=1999),)
     assert core.queue_depth() == 1
     out = run(StreamEnded(task_id="t1"), 500.0)
     assert [type(c) for c in out] == [Finish, EmitEvent, Dispatch]
@@ -125,6 +126,46 @@ def test_reject_policy_answers_429_with_retry_after_from_the_drain_rate():
     assert (rej.http_status, rej.code, rej.policy_label, rej.retriable) == (429, "ADMISSION_REJECT", "reject", True)
     assert rej.retry_after_ms == 2000  # prior service time over one slot
     assert core.rejections["ADMISSION_REJECT"] == 1
+
+
+def test_backoff_hints_come_from_the_work_in_flight_not_from_past_short_tasks():
+    # After a run of 1-token tasks, a queue full of 15 s tasks once answered 429 with a 4 ms hint.
+    core, run = make(slots=2, admission_capacity=4)
+    now = 0.0
+    for i in range(20):  # short tasks: 2 ms to the first token, 1 token, 3 ms in all
+        tid = f"short-{i}"
+        run(TaskSubmitted(spec=spec(tid, max_tokens=1)), now)
+        run(TokensReceived(task_id=tid, count=1), now + 2)
+        run(StreamEnded(task_id=tid, tokens_out=1), now + 3)
+        now += 10
+    for i in range(20):  # a few tasks decoding at 10 ms per token teach the per-token cost
+        tid = f"calib-{i}"
+        run(TaskSubmitted(spec=spec(tid, max_tokens=10)), now)
+        run(TokensReceived(task_id=tid, count=1), now + 2)
+        run(TokensReceived(task_id=tid, count=9), now + 92)
+        run(StreamEnded(task_id=tid, tokens_out=10), now + 92)
+        now += 100
+    assert core.admission.estimator.retry_after_ms(2) < 100  # the old hint: the average of past tasks
+    # Two long tasks start (1500 tokens each: 15 s at 10 ms per token); four more fill the queue.
+    for i in range(6):
+        run(TaskSubmitted(spec=spec(f"long-{i}", max_tokens=1500, deadline_ms=600_000)), now)
+    for i in range(2):
+        run(TokensReceived(task_id=f"long-{i}", count=1), now + 2)
+        run(TokensReceived(task_id=f"long-{i}", count=99), now + 1002)  # 1 s in, 100 tokens out
+    now += 1002
+    rejected = only(run(TaskSubmitted(spec=spec("late", max_tokens=1500, deadline_ms=600_000)), now), Rejected)
+    assert rejected.http_status == 429
+    # 1400 tokens left at 10 ms each: about 14 s until a slot frees and the queue moves
+    assert 12_000 <= rejected.retry_after_ms <= 16_000, rejected.retry_after_ms
+    # and a task admitted behind running work is never promised a start before that
+    _, run = make(slots=1, admission_capacity=4)
+    run(TaskSubmitted(spec=spec("calib", max_tokens=10)), 0.0)
+    run(TokensReceived(task_id="calib", count=1), 2.0)
+    run(TokensReceived(task_id="calib", count=9), 92.0)
+    run(StreamEnded(task_id="calib", tokens_out=10), 92.0)
+    run(TaskSubmitted(spec=spec("long", max_tokens=1000, deadline_ms=600_000)), 100.0)
+    admitted = only(run(TaskSubmitted(spec=spec("next", max_tokens=5, deadline_ms=600_000)), 101.0), Admitted)
+    assert admitted.predicted_start_ms >= 9_000 and admitted.backoff_ms >= 9_000, admitted
 
 
 def test_drop_lru_evicts_oldest_batch_and_admits_the_newcomer():
