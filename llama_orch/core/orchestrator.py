@@ -49,7 +49,7 @@ from .placement import Explanation, Pick, Placer, Strategy
 from .pool import CircuitBreaker
 from .sessions import BudgetPolicy, Sessions
 from .task import Task, TaskPhase
-from .types import BreakerState, Outcome, Priority, TaskSpec
+from .types import BreakerState, Outcome, PlacementMode, Priority, TaskSpec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,7 +192,9 @@ class Orchestrator:
             retry = self.admission.estimator.retry_after_ms(placer.slots()[1]) if refusal.http_status == 503 else None
             self._reject(out, Rejected(task_id=task_id, http_status=refusal.http_status, code=refusal.code,
                                        message=refusal.message, retriable=refusal.http_status == 503,
-                                       retry_after_ms=retry, pool_id=spec.placement.pin_pool_id))
+                                       retry_after_ms=retry,
+                                       pool_id=spec.placement.pin_pool_id if spec.placement.mode is PlacementMode.PIN
+                                       else None))  # a pin_pool_id beside another mode names nothing
             return
         free, total = placer.slots(spec)
         busy = free == 0 or self.admission.queue.is_full

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from ...core.nodes import Nodes, NodeState
-from ..config import NODE_ID_PATTERN, NODE_ID_RULE, is_node_id
+from ..config import NODE_ID_RULE, is_node_id
 from ..http import fail, json_body, json_response
 from .discovery import PoolDiscovery
 
@@ -172,8 +172,9 @@ def add_node_routes(app: web.Application, discovery: PoolDiscovery, **kw: float)
 
     app.cleanup_ctx.append(timer)
     app.router.add_post("/v2/nodes/register", register)
-    # Only valid node ids match, so /v2/nodes/register is never also "DELETE /v2/nodes/{node_id}".
-    node = "{node_id:(?!register$)" + NODE_ID_PATTERN + "}"
+    # /v2/nodes/register is never also "DELETE /v2/nodes/{node_id}"; any other id reaches the
+    # handler (one that cannot be registered is simply not found).
+    node = "{node_id:(?!register$)[^/]+}"
     app.router.add_post(f"/v2/nodes/{node}/heartbeat", heartbeat)
     app.router.add_delete(f"/v2/nodes/{node}", deregister)
     app.router.add_get("/v2/nodes", list_nodes)

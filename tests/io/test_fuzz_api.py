@@ -1,0 +1,198 @@
+"""Schema-driven fuzzing of both daemons with schemathesis, against their own served OpenAPI documents.
+
+A live cluster on real sockets: two mock engines (llama-server's protocol), a pool-managerd watching
+their handoffs, an orchestratord polling it, all on one event loop in a thread of this process.
+schemathesis generates requests for every documented operation (valid ones and ones that break
+the schema), sends them over HTTP and checks each answer: never a 5xx that the document does not
+list, the status, content type, headers and body as documented. Bounded and repeatable: a fixed
+seed (``derandomize``) and a fixed number of examples per operation.
+
+Operations that would take the cluster's pools away (drain, reload, undrain; node deregistration)
+only ever see the pools made for that purpose: the generated pool ids are steered to ``sacrifice-*``
+pools or to ones that do not exist, so the rest of the run still has ``pool-0`` to place tasks on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import checks as sc
+
+from llama_orch.core.orchestrator import OrchestratorConfig
+from llama_orch.io.config import PoolManagerSettings
+from llama_orch.io.handoff import Handoff, write_handoff
+from llama_orch.io.openapi_doc import document
+from llama_orch.io.orchestratord.app import create_app as orchestratord_app
+from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
+from llama_orch.io.provisioner.mock_engine import MockConfig
+from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
+
+MODEL = "file:/models/fuzz.gguf"
+EXAMPLES = int(os.environ.get("LLAMA_ORCH_FUZZ_EXAMPLES", "60"))  # per operation and mode: about 30 s in all
+
+
+def no_internal_error(ctx, response, case) -> None:
+    """A 500 is always a defect. Other 5xx are answers (503 when no pool can take a task, with
+    Retry-After): those must be documented for the operation, which status_code_conformance checks."""
+    if response.status_code == 500:
+        raise AssertionError(f"500 from {case.operation.label}: {response.text[:300]}")
+
+
+CHECKS = [no_internal_error, sc.status_code_conformance, sc.content_type_conformance,
+          sc.response_headers_conformance, sc.response_schema_conformance]
+DESTRUCTIVE = ("/drain", "/reload", "/undrain")
+
+
+class LiveCluster:
+    """The daemons on one loop in a thread, on real loopback sockets."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-cluster", daemon=True)
+        self.runners: list = []
+        self.urls: dict[str, str] = {}
+
+    async def _serve(self, app, name: str) -> str:
+        from aiohttp import web
+
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.runners.append(runner)
+        port = runner.addresses[0][1]
+        self.urls[name] = f"http://127.0.0.1:{port}"
+        return self.urls[name]
+
+    async def _start(self) -> None:
+        runtime = self.tmp / "engines"
+        # The mock engine stops at its context (ctx 256): no generated max_tokens makes a long task.
+        for i in range(2):
+            url = await self._serve(mock_engine_app(MockConfig(slots=4, ctx=256, tokens_per_s=20_000, model="fuzz")),
+                                    f"engine-{i}")
+            write_handoff(runtime, Handoff(pool_id=f"pool-{i}" if i == 0 else "sacrifice-0", replica_id="r0",
+                                           url=url, slots_total=4, model_id=MODEL, ctx=256))
+        pmd = await self._serve(pool_managerd_app(PoolManagerSettings(
+            runtime_dir=runtime, watch_interval_ms=50, health_interval_ms=100, provisioner_url=None)), "pool-managerd")
+        await self._serve(orchestratord_app(OrchestratorConfig(admission_capacity=50), [pmd], poll_interval_ms=100,
+                                            shutdown_grace_s=1.0), "orchestratord")
+
+    def start(self) -> LiveCluster:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.urls['orchestratord']}/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the fuzz cluster never became ready"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        async def cleanup():
+            for runner in reversed(self.runners):
+                await runner.cleanup()
+        asyncio.run_coroutine_threadsafe(cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    cluster = LiveCluster(tmp_path_factory.mktemp("fuzz")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _steer(case, live: LiveCluster) -> None:
+    """Keep the generated requests inside this sandbox and aimed at something real.
+
+    - Destructive operations only ever touch pools made for it (or none that exist).
+    - A node registers with a loopback address only: orchestratord polls what registers, and no
+      request may leave this machine.
+    - Every other task or completion names the served model with sizes that fit, so that half
+      the generated requests are admitted and streamed rather than refused at the door (each
+      field's own refusals are fuzzed in test_wire and test_openai_api).
+    """
+    path, body = case.operation.path, case.body
+    path_parameters = case.path_parameters or {}
+    if path.endswith(DESTRUCTIVE) and path_parameters.get("pool_id") == "pool-0":
+        path_parameters["pool_id"] = "sacrifice-0"
+    if not isinstance(body, dict):
+        return
+    if path == "/v2/nodes/register" and "base_url" in body:
+        body["base_url"] = live.urls["pool-managerd"]
+    elif path == "/callbacks/pool-ready":
+        body.pop("status_url", None)
+    steer = zlib.crc32(repr(sorted(body.items(), key=repr)).encode()) % 2 == 0  # repeatable, unlike hash()
+    if path == "/v2/tasks" and steer:
+        body.update(model_ref=MODEL, engine="llamacpp", workload="completion", ctx=256, deadline_ms=30_000)
+        if not isinstance(body.get("max_tokens"), int) or not 1 <= body["max_tokens"] <= 64:
+            body["max_tokens"] = 16
+    elif path in ("/v1/chat/completions", "/v1/completions") and steer:
+        body["model"] = MODEL
+        body["max_tokens"] = 16
+        body.pop("max_completion_tokens", None)
+
+
+def _operations(name: str) -> dict:
+    """Each documented operation of a daemon, by label: the document is the one it serves."""
+    schema = schemathesis.openapi.from_dict(document(name))
+    return {op.label: op for op in (result.ok() for result in schema.get_all_operations())}
+
+
+OPERATIONS = {"orchestratord": _operations("orchestratord"), "pool-managerd": _operations("pool_managerd")}
+FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def _can_be_invalid(operation) -> bool:
+    """A body, or a parameter with a constraint: something a request can get wrong (negative
+    generation has nothing to break in ``GET /livez``, or in a path segment that takes any string)."""
+    raw = operation.definition.raw
+    params = raw.get("parameters", [])
+    return "requestBody" in raw or any(set(p.get("schema", {})) - {"type"} or p.get("schema", {}).get("type") != "string"
+                                       for p in params)
+
+
+CASES = [pytest.param(d, label, mode, id=f"{d}-{label}-{'valid' if mode is schemathesis.GenerationMode.POSITIVE else 'invalid'}")
+         for d, ops in OPERATIONS.items() for label, op in ops.items()
+         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
+         if mode is schemathesis.GenerationMode.POSITIVE or _can_be_invalid(op)]
+
+
+@pytest.mark.parametrize("daemon, label, mode", CASES)
+def test_every_operation_answers_as_documented(live, daemon, label, mode):
+    operation = OPERATIONS[daemon][label]
+
+    @FUZZ
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def fuzz(case):
+        _steer(case, live)
+        case.call_and_validate(base_url=live.urls[daemon], checks=CHECKS, timeout=30)
+
+    fuzz()
+
+
+def test_the_cluster_still_serves_after_the_fuzzing(live):
+    """Last in this module (tests run in file order): the fuzzing left pool-0 usable."""
+    import json
+
+    with urllib.request.urlopen(f"{live.urls['orchestratord']}/v2/pools", timeout=5) as r:
+        pools = {p["pool_id"]: p for p in json.loads(r.read())["pools"]}
+    assert pools["pool-0"]["ready"], pools
