@@ -14,29 +14,18 @@ pools or to ones that do not exist, so the rest of the run still has ``pool-0`` 
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-import time
 import urllib.request
 import zlib
-from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from live_cluster import MODEL, LiveCluster
 from schemathesis import checks as sc
 
-from llama_orch.core.orchestrator import OrchestratorConfig
-from llama_orch.io.config import PoolManagerSettings
-from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.openapi_doc import document
-from llama_orch.io.orchestratord.app import create_app as orchestratord_app
-from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
-from llama_orch.io.provisioner.mock_engine import MockConfig
-from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
 
-MODEL = "file:/models/fuzz.gguf"
 EXAMPLES = int(os.environ.get("LLAMA_ORCH_FUZZ_EXAMPLES", "60"))  # per operation and mode: about 30 s in all
 
 
@@ -50,64 +39,6 @@ def no_internal_error(ctx, response, case) -> None:
 CHECKS = [no_internal_error, sc.status_code_conformance, sc.content_type_conformance,
           sc.response_headers_conformance, sc.response_schema_conformance]
 DESTRUCTIVE = ("/drain", "/reload", "/undrain")
-
-
-class LiveCluster:
-    """The daemons on one loop in a thread, on real loopback sockets."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuzz-cluster", daemon=True)
-        self.runners: list = []
-        self.urls: dict[str, str] = {}
-
-    async def _serve(self, app, name: str) -> str:
-        from aiohttp import web
-
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        self.runners.append(runner)
-        port = runner.addresses[0][1]
-        self.urls[name] = f"http://127.0.0.1:{port}"
-        return self.urls[name]
-
-    async def _start(self) -> None:
-        runtime = self.tmp / "engines"
-        # The mock engine stops at its context (ctx 256): no generated max_tokens makes a long task.
-        for i in range(2):
-            url = await self._serve(mock_engine_app(MockConfig(slots=4, ctx=256, tokens_per_s=20_000, model="fuzz")),
-                                    f"engine-{i}")
-            write_handoff(runtime, Handoff(pool_id=f"pool-{i}" if i == 0 else "sacrifice-0", replica_id="r0",
-                                           url=url, slots_total=4, model_id=MODEL, ctx=256))
-        pmd = await self._serve(pool_managerd_app(PoolManagerSettings(
-            runtime_dir=runtime, watch_interval_ms=50, health_interval_ms=100, provisioner_url=None)), "pool-managerd")
-        await self._serve(orchestratord_app(OrchestratorConfig(admission_capacity=50), [pmd], poll_interval_ms=100,
-                                            shutdown_grace_s=1.0), "orchestratord")
-
-    def start(self) -> LiveCluster:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.urls['orchestratord']}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the fuzz cluster never became ready"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        async def cleanup():
-            for runner in reversed(self.runners):
-                await runner.cleanup()
-        asyncio.run_coroutine_threadsafe(cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
