@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import socket
+import struct
 import time
 
 from llama_orch.core.commands import Admitted, Finish, ForwardTokens, Rejected
@@ -101,3 +103,14 @@ async def eventually(check, timeout: float = 30.0, what="condition"):
             return result
         assert time.monotonic() < deadline, f"timed out waiting for {_describe(what)}"
         await asyncio.sleep(0.02)
+
+
+async def read_then_reset(port: int, task_id: str, *, read: int = 100) -> None:
+    """An SSE reader of a task on 127.0.0.1:``port`` that reads a little, then drops its connection
+    with a TCP reset (SO_LINGER 0), as a client that crashed or lost its network would."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /v2/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await reader.read(read)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

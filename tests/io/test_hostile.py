@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import struct
 import urllib.error
 import urllib.request
 import uuid
 
 import pytest
 from live_cluster import MODEL, LiveCluster
+from support import read_then_reset
 
 from llama_orch.ext.sse import SSEParser
 from llama_orch.io.orchestratord.driver import DRIVER
@@ -157,17 +156,9 @@ def test_a_thousand_readers_dropped_with_resets_then_the_cluster_still_serves(li
     for body in bodies:
         assert post(url + "/v2/tasks", json.dumps(body).encode())[0] == 202
 
-    async def read_then_reset(task_id: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET /v2/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        await reader.read(200)
-        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
-
     async def thousand():
         for wave in range(10):  # 10 waves of 100 readers, one per task, all reset
-            await asyncio.gather(*(read_then_reset(b["task_id"]) for b in bodies))
+            await asyncio.gather(*(read_then_reset(port, b["task_id"], read=200) for b in bodies))
 
     run(live, thousand())
 

@@ -3,14 +3,12 @@
 import asyncio
 import gc
 import logging
-import socket
-import struct
 import tracemalloc
 import uuid
 
 import orjson
 import pytest
-from support import eventually
+from support import eventually, read_then_reset
 
 from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.orchestrator import OrchestratorConfig
@@ -256,16 +254,6 @@ async def test_made_up_pool_ids_never_become_metric_labels(aiohttp_server, aioht
         await (await client.get("/metrics")).text()
 
 
-async def _read_then_reset(port: int, tid: str) -> None:
-    """An SSE reader that reads a little, then drops the connection with a TCP reset."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET /v2/tasks/{tid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    await reader.read(100)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 async def test_readers_dropped_with_resets_are_info_lines_not_errors(aiohttp_server, aiohttp_client, tmp_path,
                                                                     caplog):
     # 500 readers dropped with resets once wrote 28k log lines: an ERROR and a traceback each
@@ -277,7 +265,7 @@ async def test_readers_dropped_with_resets_are_info_lines_not_errors(aiohttp_ser
     for body in bodies:
         assert (await client.post("/v2/tasks", json=body)).status == 202
     for _ in range(3):  # readers come and go: each reset is one reader leaving
-        await asyncio.gather(*(_read_then_reset(client.server.port, b["task_id"]) for b in bodies))
+        await asyncio.gather(*(read_then_reset(client.server.port, b["task_id"]) for b in bodies))
     await eventually(lambda: not driver.core.tasks, what="every task canceled once its last reader was gone")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
