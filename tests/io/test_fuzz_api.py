@@ -127,3 +127,4 @@ def test_the_cluster_still_serves_after_the_fuzzing(live):
     with urllib.request.urlopen(f"{live.urls['orchestratord']}/v2/pools", timeout=5) as r:
         pools = {p["pool_id"]: p for p in json.loads(r.read())["pools"]}
     assert pools["pool-0"]["ready"], pools
+
