@@ -14,6 +14,7 @@ pools or to ones that do not exist, so the rest of the run still has ``pool-0`` 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import urllib.request
 import zlib
@@ -25,6 +26,8 @@ from live_cluster import MODEL, LiveCluster
 from schemathesis import checks as sc
 
 from llama_orch.io.openapi_doc import document
+from llama_orch.io.orchestratord.driver import DRIVER
+from llama_orch.io.orchestratord.nodes import NODES
 
 EXAMPLES = int(os.environ.get("LLAMA_ORCH_FUZZ_EXAMPLES", "60"))  # per operation and mode: about 30 s in all
 
@@ -120,6 +123,43 @@ def test_every_operation_answers_as_documented(live, daemon, label, mode):
     fuzz()
 
 
+def test_linked_operations_in_sequence_answer_as_documented(live):
+    """Stateful: schemathesis follows the document's links in random sequences (a node registered,
+    then its heartbeat and deregistration, by the id just made), every answer checked as above.
+    Each sequence starts from a clean slate (no node, no task), so sequences repeat exactly.
+
+    Only the document's own links are followed (schemathesis's inferred ones pair operations by
+    what the live server holds at the time, which differs between runs). It does not start at
+    ``POST /v2/tasks``: its analysis takes ``session_id`` for a reference to a resource nothing
+    creates, so the task links (events, cancel, session) are not walked here."""
+    config = schemathesis.Config.from_dict({"phases": {"stateful": {"inference": {"algorithms": []}}}})
+    schema = schemathesis.openapi.from_url(f"{live.urls['orchestratord']}/openapi.json", config=config)
+    app = next(runner.app for runner in live.runners if DRIVER in runner.app)
+    calls: list[str] = []
+
+    async def clean_slate() -> None:
+        app[DRIVER].cancel_all("client")
+        for node in list(app[NODES].nodes.all()):
+            app[NODES].deregister(node.node_id)
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            asyncio.run_coroutine_threadsafe(clean_slate(), live.loop).result(10)
+
+        def before_call(self, case) -> None:
+            _steer(case, live)
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+            calls.append(f"{case.operation.label} {response.status_code}")
+            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs)
+
+    Machine.run(settings=settings(max_examples=max(10, EXAMPLES // 2), stateful_step_count=6, derandomize=True,
+                                  deadline=None, database=None, suppress_health_check=list(HealthCheck)))
+    # the links were followed with the ids the previous answers gave
+    assert "POST /v2/nodes/{node_id}/heartbeat 200" in calls, sorted(set(calls))
+    assert "DELETE /v2/nodes/{node_id} 204" in calls, sorted(set(calls))
+
+
 def test_the_cluster_still_serves_after_the_fuzzing(live):
     """Last in this module (tests run in file order): the fuzzing left pool-0 usable."""
     import json
@@ -127,4 +167,3 @@ def test_the_cluster_still_serves_after_the_fuzzing(live):
     with urllib.request.urlopen(f"{live.urls['orchestratord']}/v2/pools", timeout=5) as r:
         pools = {p["pool_id"]: p for p in json.loads(r.read())["pools"]}
     assert pools["pool-0"]["ready"], pools
-
