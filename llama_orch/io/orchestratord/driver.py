@@ -120,6 +120,7 @@ class Stream:
 
     def push(self, frame: bytes, *, last: bool = False) -> None:
         frames = self.frames
+        frame = _with_id(frame, len(frames) + self.skipped)  # once here, not once per reader
         frames.append(frame)
         self.nbytes += len(frame)
         limits = self.limits
@@ -203,7 +204,7 @@ class Stream:
                                                         "were read (the stream buffer is bounded)"})), skipped))
                 sent = skipped + 1
                 continue
-            out.append(_with_id(frames[sent - skipped if sent else 0], sent))
+            out.append(frames[sent - skipped if sent else 0])
             sent += 1
         cursor.sent = sent
         if total == 0 and self.progress is not None and cursor.progress != self.progress_seq:
