@@ -94,8 +94,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     if stream is None:
         return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
     verbose = request.query.get("verbose", "false").lower() in ("true", "1", "yes")
-    last_id = request.headers.get("Last-Event-ID")
-    if last_id is None:
+    last_id = request.headers.get("Last-Event-ID", "").strip()
+    if not last_id:  # none, or empty as the SSE spec's "no id yet"
         cursor = Cursor()
     else:  # a reconnecting reader goes on after the last event it got
         try:

@@ -707,6 +707,8 @@ async def test_every_event_batch_has_an_id_and_last_event_id_resumes_after_it(ai
         resumed = _frames_with_ids(await (await client.get(url, headers={"Last-Event-ID": str(last)})).read())
         after = full[[i for _, i in full].index(last) + 1:]
         assert resumed == after, (last, resumed[:3], after[:3])
+    # an empty id is the SSE spec's "none yet": the whole stream (it was a 400)
+    assert _frames_with_ids(await (await client.get(url, headers={"Last-Event-ID": ""})).read()) == full
     bad = await client.get(url, headers={"Last-Event-ID": "yesterday"})
     assert bad.status == 400 and "Last-Event-ID" in (await bad.json())["message"]
 
