@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 import urllib.request
+import uuid
 import zlib
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule, run_state_machine_as_test
 from live_cluster import MODEL, LiveCluster
 from schemathesis import checks as sc
 
@@ -158,6 +161,71 @@ def test_linked_operations_in_sequence_answer_as_documented(live):
     # the links were followed with the ids the previous answers gave
     assert "POST /v2/nodes/{node_id}/heartbeat 200" in calls, sorted(set(calls))
     assert "DELETE /v2/nodes/{node_id} 204" in calls, sorted(set(calls))
+
+
+class TaskLifecycle(RuleBasedStateMachine):
+    """Stateful, the task links the document declares: tasks admitted, then their events,
+    cancel, session and the session's deletion, in any order and any number, every answer
+    checked as above. The ids are the machine's own (not read back from the server), so each
+    sequence replays exactly whatever the live server answers; the cluster is emptied between
+    sequences."""
+
+    live: LiveCluster  # set by the test
+    operations = OPERATIONS["orchestratord"]
+    tasks = Bundle("tasks")
+
+    def __init__(self) -> None:
+        super().__init__()
+        app = next(runner.app for runner in self.live.runners if DRIVER in runner.app)
+
+        async def clean_slate() -> None:
+            app[DRIVER].cancel_all("client")
+
+        asyncio.run_coroutine_threadsafe(clean_slate(), self.live.loop).result(10)
+
+    def _call(self, label: str, **parts) -> int:
+        case = self.operations[label].Case(**parts)
+        response = case.call_and_validate(base_url=self.live.urls["orchestratord"], checks=CHECKS, timeout=30)
+        self.live.calls.append(f"{label} {response.status_code}")
+        return response.status_code
+
+    @rule(target=tasks, n=st.integers(0, 2**32), max_tokens=st.integers(1, 64), shared=st.booleans(),
+          priority=st.sampled_from(["interactive", "batch"]))
+    def create(self, n, max_tokens, shared, priority):
+        session = str(uuid.UUID(int=7 if shared else n + 1, version=4))
+        body = {"task_id": str(uuid.UUID(int=n, version=4)), "session_id": session, "workload": "completion",
+                "model_ref": MODEL, "engine": "llamacpp", "ctx": 256, "priority": priority,
+                "max_tokens": max_tokens, "deadline_ms": 30_000, "prompt": "hello"}
+        status = self._call("POST /v2/tasks", body=body, media_type="application/json")
+        return body["task_id"], session, status
+
+    @rule(task=tasks)
+    def events(self, task):
+        self._call("GET /v2/tasks/{task_id}/events", path_parameters={"task_id": task[0]})
+
+    @rule(task=tasks)
+    def cancel(self, task):
+        self._call("POST /v2/tasks/{task_id}/cancel", path_parameters={"task_id": task[0]})
+
+    @rule(task=tasks)
+    def session(self, task):
+        self._call("GET /v2/sessions/{session_id}", path_parameters={"session_id": task[1]})
+
+    @rule(task=tasks)
+    def forget_session(self, task):
+        self._call("DELETE /v2/sessions/{session_id}", path_parameters={"session_id": task[1]})
+
+
+def test_task_links_in_sequence_answer_as_documented(live):
+    live.calls = []
+    TaskLifecycle.live = live
+    run_state_machine_as_test(TaskLifecycle, settings=settings(
+        max_examples=max(10, EXAMPLES // 2), stateful_step_count=10, derandomize=True, deadline=None,
+        database=None, suppress_health_check=list(HealthCheck)))
+    seen = set(live.calls)
+    for expected in ("POST /v2/tasks 202", "GET /v2/tasks/{task_id}/events 200", "POST /v2/tasks/{task_id}/cancel 204",
+                     "GET /v2/sessions/{session_id} 200", "DELETE /v2/sessions/{session_id} 204"):
+        assert expected in seen, (expected, sorted(seen))
 
 
 def test_the_cluster_still_serves_after_the_fuzzing(live):
