@@ -310,7 +310,11 @@ def assert_backpressure(status: int, body: dict, headers: CIMultiDict, http: int
 
 
 async def fill_slots(session, orchd: Orchd, **kw) -> list[dict]:
-    """One never-ending task on each pool's only slot, both dispatched (orchestratord counts a lease each)."""
+    """One never-ending task on each pool's only slot, both dispatched (orchestratord counts a lease each).
+
+    They say they will end after 10 tokens (``expected_tokens``): admission predicts starts from the
+    work in flight, and told the truth (500 s each) it would refuse every deadline behind them."""
+    kw.setdefault("expected_tokens", 10)
     blockers = [await admitted(session, orchd, max_tokens=FOREVER, **kw) for _ in POOLS]
     pools = await orchd_pools(session, orchd)
     assert {p: v["leases"] for p, v in pools.items()} == {p: 1 for p in POOLS}, pools
@@ -534,7 +538,7 @@ async def test_deadline_with_busy_slots_refused_or_failed_in_stream(held, sessio
     orchd = held.orchd()
     live: list[dict] = []
     try:
-        live += await fill_slots(session, orchd, expected_tokens=10)
+        live += await fill_slots(session, orchd)
         status, body, _ = await submit(session, orchd, task(deadline_ms=1, max_tokens=8))
         assert status == 400 and body["code"] == "DEADLINE_UNMET", body
 

@@ -46,7 +46,7 @@ async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_p
 def task(**kw):
     body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
             "model_ref": MODEL, "engine": "llamacpp", "ctx": 2048, "priority": "interactive", "max_tokens": 12,
-            "deadline_ms": 30_000, "prompt": "hello"}
+            "deadline_ms": 120_000, "prompt": "hello"}
     body.update(kw)
     return body
 
