@@ -157,7 +157,7 @@ class Stream:
         self.changed.set()
 
     def release(self) -> None:
-        """What only the dispatch needed (prompt, messages): gone once the task is dispatched or ended."""
+        """What only a dispatch needs (prompt, messages): gone at the first token (no retry after it) or the end."""
         self.payload = NO_PAYLOAD
         self.progress = self.progress_note = None
 
