@@ -152,7 +152,7 @@ class Admission:
             raise UsageError(f"task {spec.task_id} is already queued")
         evicted: str | None = None
         if self.queue.is_full:
-            retry = next_slot_ms if next_slot_ms is not None else self.estimator.retry_after_ms(slots)
+            retry = self.retry_after_ms(slots, next_slot_ms)
             if self.policy is QueuePolicy.REJECT:
                 return AdmissionResult(decision=Rejected(
                     task_id=spec.task_id, http_status=429, code="ADMISSION_REJECT",
@@ -167,26 +167,33 @@ class Admission:
             # Peek first: a newcomer that would miss its deadline anyway must not evict anyone.
             victim = self.queue.head(victim_class, 1)[0]
             position = self._position_after_evicting(spec.priority, victim_class)
-            wait = self._wait(spec, position, free_slots, slots, next_slot_ms)
+            wait = self.predicted_wait(spec, position, free_slots, slots, next_slot_ms)
             if wait > spec.deadline_ms:
                 return self._deadline_unmet(spec, wait)
             self.queue.remove(victim)
             evicted = victim
         position = self.position_if_enqueued(spec.priority)
-        wait = self._wait(spec, position, free_slots, slots, next_slot_ms)
+        wait = self.predicted_wait(spec, position, free_slots, slots, next_slot_ms)
         if wait > spec.deadline_ms:
             return self._deadline_unmet(spec, wait)
         self.queue.push(spec.task_id, spec.priority.rank)
-        retry = next_slot_ms if next_slot_ms is not None else self.estimator.retry_after_ms(slots)
-        backoff = 0 if wait == 0 else min(wait, retry)
+        backoff = 0 if wait == 0 else min(wait, self.retry_after_ms(slots, next_slot_ms))
         return AdmissionResult(
             decision=Admitted(task_id=spec.task_id, queue_position=position, predicted_start_ms=wait, backoff_ms=backoff),
             evicted=evicted)
 
-    def _wait(self, spec: TaskSpec, position: int, free_slots: int, slots: int, next_slot_ms: int | None) -> int:
+    def retry_after_ms(self, slots: int, next_slot_ms: int | None) -> int:
+        """When trying again is useful: when a running task should end, else the drain rate's guess."""
+        return next_slot_ms if next_slot_ms is not None else self.estimator.retry_after_ms(slots)
+
+    def predicted_wait(self, spec: TaskSpec, position: int, free_slots: int, slots: int,
+                       next_slot_ms: int | None) -> int:
+        """The wait of the task at ``position``: at admission and in every later ``metrics`` event."""
         wait = self.estimator.wait_ms(spec.priority, position, free_slots, slots)
         if position >= free_slots and next_slot_ms is not None:
-            wait = max(wait, next_slot_ms)  # nothing starts before a running task ends
+            # nothing starts before a running task ends, and the ones ahead start first
+            ahead = (position - free_slots) * self.estimator.service_ms(spec.priority) / max(1, slots)
+            wait = max(wait, next_slot_ms + int(math.ceil(ahead)))
         return wait
 
     def _position_after_evicting(self, priority: Priority, victim_class: int) -> int:

@@ -215,8 +215,7 @@ class Orchestrator:
             victim = self.tasks[result.evicted]
             self._finish(victim, Outcome.EVICTED, now, out, code="QUEUE_FULL_DROP_LRU",
                          message=f"evicted from the full admission queue by task {spec.task_id} (policy drop-lru)",
-                         retriable=True,
-                         retry_after_ms=self.next_slot_ms(now) or self.admission.estimator.retry_after_ms(total))
+                         retriable=True, retry_after_ms=self.admission.retry_after_ms(total, self.next_slot_ms(now)))
 
     def forget_session(self, session_id: str) -> bool:
         return self.sessions.forget(session_id)
@@ -574,8 +573,9 @@ class Orchestrator:
         if task.phase is TaskPhase.QUEUED:
             position = self.queue_position(task)
             free, slots = self.placer.slots(spec)
-            wait = estimator.wait_ms(spec.priority, position if position is not None else len(self.admission.queue),
-                                     free, slots)
+            at = position if position is not None else len(self.admission.queue)
+            # the same prediction as at admission, so a reader is never told less than the door said
+            wait = self.admission.predicted_wait(spec, at, free, slots, self.next_slot_ms(now) if free == 0 else None)
             data["queue_position"] = position
             data["predicted_start_ms"] = wait
             needed = wait + estimator.service_ms(spec.priority)

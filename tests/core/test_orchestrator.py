@@ -158,7 +158,7 @@ def test_backoff_hints_come_from_the_work_in_flight_not_from_past_short_tasks():
     # 1400 tokens left at 10 ms each: about 14 s until a slot frees and the queue moves
     assert 12_000 <= rejected.retry_after_ms <= 16_000, rejected.retry_after_ms
     # and a task admitted behind running work is never promised a start before that
-    _, run = make(slots=1, admission_capacity=4)
+    _, run = make(slots=1, admission_capacity=4, metrics_interval_ms=1000)
     run(TaskSubmitted(spec=spec("calib", max_tokens=10)), 0.0)
     run(TokensReceived(task_id="calib", count=1), 2.0)
     run(TokensReceived(task_id="calib", count=9), 92.0)
@@ -166,6 +166,9 @@ def test_backoff_hints_come_from_the_work_in_flight_not_from_past_short_tasks():
     run(TaskSubmitted(spec=spec("long", max_tokens=1000, deadline_ms=600_000)), 100.0)
     admitted = only(run(TaskSubmitted(spec=spec("next", max_tokens=5, deadline_ms=600_000)), 101.0), Admitted)
     assert admitted.predicted_start_ms >= 9_000 and admitted.backoff_ms >= 9_000, admitted
+    # and its metrics events keep telling it the same, a second later
+    progress = [c.data for c in run(Tick(), 1101.0) if isinstance(c, EmitEvent) and c.task_id == "next"]
+    assert progress and progress[0]["predicted_start_ms"] >= 8_000, progress
 
 
 def test_drop_lru_evicts_oldest_batch_and_admits_the_newcomer():

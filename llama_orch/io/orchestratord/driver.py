@@ -107,8 +107,7 @@ class Stream:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     started: bool = False  # the ``started`` frame is out: ``metrics`` may follow it
-    readers: int = 0  # attached readers; the task is canceled when the last one leaves early
-    transports: list = field(default_factory=list)  # the attached readers' connections
+    readers: list = field(default_factory=list)  # attached readers' connections; the last leaving early cancels
     upstream: asyncio.Task | None = None
     payload: TaskPayload = NO_PAYLOAD  # what the adapter sends: dropped once dispatched
     limits: StreamLimits = StreamLimits()
@@ -426,17 +425,15 @@ class CoreDriver:
     # -- readers --------------------------------------------------------------------------------
 
     def reader_joined(self, stream: Stream, transport: Any) -> None:
-        stream.readers += 1
-        stream.transports.append(transport)
+        stream.readers.append(transport)
 
     def reader_left(self, task_id: str, stream: Stream, transport: Any, *, early: bool,
                     reason: str | None = None) -> None:
         """A reader is gone. The last one leaving before the end cancels the task (nobody listens:
         free the slot). A finished stream stays whole for later readers, within ``StreamLimits``."""
-        stream.readers -= 1
         with contextlib.suppress(ValueError):
-            stream.transports.remove(transport)
-        if early and stream.readers == 0 and not stream.done:
+            stream.readers.remove(transport)
+        if early and not stream.readers and not stream.done:
             reason = reason or ("shutdown" if not self.accepting else "disconnect")
             self.handle(TaskCanceled(task_id=task_id, reason=reason))
 
@@ -444,7 +441,7 @@ class CoreDriver:
     def _abandoned(stream: Stream) -> bool:
         """Readers came and every one of their connections is closing: nobody will read this task.
         (Their handlers may not have run their goodbyes yet: a burst of disconnects lands at once.)"""
-        return bool(stream.transports) and all(t is None or t.is_closing() for t in stream.transports)
+        return bool(stream.readers) and all(t is None or t.is_closing() for t in stream.readers)
 
     def cancel_all(self, reason: str) -> int:
         task_ids = list(self.core.tasks)
