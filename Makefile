@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 TRACE  ?= conv
 OUT    ?= out/replay
 
-.PHONY: run replay test test-compiled test-pure bench-smoke bench build engine clean
+.PHONY: run replay test test-compiled test-pure bench-smoke bench bench-load build engine clean
 
 # The whole cluster on this machine (2 pools of the real llama-server, the tiny model), one streamed
 # sample task, then it keeps serving until Ctrl-C. POOLS=1, UP_ARGS="--engine mock --once" etc.
@@ -37,6 +37,10 @@ bench-smoke:
 
 bench: build
 	$(BIN)/python -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,ops,rounds --benchmark-sort=name
+
+# orchestratord beside its baselines on fast fake engines, as deployed (pinned to one CPU): out/bench-load
+bench-load: build
+	$(BIN)/llama-orch bench load --out out/bench-load
 
 # llama-server from source, once per machine (cached under ~/.cache/llama-orch; minutes the first time)
 engine: $(STAMP)

@@ -589,7 +589,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default=url_default, help=url_help)
     st.add_argument("--json", action="store_true", help="the raw GET /v2/pools answer instead of the table")
     st.set_defaults(func=_status)
+
+    bn = sub.add_parser("bench", help="measure orchestratord against its baselines")
+    bench_sub = bn.add_subparsers(dest="bench_command", required=True)
+    bl = bench_sub.add_parser("load", help="orchestratord beside a minimal relay, a two-step relay and bare aiohttp, "
+                                           "on fast fake engines, closed and open loop; tables, JSON and plots",
+                              description="Starts fast engines, orchestratord and the baselines as processes (the "
+                                          "server under test pinned to one CPU), runs every case in interleaved "
+                                          "rounds and reports medians, ranges and ratios against the targets.")
+    from .io.bench.load import add_arguments as bench_load_arguments
+
+    bench_load_arguments(bl)
+    bl.set_defaults(func=_bench_load)
     return parser
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from .io.bench.load import run_from_args
+
+    return run_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

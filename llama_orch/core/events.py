@@ -28,6 +28,17 @@ class TaskCanceled(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TaskWatched(Event):
+    """A task's progress gained its first reader (``watched``) or lost its last one.
+
+    Only watched tasks get periodic ``metrics`` events, so a deep queue nobody reads
+    costs nothing per tick."""
+
+    task_id: str
+    watched: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolUpdated(Event):
     snapshot: PoolSnapshot
 

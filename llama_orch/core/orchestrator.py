@@ -22,9 +22,12 @@ Rules (on top of those of admission, placement and the task lifecycle)
   running: ``DECODE_TIMEOUT``), the first-token timeout and the between-token timeout. A pool
   not updated for ``pool_stale_ms`` stops receiving tasks until its next snapshot.
 - Session budgets (tokens, time, cost) are checked at admission (``sessions.py``).
-- With ``metrics_interval_ms`` set, every live task gets a ``metrics`` event that often: its
+- With ``metrics_interval_ms`` set, every watched task gets a ``metrics`` event that often: its
   queue position and predicted start while queued, its rate once streaming, the chance of
-  finishing by its deadline, and its session's budget.
+  finishing by its deadline, and its session's budget. A task is watched from the driver's
+  ``TaskWatched(watched=True)`` (someone reads its progress; a first ``metrics`` event follows at
+  once) until ``TaskWatched(watched=False)`` or its end; unwatched tasks cost nothing per interval,
+  however deep the queue. A task has at most one metrics timer, whatever the watch toggling.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from .commands import (
 from .errors import InvariantViolation, UsageError
 from .events import (
     DispatchFailed, Event, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed,
-    TaskCanceled, TaskSubmitted, Tick, TokensReceived,
+    TaskCanceled, TaskSubmitted, TaskWatched, Tick, TokensReceived,
 )
 from .placement import Explanation, Pick, Placer, Strategy
 from .pool import CircuitBreaker
@@ -89,9 +92,6 @@ _DEADLINE, _FIRST_TOKEN, _BETWEEN_TOKENS, _POOL_STALE, _BREAKER, _METRICS = rang
 # Attempt failures that are the request's fault, not the pool's: no retry, no breaker count.
 _REQUEST_ERRORS = frozenset({"INVALID_PARAMS"})
 
-# How many queued tasks a metrics event looks through for the task's exact position.
-_POSITION_SCAN = 1024
-
 
 def on_time_probability(needed_ms: float, remaining_ms: float) -> float:
     """A smooth guess at P(done within ``remaining_ms``) when ``needed_ms`` is the point estimate:
@@ -120,6 +120,10 @@ class Orchestrator:
         self._timers: list[tuple[float, int, int, str]] = []
         self._seq = 0
         self._stale_armed: set[str] = set()  # pools with a staleness timer on the heap
+        self._watched: set[str] = set()  # live tasks whose progress someone reads
+        # Tasks with their one metrics timer on the heap -> when their next metrics event is due
+        # (later than the timer after an unwatch and re-watch: the timer then waits till then).
+        self._metrics_due: dict[str, float] = {}
 
     # -- the interface ------------------------------------------------------------------------
 
@@ -129,6 +133,9 @@ class Orchestrator:
         if kind is TokensReceived:
             self._on_tokens(event, now, out)  # type: ignore[arg-type]
             return tuple(out)
+        if kind is TaskWatched:
+            self._on_watched(event, now, out)  # type: ignore[arg-type]
+            return tuple(out)  # nothing became dispatchable
         if kind is TaskSubmitted:
             self._on_submit(event.spec, now, out)  # type: ignore[attr-defined]
         elif kind is StreamEnded:
@@ -156,7 +163,7 @@ class Orchestrator:
     def next_deadline(self) -> float | None:
         timers = self._timers
         while timers and not self._timer_live(timers[0]):
-            heapq.heappop(timers)
+            self._drop_timer(heapq.heappop(timers))
         return timers[0][0] if timers else None
 
     def task(self, task_id: str) -> Task | None:
@@ -208,8 +215,6 @@ class Orchestrator:
         self.tasks[task_id] = task
         self.sessions.reserve(spec)
         self._arm(task.deadline_at, _DEADLINE, task_id)
-        if self.config.metrics_interval_ms is not None:
-            self._arm(now + self.config.metrics_interval_ms, _METRICS, task_id)
         out.append(decision)
         if result.evicted is not None:
             victim = self.tasks[result.evicted]
@@ -329,6 +334,26 @@ class Orchestrator:
             "tokens_out": task.tokens_out, "decode_ms": int(decode_ms), "decode_time_ms": int(decode_ms),
             "kv_warmth": task.kv_warmth})
 
+    def _on_watched(self, event: TaskWatched, now: float, out: list[Command]) -> None:
+        interval = self.config.metrics_interval_ms
+        task_id = event.task_id
+        task = self.tasks.get(task_id)
+        if interval is None or task is None:
+            return
+        if not event.watched:
+            self._watched.discard(task_id)  # its timer lapses when it comes due
+            return
+        if task_id in self._watched:
+            return
+        self._watched.add(task_id)
+        out.append(EmitEvent(task_id=task_id, kind="metrics", data=self.progress(task, now)))
+        due = now + interval
+        if task_id not in self._metrics_due:
+            self._arm(due, _METRICS, task_id)
+        # else the timer of an earlier watch is still on the heap, due no later than this one:
+        # it waits until ``due`` when it fires, so toggling never adds timers.
+        self._metrics_due[task_id] = due
+
     def _on_cancel(self, event: TaskCanceled, now: float, out: list[Command]) -> None:
         task = self.tasks.get(event.task_id)
         if task is None:
@@ -416,6 +441,7 @@ class Orchestrator:
         task.go("finish")
         task.outcome = outcome
         del self.tasks[task_id]
+        self._watched.discard(task_id)
         self.outcomes[outcome.value] += 1
         started = task.first_dispatched_at
         self.sessions.charge(task.spec, tokens_out=task.tokens_out, engine_ms=0.0 if started is None else now - started)
@@ -467,12 +493,17 @@ class Orchestrator:
         if task is None:
             return False
         if kind == _METRICS:
-            return True
+            return key in self._watched
         if kind == _FIRST_TOKEN:
             return task.phase is TaskPhase.DISPATCHING
         if kind == _BETWEEN_TOKENS:
             return task.phase is TaskPhase.STREAMING
         return True
+
+    def _drop_timer(self, timer: tuple[float, int, int, str]) -> None:
+        """Bookkeeping for a dead timer taken off the heap."""
+        if timer[2] == _METRICS:
+            del self._metrics_due[timer[3]]  # it was the task's one metrics timer
 
     def _on_tick(self, now: float, out: list[Command]) -> None:
         timers = self._timers
@@ -480,6 +511,8 @@ class Orchestrator:
             timer = heapq.heappop(timers)
             if self._timer_live(timer):
                 self._fire(timer, now, out)
+            else:
+                self._drop_timer(timer)
 
     def _fire(self, timer: tuple[float, int, int, str], now: float, out: list[Command]) -> None:
         _, _, kind, key = timer
@@ -498,8 +531,11 @@ class Orchestrator:
             return
         task = self.tasks[key]
         if kind == _METRICS:
-            out.append(EmitEvent(task_id=key, kind="metrics", data=self.progress(task, now)))
-            self._arm(now + self.config.metrics_interval_ms, _METRICS, key)  # type: ignore[operator]
+            due = self._metrics_due[key]
+            if now >= due:  # else re-watched since this timer was armed: on to the new due time
+                out.append(EmitEvent(task_id=key, kind="metrics", data=self.progress(task, now)))
+                due = self._metrics_due[key] = now + self.config.metrics_interval_ms  # type: ignore[operator]
+            self._arm(due, _METRICS, key)
             return
         if kind == _DEADLINE:
             if task.phase is TaskPhase.QUEUED:
@@ -529,14 +565,14 @@ class Orchestrator:
     # -- progress -----------------------------------------------------------------------------
 
     def queue_position(self, task: Task) -> int | None:
-        """0-based place in service order, or None when deeper than the scan looks."""
+        """0-based place in service order (O(log n)), or None when the task is not queued."""
         queue = self.admission.queue
-        rank = task.spec.priority.rank
-        ahead = queue.len_class(0) if rank == 1 else 0
-        for i, key in enumerate(queue.head(rank, _POSITION_SCAN)):
-            if key == task.task_id:
-                return ahead + i
-        return None
+        position = queue.position(task.task_id)
+        if position is None:
+            return None
+        for more_urgent in range(task.spec.priority.rank):
+            position += queue.len_class(more_urgent)
+        return position
 
     def next_slot_ms(self, now: float) -> int | None:
         """When the first running task is expected to end and free its slot, from now (None: none runs)."""
@@ -613,6 +649,12 @@ class Orchestrator:
             if self.placer.leases(pool_id) != len(running) or running != self.in_flight.get(pool_id, set()):
                 raise InvariantViolation(f"pool {pool_id}: {self.placer.leases(pool_id)} leases, "
                                          f"{len(running)} tasks running")
+        if not self._watched <= self.tasks.keys():
+            raise InvariantViolation(f"finished tasks {sorted(self._watched - self.tasks.keys())[:5]} still watched")
+        metrics_timers = Counter(key for _, _, kind, key in self._timers if kind == _METRICS)
+        if metrics_timers.keys() != self._metrics_due.keys() or any(n > 1 for n in metrics_timers.values()):
+            raise InvariantViolation("metrics timers on the heap disagree with their bookkeeping "
+                                     "(one per task in _metrics_due)")
 
     def live_tasks(self) -> Iterable[Task]:
         return self.tasks.values()

@@ -1,17 +1,24 @@
 """Admission queue: the pure-Python twin and specification of ``_queue_c``.
 
-Owns the per-priority FIFO of task ids waiting for a GPU slot.  Every operation the
-scheduler does per request (push, pop, cancel by id, position lookup) is O(1)
-amortised, and a queue of 100k ids costs little more than the dict that indexes it.
+Owns the per-priority FIFO of task ids waiting for a GPU slot.  Push and pop are O(1)
+amortised, cancel by id and a key's position in its class O(log n) (cancelling the
+head or the tail, as a dispatch does, O(1)), and a queue of 100k ids costs little more
+than the dict that indexes it.
 
 Layout.  Each priority class is a ring buffer: a list whose length is a power of two,
-a head index and a count of occupied slots.  ``_index`` maps every live key to its
-class's ring.  Cancelling a key only deletes it from the index and records it in the
-ring's ``stale`` multiset, so no per-key slot number (one int object per key) needs
-storing; the stale copy is skipped when it reaches the head, or dropped when the
-ring is rebuilt.  Within one ring a key's stale copies always precede its live copy
-(a key is live at most once and was pushed after it went stale), so "skip the first
-*n* copies of a key with stale count *n*" is exact.
+a head index and a count of occupied slots.  Every append gets the ring's next
+sequence number: the slot at the head has number ``base`` and the one *i* slots
+behind it ``base + i``.  ``_index`` maps every live key to one int, its sequence
+number and class packed together (``seq << _CLASS_BITS | class``), which locates its
+slot in O(1) and is the only per-key storage besides the dict entry and the slot.
+
+Cancelling a key overwrites its slot with ``_TOMBSTONE``; tombstones are skipped when
+they reach the head and dropped when the ring is rebuilt.  A key's place in its class
+is its distance from the head less the tombstones in between, which a Fenwick tree
+over the slots counts in O(log n); the tree exists only while the ring holds
+tombstones.  A rebuild that drops tombstones moves keys, so it renumbers the ring's
+live keys in the index (amortised O(1) per push, like the rebuild itself); numbering
+also restarts whenever a ring empties, which keeps the ints small.
 """
 
 from __future__ import annotations
@@ -30,9 +37,27 @@ _MAX_INITIAL_SLOTS = 1024
 #: Priority classes are a handful in practice; the bound stops a typo allocating
 #: thousands of rings.
 _MAX_CLASSES = 64
+#: Low bits of an index value that hold the class; the rest is the sequence number.
+_CLASS_BITS = (_MAX_CLASSES - 1).bit_length()
+_CLASS_MASK = (1 << _CLASS_BITS) - 1
 #: A dict never shrinks when keys are deleted; once the index has held this many keys
 #: it is replaced by a fresh one whenever the queue drains, so a burst's table goes.
 _BIG_INDEX = 1024
+
+
+class _Tombstone:
+    """Fills the slot of a cancelled key; compared by identity and private, so never a key."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_TOMBSTONE"  # the one instance, so a pickled or copied queue keeps working
+
+    def __repr__(self) -> str:
+        return "<tombstone>"
+
+
+_TOMBSTONE = _Tombstone()
 
 
 def _initial_slots(capacity: int) -> int:
@@ -43,9 +68,11 @@ def _initial_slots(capacity: int) -> int:
 
 
 class _Ring:
-    """FIFO of one priority class; see the module docstring for the stale scheme."""
+    """FIFO of one priority class; see the module docstring for the numbering."""
 
-    __slots__ = ("priority", "initial", "slots", "mask", "head", "used", "live", "stale")
+    __slots__ = (
+        "priority", "initial", "slots", "mask", "head", "used", "live", "base", "tombstones",
+    )
 
     def __init__(self, priority: int, initial: int) -> None:
         self.priority = priority
@@ -53,78 +80,78 @@ class _Ring:
         self.slots: list[Hashable | None] = [None] * initial
         self.mask = initial - 1
         self.head = 0
-        #: occupied slots, live and stale
+        #: occupied slots, live and tombstones
         self.used = 0
         self.live = 0
-        #: key -> number of stale copies of it in ``slots``
-        self.stale: dict[Hashable, int] = {}
+        #: sequence number of the slot at ``head``
+        self.base = 0
+        #: Fenwick tree (1-based) counting tombstones per slot; None while there are none
+        self.tombstones: list[int] | None = None
 
-    def append(self, key: Hashable) -> None:
+    def append(self, key: Hashable, index: dict[Hashable, int]) -> int:
+        """Put *key* at the tail and return its sequence number."""
         if self.used == len(self.slots):
-            self._rebuild()
-        self.slots[(self.head + self.used) & self.mask] = key
-        self.used += 1
+            self._rebuild(index)
+        offset = self.used
+        self.slots[(self.head + offset) & self.mask] = key
+        self.used = offset + 1
         self.live += 1
+        return self.base + offset
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, index: dict[Hashable, int]) -> None:
         # Called only when every slot is occupied.  Doubling when most slots are live
-        # and compacting in place of the same size when at least half are stale both
-        # leave >= size/2 free slots for O(size) work: amortised O(1) per push.
+        # and compacting in place of the same size when at least half are tombstones
+        # both leave >= size/2 free slots for O(size) work: amortised O(1) per push.
         size = len(self.slots)
         if self.live * 2 > size:
             size <<= 1
-        self.slots = self._live_keys(self.used, size)
+        compacting = self.used > self.live
+        self.slots = slots = self._live_keys(self.used, size)
         self.mask = size - 1
         self.head = 0
         self.used = self.live
-        self.stale.clear()
+        self.tombstones = None
+        if compacting:
+            # Keys behind a dropped tombstone moved up: number them afresh from 0.
+            self.base = 0
+            priority = self.priority
+            for seq in range(self.live):
+                index[slots[seq]] = seq << _CLASS_BITS | priority
 
     def _live_keys(self, limit: int, pad_to: int = 0) -> list[Hashable | None]:
         """The first *limit* live keys in FIFO order, padded with None to *pad_to*."""
-        out: list[Hashable | None] = []
         slots, mask, head = self.slots, self.mask, self.head
-        stale = self.stale
-        # Stale copies met so far, per key; only needed while stale slots exist.
-        seen: dict[Hashable, int] = {}
-        for j in range(self.used):
-            if len(out) >= limit:
-                break
-            key = slots[(head + j) & mask]
-            if self.used > self.live:
-                n = stale.get(key, 0)
-                if n:
-                    m = seen.get(key, 0)
-                    if m < n:
-                        seen[key] = m + 1
-                        continue
-            out.append(key)
+        if self.used == self.live:
+            out = [slots[(head + j) & mask] for j in range(min(limit, self.used))]
+        else:
+            out = []
+            for j in range(self.used):
+                if len(out) >= limit:
+                    break
+                key = slots[(head + j) & mask]
+                if key is not _TOMBSTONE:
+                    out.append(key)
         if pad_to:
             out.extend([None] * (pad_to - len(out)))
         return out
 
-    def _skip_stale(self) -> None:
-        # Only consults ``stale`` while some slot is stale, keeping the pop fast path
-        # to one comparison.
-        slots, mask, stale = self.slots, self.mask, self.stale
-        while self.used > self.live:
-            key = slots[self.head]
-            n = stale.get(key, 0)
-            if not n:
-                return
-            if n == 1:
-                del stale[key]
-            else:
-                stale[key] = n - 1
+    def _skip_tombstones(self) -> None:
+        slots, mask = self.slots, self.mask
+        while self.used > self.live and slots[self.head] is _TOMBSTONE:
             slots[self.head] = None
+            self._count_tombstone(self.head, -1)
             self.head = (self.head + 1) & mask
             self.used -= 1
+            self.base += 1
 
     def first(self) -> Hashable | None:
-        self._skip_stale()
+        if self.used > self.live:
+            self._skip_tombstones()
         return self.slots[self.head] if self.used else None
 
     def popleft(self) -> Hashable | None:
-        self._skip_stale()
+        if self.used > self.live:
+            self._skip_tombstones()
         if not self.used:
             return None
         head = self.head
@@ -133,20 +160,71 @@ class _Ring:
         self.head = (head + 1) & self.mask
         self.used -= 1
         self.live -= 1
-        if not self.used and len(self.slots) > self.initial:
-            # A drained burst should not pin its peak-sized list forever.
+        self.base += 1
+        if not self.used:
+            # Restart the numbering (small ints) and, after a burst, release the
+            # peak-sized list.
             self.reset()
         return key
 
-    def discard(self, key: Hashable) -> None:
-        """Account for *key* (live in this ring) having been cancelled."""
-        self.live -= 1
-        if not self.live:
-            # Everything left is stale: drop it now instead of holding the cancelled
-            # keys until the next push reaches the end of the ring.
+    def discard(self, seq: int) -> None:
+        """Account for the live key numbered *seq* having been cancelled."""
+        offset = seq - self.base
+        if self.live == 1:
+            # Everything left would be tombstones: drop them now instead of holding
+            # them until the next push reaches the end of the ring.
             self.reset()
             return
-        self.stale[key] = self.stale.get(key, 0) + 1
+        if offset == 0:
+            # The head, as when a dispatch takes the first task: a pop, no tombstone.
+            self.popleft()
+            return
+        slot = (self.head + offset) & self.mask
+        if offset == self.used - 1:
+            # The tail: give the slot back.
+            self.slots[slot] = None
+            self.used -= 1
+            self.live -= 1
+            return
+        if self.tombstones is None:
+            # Before any change, so that a MemoryError leaves the ring as it was.
+            self.tombstones = [0] * (len(self.slots) + 1)
+        self.live -= 1
+        self.slots[slot] = _TOMBSTONE
+        self._count_tombstone(slot, 1)
+
+    def _count_tombstone(self, slot: int, delta: int) -> None:
+        tree = self.tombstones
+        assert tree is not None
+        size = len(self.slots)
+        i = slot + 1
+        while i <= size:
+            tree[i] += delta
+            i += i & -i
+
+    def _tombstones_before(self, slot: int) -> int:
+        """Tombstones in slots ``[0, slot)``."""
+        tree = self.tombstones
+        assert tree is not None
+        total = 0
+        while slot:
+            total += tree[slot]
+            slot &= slot - 1
+        return total
+
+    def position(self, seq: int) -> int:
+        """Live keys ahead of the live key numbered *seq*."""
+        offset = seq - self.base
+        if self.used == self.live or not offset:
+            return offset
+        start = self.head
+        end = (start + offset) & self.mask
+        if start <= end:
+            skipped = self._tombstones_before(end) - self._tombstones_before(start)
+        else:  # the span wraps: [start, size) and [0, end)
+            skipped = (self.used - self.live - self._tombstones_before(start)
+                       + self._tombstones_before(end))
+        return offset - skipped
 
     def reset(self) -> None:
         if len(self.slots) > self.initial:
@@ -161,7 +239,8 @@ class _Ring:
         self.head = 0
         self.used = 0
         self.live = 0
-        self.stale.clear()
+        self.base = 0
+        self.tombstones = None
 
 
 class AdmissionQueue:
@@ -188,7 +267,8 @@ class AdmissionQueue:
         self._num_classes = num_classes
         initial = _initial_slots(capacity)
         self._rings = [_Ring(p, initial) for p in range(num_classes)]
-        self._index: dict[Hashable, _Ring] = {}
+        #: key -> ``seq << _CLASS_BITS | class``
+        self._index: dict[Hashable, int] = {}
         self._big = False
 
     def _ring(self, priority: int) -> _Ring:
@@ -226,16 +306,16 @@ class AdmissionQueue:
         if key is None:
             raise TypeError("AdmissionQueue keys must not be None")
         ring = self._ring(priority)
-        if key in self._index:
+        index = self._index
+        if key in index:
             raise KeyError(key)
-        if len(self._index) >= self._capacity:
+        if len(index) >= self._capacity:
             raise OverflowError(f"admission queue is full ({self._capacity} keys)")
         position = ring.live
         for p in range(ring.priority):
             position += self._rings[p].live
-        ring.append(key)
-        self._index[key] = ring
-        if len(self._index) > _BIG_INDEX:
+        index[key] = ring.append(key, index) << _CLASS_BITS | ring.priority
+        if len(index) > _BIG_INDEX:
             self._big = True
         return position
 
@@ -281,22 +361,37 @@ class AdmissionQueue:
         limit = operator.index(limit)
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
-        ring._skip_stale()
+        ring._skip_tombstones()
         return ring._live_keys(limit)  # type: ignore[return-value]
 
     def remove(self, key: Hashable) -> bool:
-        """Cancel *key*; return False if it was not queued.  O(1)."""
-        ring = self._index.pop(key, None)
-        if ring is None:
+        """Cancel *key*; return False if it was not queued.  O(log n)."""
+        code = self._index.pop(key, None)
+        if code is None:
             return False
+        try:
+            self._rings[code & _CLASS_MASK].discard(code >> _CLASS_BITS)
+        except MemoryError:
+            self._index[key] = code  # the ring is unchanged: so is the queue
+            raise
         self._release_if_drained()
-        ring.discard(key)
         return True
+
+    def position(self, key: Hashable) -> int | None:
+        """Live keys of *key*'s own class ahead of it, or None if it is not queued.  O(log n).
+
+        Unlike :meth:`push`'s answer this leaves out more urgent classes: add their
+        :meth:`len_class` for the place in service order.
+        """
+        code = self._index.get(key)
+        if code is None:
+            return None
+        return self._rings[code & _CLASS_MASK].position(code >> _CLASS_BITS)
 
     def priority_of(self, key: Hashable) -> int | None:
         """The class *key* is queued in, or None if it is not queued."""
-        ring = self._index.get(key)
-        return None if ring is None else ring.priority
+        code = self._index.get(key)
+        return None if code is None else code & _CLASS_MASK
 
     def len_class(self, priority: int) -> int:
         """Number of live keys in class *priority*."""

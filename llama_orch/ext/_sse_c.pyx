@@ -143,6 +143,9 @@ cdef class SSEParser:
     cdef bint _skip_lf
     # bytes held at stream start while they may still be a BOM; None once decided
     cdef object _bom
+    # set by a llamacpp TokenRelay: a message event whose data is a plain token frame
+    # is handed out as its content literal (bytes) rather than as an (event, data) pair
+    cdef bint _llamacpp
 
     def __init__(self, max_event_bytes=1 << 20):
         max_event_bytes = operator.index(max_event_bytes)
@@ -249,13 +252,16 @@ cdef class SSEParser:
         cdef const char* colon
         cdef const char* value
         cdef Py_ssize_t field_len, value_len, count
-        cdef object data
+        cdef object data, literal
         if n == 0:
             self._block = 0
             count = PyList_GET_SIZE(self._data)
             if count:
                 data = <object>PyList_GET_ITEM(self._data, 0) if count == 1 else b"\n".join(self._data)
-                if PyBytes_GET_SIZE(self._event):
+                if self._llamacpp and not PyBytes_GET_SIZE(self._event):
+                    literal = _llamacpp_literal(<bytes>data, None)
+                    out.append((_MESSAGE, data) if literal is None else literal)
+                elif PyBytes_GET_SIZE(self._event):
                     out.append((self._event.decode("utf-8", "replace"), data))
                 else:
                     out.append((_MESSAGE, data))
@@ -301,8 +307,115 @@ cdef dict _error_from(object value):
     return _error(value)
 
 
-# A token frame is _TOKEN_HEAD + json(text) + _TOKEN_MID + index + _TOKEN_TAIL, which
-# is byte for byte what the twin gets from orjson.dumps({"t": text, "i": index}).
+cdef inline Py_ssize_t _find(const unsigned char* p, Py_ssize_t n, const char* needle, Py_ssize_t k) noexcept:
+    """Offset of the first *needle* (which starts with a quote) in p[:n], or -1."""
+    cdef Py_ssize_t i = 0
+    cdef const unsigned char* q
+    while i + k <= n:
+        q = <const unsigned char*>memchr(p + i, needle[0], n - i)
+        if q == NULL:
+            return -1
+        i = q - p
+        if i + k > n:
+            return -1
+        if memcmp(p + i, needle, k) == 0:
+            return i
+        i += 1
+    return -1
+
+
+cdef inline bint _is_hex(unsigned char c) noexcept:
+    return (c'0' <= c <= c'9') or (c'a' <= c <= c'f') or (c'A' <= c <= c'F')
+
+
+cdef Py_ssize_t _llamacpp_scan(const unsigned char* p, Py_ssize_t n, Py_ssize_t* start) noexcept:
+    """The end (past the closing quote) of a plain token frame's content literal, or -1.
+
+    The exact rule of the twin's ``_llamacpp_literal``, UTF-8 validity aside; *start*
+    gets the offset of the opening quote.
+    """
+    cdef Py_ssize_t i, j, end
+    cdef unsigned char c
+    if n >= 12 and memcmp(p, b'{"content":"', 12) == 0:
+        i = 11
+    elif n >= 9 and memcmp(p, b'{"index":', 9) == 0:
+        i = 9
+        while i < n and c'0' <= p[i] <= c'9':
+            i += 1
+        if i == 9 or n - i < 12 or memcmp(p + i, b',"content":"', 12) != 0:
+            return -1
+        i += 11
+    else:
+        return -1
+    start[0] = i
+    i += 1
+    while True:
+        if i >= n:
+            return -1
+        c = p[i]
+        if c == c'"':
+            break
+        if c < 0x20:
+            return -1
+        if c == c'\\':
+            if i + 1 >= n:
+                return -1
+            c = p[i + 1]
+            if c == c'"' or c == c'\\' or c == c'/' or c == c'b' or c == c'f' or c == c'n' or c == c'r' or c == c't':
+                i += 2
+            elif c == c'u':
+                if i + 6 > n:
+                    return -1
+                for j in range(i + 2, i + 6):
+                    if not _is_hex(p[j]):
+                        return -1
+                if (p[i + 2] == c'd' or p[i + 2] == c'D') and (c'8' <= p[i + 3] <= c'9' or c'a' <= p[i + 3] <= c'f' or c'A' <= p[i + 3] <= c'F'):
+                    return -1
+                i += 6
+            else:
+                return -1
+        else:
+            i += 1
+    if i == start[0] + 1:
+        return -1
+    end = i + 1
+    # The rest: from the comma after the literal to the closing brace.
+    if end >= n or p[end] != c',' or p[n - 1] != c'}':
+        return -1
+    p += end
+    n -= end
+    # "stop" exactly once (overlapping occurrences count), as "stop":false.
+    j = _find(p, n, b'"stop"', 6)
+    if j < 0 or _find(p + j + 1, n - j - 1, b'"stop"', 6) >= 0:
+        return -1
+    if _find(p, n, b'"stop":false', 12) < 0:
+        return -1
+    if _find(p, n, b'"error"', 7) >= 0 or _find(p, n, b'"content"', 9) >= 0:
+        return -1
+    return end
+
+
+cdef object _llamacpp_literal(bytes data, object otherwise):
+    """The twin's ``_llamacpp_literal``, returning *otherwise* instead of None."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), start = 0, i
+    cdef Py_ssize_t end = _llamacpp_scan(p, n, &start)
+    if end < 0:
+        return otherwise
+    for i in range(n):
+        if p[i] >= 0x80:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return otherwise
+            break
+    return PyBytes_FromStringAndSize(<const char*>p + start, end - start)
+
+
+# A token frame is _TOKEN_HEAD + json(text) + _TOKEN_MID + index + _TOKEN_TAIL: the
+# same JSON value as the twin's orjson.dumps({"t": text, "i": index}), byte for byte
+# the twin's frame.  json(text) is orjson.dumps(text), or for a plain llama.cpp token
+# frame its content literal as upstream wrote it (see _llamacpp_literal).
 cdef bytes _TOKEN_HEAD = b'event: token\ndata: {"t":'
 cdef bytes _TOKEN_MID = b',"i":'
 cdef bytes _TOKEN_TAIL = b'}\n\n'
@@ -336,6 +449,7 @@ cdef class TokenRelay:
             raise ValueError(f"start_index must be in [0, 2**63), got {start_index}")
         self._openai = dialect == "openai"
         self._parser = SSEParser(max_event_bytes)
+        self._parser._llamacpp = not self._openai
         self._start = start_index
         self._tokens = 0
         self._final = None
@@ -376,6 +490,10 @@ cdef class TokenRelay:
             final = _error(str(exc))
         for i in range(PyList_GET_SIZE(events)):
             item = <object>PyList_GET_ITEM(events, i)
+            if PyBytes_Check(item):
+                # A plain llama.cpp token frame, recognised by the parser.
+                texts.append(item)
+                continue
             end = self._event(<str>PyTuple_GET_ITEM(item, 0), <bytes>PyTuple_GET_ITEM(item, 1), texts)
             if end is not None:
                 final = end
@@ -393,7 +511,12 @@ cdef class TokenRelay:
         cdef Py_ssize_t count = PyList_GET_SIZE(texts), i, total = 0, size, d
         if not count:
             return _EMPTY
-        cdef list payloads = [_dumps(<object>PyList_GET_ITEM(texts, i)) for i in range(count)]
+        # A bytes text is already a JSON string literal (the llamacpp fast path).
+        cdef list payloads = [
+            <object>PyList_GET_ITEM(texts, i) if PyBytes_Check(<object>PyList_GET_ITEM(texts, i))
+            else _dumps(<object>PyList_GET_ITEM(texts, i))
+            for i in range(count)
+        ]
         cdef unsigned long long index = self._start + self._tokens
         cdef Py_ssize_t fixed = PyBytes_GET_SIZE(_TOKEN_HEAD) + PyBytes_GET_SIZE(_TOKEN_MID) + PyBytes_GET_SIZE(_TOKEN_TAIL)
         for i in range(count):
@@ -441,6 +564,12 @@ cdef class TokenRelay:
             if self._openai:
                 return self._openai_end()
             return self._llamacpp_end({})
+        if not self._openai:
+            # An explicit "event: message" or a multi-line data the parser passed on.
+            obj = _llamacpp_literal(data, None)
+            if obj is not None:
+                texts.append(obj)
+                return None
         try:
             obj = _loads(data)
         except _JSONDecodeError as exc:

@@ -246,7 +246,54 @@ def _error_from(value: object) -> dict:
     return _error(value)
 
 
-def _token_frame(text: str, index: int) -> bytes:
+#: A llama.cpp token frame up to the end of its ``content`` literal (``index``
+#: optional, any digits), the literal captured with its quotes: JSON string characters
+#: with no raw control byte and no surrogate ``\\u`` escape (a lone one is invalid JSON,
+#: and pairs are rare enough not to matter); a comma must follow it.
+_LLAMACPP_TOKEN = re.compile(
+    rb'\{(?:"index":[0-9]+,)?"content":'
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?![dD][89a-fA-F])[0-9a-fA-F]{4})+")(?=,)'
+)
+#: Every occurrence (overlapping ones too) of ``"stop"``, ``"error"``, ``"content"``.
+_LLAMACPP_KEYS = re.compile(rb'"(?=(stop|error|content)")')
+_ONLY_STOP = [b"stop"]
+
+
+def _llamacpp_literal(data: bytes) -> bytes | None:
+    """The ``content`` JSON string literal (quotes included) of a plain token frame.
+
+    The fast path of the llamacpp dialect: a frame this recognises relays its text
+    without being parsed, the literal spliced into our frame as it is.  Recognised
+    strictly, so that the result is what the parse would give (one token, no end, no
+    error): the data starts ``{"content":"`` or ``{"index":<digits>,"content":"``, the
+    literal is non-empty and well formed as above, and the rest after it starts with
+    ``,``, ends with ``}``, holds ``"stop"`` exactly once, as ``"stop":false``, and
+    neither ``"error"`` nor ``"content"``; the data is valid UTF-8.  Anything else
+    returns None and takes the parse.  What is not checked is that the rest is
+    well-formed JSON.
+    """
+    m = _LLAMACPP_TOKEN.match(data)
+    if m is None:
+        return None
+    rest = m.end()
+    if (
+        data[-1] != 0x7D  # "}"
+        or _LLAMACPP_KEYS.findall(data, rest) != _ONLY_STOP
+        or data.find(b'"stop":false', rest) < 0
+    ):
+        return None
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return None
+    return m.group(1)
+
+
+def _token_frame(text: str | bytes, index: int) -> bytes:
+    """Our token frame; *text* is a ``str``, or bytes: a JSON string literal to splice."""
+    if isinstance(text, bytes):
+        return b'event: token\ndata: {"t":' + text + b',"i":%d}\n\n' % index
     return b"event: token\ndata: " + orjson.dumps({"t": text, "i": index}) + _END
 
 
@@ -254,7 +301,12 @@ class TokenRelay:
     """Turn an upstream completion stream into our ``token`` events, chunk by chunk.
 
     Every token of a chunk becomes ``event: token\\ndata: {"t":<text>,"i":<n>}\\n\\n``
-    in one output buffer, ``n`` counting up from *start_index*.  *dialect* names
+    in one output buffer, ``n`` counting up from *start_index*.  The data is the JSON
+    value ``{"t": text, "i": n}``, written compact: ``<text>`` is ``orjson.dumps(text)``,
+    except for a llama.cpp token frame of the plain shape (see
+    :func:`_llamacpp_literal`), whose ``content`` string literal is copied as
+    upstream wrote it (so escapes such as ``\\u00e9`` or ``\\/`` are kept: the bytes
+    may differ from ``orjson.dumps``, the decoded text does not).  *dialect* names
     the upstream format:
 
     ``"llamacpp"``
@@ -333,7 +385,7 @@ class TokenRelay:
             self._parser._feed_into(chunk, events)
         except ValueError as exc:
             final = _error(str(exc))
-        texts: list[str] = []
+        texts: list[str | bytes] = []
         for event, data in events:
             end = self._event(event, data, texts)
             if end is not None:
@@ -349,8 +401,11 @@ class TokenRelay:
             self._final = final
         return out, len(texts), final
 
-    def _event(self, event: str, data: bytes, texts: list[str]) -> dict | None:
-        """Collect the tokens of one upstream event into *texts*; return a final or None."""
+    def _event(self, event: str, data: bytes, texts: list[str | bytes]) -> dict | None:
+        """Collect the tokens of one upstream event into *texts*; return a final or None.
+
+        A token is a ``str``, or the ``bytes`` of a JSON string literal to splice.
+        """
         if event == "error":
             try:
                 payload = orjson.loads(data)
@@ -365,6 +420,11 @@ class TokenRelay:
             if self._openai:
                 return self._openai_end()
             return self._llamacpp_end({})
+        if not self._openai:
+            literal = _llamacpp_literal(data)
+            if literal is not None:
+                texts.append(literal)
+                return None
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

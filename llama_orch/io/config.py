@@ -230,6 +230,8 @@ class OrchdSettings:
     retained_streams: int = 10_000
     retained_stream_ttl_ms: int = 300_000
     retained_stream_bytes: int = 256 << 20
+    listen_backlog: int = 1024
+    access_log: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -298,6 +300,9 @@ class OrchdSettings:
             retained_streams=env.integer("ORCHD_RETAINED_STREAMS", default=10_000, minimum=0),
             retained_stream_ttl_ms=env.integer("ORCHD_RETAINED_STREAM_TTL_MS", default=300_000, minimum=0),
             retained_stream_bytes=env.integer("ORCHD_RETAINED_STREAM_BYTES", default=256 << 20, minimum=0),
+            # aiohttp's default backlog (128) drops connections in a burst of new clients
+            listen_backlog=env.integer("ORCHD_LISTEN_BACKLOG", default=1024, minimum=1),
+            access_log=env.boolean("ORCHD_ACCESS_LOG", default=True),
             api_keys=api_keys,
             metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
             profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),

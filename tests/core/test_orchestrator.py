@@ -25,6 +25,7 @@ from llama_orch.core.events import (
     StreamFailed,
     TaskCanceled,
     TaskSubmitted,
+    TaskWatched,
     Tick,
     TokensReceived,
 )
@@ -166,7 +167,9 @@ def test_backoff_hints_come_from_the_work_in_flight_not_from_past_short_tasks():
     run(TaskSubmitted(spec=spec("long", max_tokens=1000, deadline_ms=600_000)), 100.0)
     admitted = only(run(TaskSubmitted(spec=spec("next", max_tokens=5, deadline_ms=600_000)), 101.0), Admitted)
     assert admitted.predicted_start_ms >= 9_000 and admitted.backoff_ms >= 9_000, admitted
-    # and its metrics events keep telling it the same, a second later
+    # and its metrics events keep telling it the same: to a reader joining now, and a second later
+    joined = only(run(TaskWatched(task_id="next", watched=True), 101.0), EmitEvent)
+    assert joined.kind == "metrics" and joined.data["predicted_start_ms"] >= 9_000, joined
     progress = [c.data for c in run(Tick(), 1101.0) if isinstance(c, EmitEvent) and c.task_id == "next"]
     assert progress and progress[0]["predicted_start_ms"] >= 8_000, progress
 
@@ -418,6 +421,9 @@ def test_metrics_events_report_position_rate_and_on_time_probability():
     run(TaskSubmitted(spec=spec("a", max_tokens=100, deadline_ms=60_000)), 0)
     run(TaskSubmitted(spec=spec("b", max_tokens=100, deadline_ms=60_000)), 0)
     run(TaskSubmitted(spec=spec("c", max_tokens=100, deadline_ms=5_000)), 0)
+    for task_id in "abc":
+        joined = only(run(TaskWatched(task_id=task_id, watched=True), 0), EmitEvent)
+        assert joined.kind == "metrics" and joined.task_id == task_id
     run(TokensReceived(task_id="a", count=10), 400)
     assert core.next_deadline() == 1000
     out = run(Tick(), 1000)
@@ -439,8 +445,137 @@ def test_metrics_events_report_position_rate_and_on_time_probability():
 def test_no_metrics_events_unless_configured():
     core, run = make(slots=1)
     run(TaskSubmitted(spec=spec("a")), 0)
+    assert run(TaskWatched(task_id="a", watched=True), 0) == ()
     deadline = core.next_deadline()
     assert deadline is not None and deadline > 1000  # only the first-token timer and the task deadline
+
+
+def metrics_of(out, task_id=None):
+    return [c.data for c in out if isinstance(c, EmitEvent) and c.kind == "metrics"
+            and (task_id is None or c.task_id == task_id)]
+
+
+def metrics_timers(core, task_id=None):
+    return [t for t in core._timers if t[2] == 5 and (task_id is None or t[3] == task_id)]  # 5: _METRICS
+
+
+def queued_behind_a_busy_slot(n, **cfg):
+    core, run = make(slots=1, metrics_interval_ms=1000, admission_capacity=n + 10, **cfg)
+    run(TaskSubmitted(spec=spec("busy", max_tokens=100, deadline_ms=10_000_000)), 0)
+    for i in range(n):
+        run(TaskSubmitted(spec=spec(f"q{i}", max_tokens=10, deadline_ms=10_000_000)), 0)
+    return core, run
+
+
+def test_unwatched_queued_tasks_get_no_metrics_and_no_timers():
+    core, run = queued_behind_a_busy_slot(50)
+    assert metrics_timers(core) == []
+    assert core.next_deadline() == 15_000  # the pool's staleness check, not 50 tasks' metrics
+    for now in range(1000, 50_001, 1000):
+        assert metrics_of(run(Tick(), now)) == []
+    assert metrics_of(run.log) == []
+
+
+def test_watching_gives_metrics_at_once_then_every_interval_until_unwatched():
+    core, run = queued_behind_a_busy_slot(5)
+    joined = metrics_of(run(TaskWatched(task_id="q3", watched=True), 250), "q3")
+    assert len(joined) == 1 and joined[0]["phase"] == "queued" and joined[0]["queue_position"] == 3
+    assert core.next_deadline() == 1250
+    assert metrics_of(run(Tick(), 1249)) == []
+    assert [m["queue_position"] for m in metrics_of(run(Tick(), 1250))] == [3]
+    run(TaskCanceled(task_id="q0"), 1300)  # a task ahead leaves from the middle of the queue
+    assert [m["queue_position"] for m in metrics_of(run(Tick(), 2250))] == [2]
+    assert run(TaskWatched(task_id="q3", watched=True), 2300) == ()  # a second reader: nothing new
+    assert len(metrics_timers(core, "q3")) == 1
+    assert run(TaskWatched(task_id="q3", watched=False), 2400) == ()
+    assert metrics_of(run(Tick(), 3250)) == []  # lapsed, not re-armed
+    assert metrics_timers(core) == [] and core.next_deadline() == 15_000  # the pool's staleness check
+    # the busy task ends: q1 (now first) starts, and a reader of q3 sees it one place closer
+    run(StreamEnded(task_id="busy"), 3500)
+    assert [m["queue_position"] for m in metrics_of(run(TaskWatched(task_id="q3", watched=True), 3600))] == [1]
+
+
+def test_watch_for_unknown_or_finished_tasks_is_ignored():
+    core, run = queued_behind_a_busy_slot(2)
+    assert run(TaskWatched(task_id="nope", watched=True), 10) == ()
+    run(TaskWatched(task_id="q1", watched=True), 10)
+    run(TaskCanceled(task_id="q1"), 20)
+    assert run(TaskWatched(task_id="q1", watched=True), 30) == ()
+    assert run(TaskWatched(task_id="q1", watched=False), 40) == ()
+    assert metrics_of(run(Tick(), 5000)) == []
+    assert core._watched == set() and core._metrics_due == {} and metrics_timers(core) == []
+
+
+def test_watched_task_gets_metrics_through_its_phases_and_none_after_the_end():
+    core, run = make(slots=1, metrics_interval_ms=1000)
+    run(TaskSubmitted(spec=spec("t", max_tokens=100, deadline_ms=600_000)), 0)
+    assert [m["phase"] for m in metrics_of(run(TaskWatched(task_id="t", watched=True), 0))] == ["dispatching"]
+    run(TokensReceived(task_id="t", count=5), 500)
+    assert [m["phase"] for m in metrics_of(run(Tick(), 1000))] == ["streaming"]
+    run(StreamEnded(task_id="t"), 1500)
+    assert metrics_of(run(Tick(), 2000)) == [] and metrics_timers(core) == []
+
+
+def test_toggling_watch_keeps_one_metrics_timer_and_the_interval():
+    core, run = queued_behind_a_busy_slot(3)
+    now = 0.0
+    heap_sizes = set()
+    for i in range(1000):  # across several intervals, so timers fire, lapse and re-arm in between
+        now += 7
+        run(TaskWatched(task_id="q2", watched=True), now)
+        run(Tick(), now)
+        run(TaskWatched(task_id="q2", watched=False), now + i % 3)
+        run(Tick(), now + i % 3)
+        assert len(metrics_timers(core)) <= 1
+        heap_sizes.add(len(core._timers))
+    # the tasks' deadlines (4), busy's first-token timeout, the pool's staleness check, one metrics timer
+    assert max(heap_sizes) <= 4 + 1 + 1 + 1, heap_sizes
+    now += 3
+    # watched again: one event now, the next a full interval later, though the old timer is due sooner
+    assert len(metrics_of(run(TaskWatched(task_id="q2", watched=True), now))) == 1
+    assert metrics_of(run(Tick(), now + 999)) == []
+    assert len(metrics_timers(core, "q2")) == 1
+    assert len(metrics_of(run(Tick(), now + 1000))) == 1
+    assert len(metrics_timers(core, "q2")) == 1
+
+
+def test_a_reused_task_id_inherits_no_watch_and_at_most_one_metrics_timer():
+    core, run = queued_behind_a_busy_slot(2)
+    run(TaskWatched(task_id="q1", watched=True), 100)  # its timer is due at 1100
+    run(TaskCanceled(task_id="q1"), 200)
+
+    def handle(event, now):  # not the ledger: it rightly refuses a second answer for an id
+        out = core.handle(event, now)
+        core.check_invariants()
+        return out
+
+    handle(TaskSubmitted(spec=spec("q1", max_tokens=10, deadline_ms=10_000_000)), 300)
+    assert metrics_of(handle(Tick(), 1100)) == []  # the new q1 is nobody's to read yet
+    assert len(metrics_of(handle(TaskWatched(task_id="q1", watched=True), 1200))) == 1
+    assert len(metrics_timers(core, "q1")) == 1  # due at 2200
+    # ended and resubmitted again, now watched before the old timer comes off the heap
+    handle(TaskCanceled(task_id="q1"), 1300)
+    handle(TaskSubmitted(spec=spec("q1", max_tokens=10, deadline_ms=10_000_000)), 1350)
+    assert [m["queue_position"] for m in metrics_of(handle(TaskWatched(task_id="q1", watched=True), 1400))] == [1]
+    assert len(metrics_timers(core, "q1")) == 1
+    assert metrics_of(handle(Tick(), 2200)) == []  # a full interval after the watch, not the old time
+    assert [m["queue_position"] for m in metrics_of(handle(Tick(), 2400))] == [1]
+    assert len(metrics_timers(core, "q1")) == 1
+
+
+def test_positions_come_from_the_queue_in_service_order():
+    core, run = make(slots=1, metrics_interval_ms=1000, admission_capacity=5000)
+    run(TaskSubmitted(spec=spec("busy", max_tokens=100, deadline_ms=10_000_000)), 0)
+    for i in range(3000):  # deeper than the old 1024-task scan
+        priority = Priority.BATCH if i % 3 else Priority.INTERACTIVE
+        run.core.handle(TaskSubmitted(spec=spec(f"q{i}", priority=priority, max_tokens=10,
+                                                deadline_ms=10_000_000)), 0)
+    for i in range(0, 3000, 7):  # cancels from the middle of both classes
+        core.handle(TaskCanceled(task_id=f"q{i}"), 1)
+    expected = list(core.admission.queue)  # service order: interactive, then batch
+    for task_id in (expected[0], expected[1], expected[500], expected[-2], expected[-1]):
+        data = metrics_of(core.handle(TaskWatched(task_id=task_id, watched=True), 2))
+        assert data[0]["queue_position"] == expected.index(task_id), task_id
 
 
 def test_an_engine_refusing_the_request_ends_the_task_without_retry_or_breaker():

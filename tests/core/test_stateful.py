@@ -2,7 +2,8 @@
 
 Invariants: each submission gets one answer; each admitted task at most one terminal event (and
 exactly one once everything is canceled at the end); no token after the terminal event; token
-indices contiguous; leases equal running attempts; the queue never exceeds its bound.
+indices contiguous; leases equal running attempts; the queue never exceeds its bound; ``metrics``
+events only for watched tasks, with at most one metrics timer per task.
 """
 
 import random
@@ -19,7 +20,7 @@ from hypothesis.stateful import (
 from support import Ledger, pool, spec
 
 from llama_orch.core.admission import QueuePolicy
-from llama_orch.core.commands import Admitted
+from llama_orch.core.commands import Admitted, EmitEvent
 from llama_orch.core.events import (
     DispatchFailed,
     PoolLost,
@@ -29,6 +30,7 @@ from llama_orch.core.events import (
     StreamFailed,
     TaskCanceled,
     TaskSubmitted,
+    TaskWatched,
     Tick,
     TokensReceived,
 )
@@ -42,15 +44,19 @@ POOLS = ("pool-0", "pool-1", "pool-2")
 
 class OrchestratorMachine(RuleBasedStateMachine):
     @initialize(policy=st.sampled_from(list(QueuePolicy)), strategy=st.sampled_from(list(Strategy)),
-                capacity=st.integers(1, 6), attempts=st.integers(1, 3), seed=st.integers(0, 2**16))
-    def setup(self, policy, strategy, capacity, attempts, seed):
+                capacity=st.integers(1, 6), attempts=st.integers(1, 3), seed=st.integers(0, 2**16),
+                metrics=st.sampled_from([None, 100.0, 333.3]))
+    def setup(self, policy, strategy, capacity, attempts, seed, metrics):
         self.core = Orchestrator(OrchestratorConfig(
             admission_capacity=capacity, admission_policy=policy, placement_strategy=strategy,
             max_attempts=attempts, first_token_timeout_ms=300.0, token_timeout_ms=200.0, pool_stale_ms=1_999.7,
-            breaker_threshold=2, breaker_cooldown_ms=500.0, prior_service_ms=100.0), rng=random.Random(seed))
+            breaker_threshold=2, breaker_cooldown_ms=500.0, prior_service_ms=100.0, metrics_interval_ms=metrics),
+            rng=random.Random(seed))
         self.run = Ledger(self.core)
         self.now = 0.0
         self.n = 0
+        self.watched: set[str] = set()  # the model: live tasks someone reads
+        self.checked = 0  # how much of the ledger's log the metrics check has seen
         for name in POOLS:
             self.run(PoolUpdated(snapshot=pool(name, slots_total=2, slots_free=2)), 0.0)
 
@@ -88,6 +94,19 @@ class OrchestratorMachine(RuleBasedStateMachine):
             task_id = f"t{data.draw(st.integers(1, self.n))}"
         self.run(TaskCanceled(task_id=task_id), self.now)
 
+    @precondition(lambda self: self.n > 0)
+    @rule(data=st.data(), live=st.booleans(), watched=st.booleans())
+    def watch(self, data, live, watched):
+        if live and self.core.tasks:
+            task_id = data.draw(st.sampled_from(sorted(self.core.tasks)))
+        else:
+            task_id = f"t{data.draw(st.integers(1, self.n))}"
+        self.run(TaskWatched(task_id=task_id, watched=watched), self.now)
+        if watched and task_id in self.core.tasks:
+            self.watched.add(task_id)
+        else:
+            self.watched.discard(task_id)
+
     @precondition(lambda self: any(t.phase is not TaskPhase.QUEUED for t in self.core.tasks.values()))
     @rule(data=st.data(), count=st.integers(0, 3), stale=st.sampled_from([False, False, False, True]))
     def tokens(self, data, count, stale):
@@ -116,6 +135,17 @@ class OrchestratorMachine(RuleBasedStateMachine):
     def bounded_queue(self):
         if hasattr(self, "core"):
             assert len(self.core.admission.queue) <= self.core.admission.queue.capacity
+
+    @invariant()
+    def metrics_only_for_watched_tasks(self):
+        if not hasattr(self, "core"):
+            return
+        log = self.run.log
+        for cmd in log[self.checked:]:
+            if isinstance(cmd, EmitEvent) and cmd.kind == "metrics":
+                assert cmd.task_id in self.watched, f"metrics for unwatched {cmd.task_id}"
+        self.checked = len(log)
+        self.watched &= self.core.tasks.keys()  # an ended task is nobody's to read
 
     def teardown(self):
         if not hasattr(self, "core"):

@@ -171,13 +171,16 @@ def test_cancel_then_pop_skips(Q):
 
 def test_readd_after_remove_same_class(Q):
     q = Q(10)
+    q.push("z", BATCH)
     q.push("a", BATCH)
     q.push("b", BATCH)
     q.remove("a")
-    # "a" now has a stale copy ahead of "b" and a live one behind it
-    assert q.push("a", BATCH) == 1
-    assert list(q) == ["b", "a"]
-    assert q.head(BATCH, 5) == ["b", "a"]
+    # "a"'s old slot is now a tombstone ahead of "b", its new one behind it
+    assert q.push("a", BATCH) == 2
+    assert list(q) == ["z", "b", "a"]
+    assert q.head(BATCH, 5) == ["z", "b", "a"]
+    assert q.position("a") == 2
+    assert q.pop() == "z"
     assert q.pop() == "b"
     assert q.pop() == "a"
     assert q.pop() is None
@@ -205,6 +208,73 @@ def test_remove_readd_many_times(Q):
     assert list(q) == ["z", "a"]
     assert q.head(BATCH, 10) == ["z", "a"]
     assert [q.pop(), q.pop(), q.pop()] == ["z", "a", None]
+
+
+# -- position -------------------------------------------------------------------------
+
+
+def test_position_within_own_class(Q):
+    q = Q(100)
+    q.push("b0", BATCH)
+    q.push("i0", INTERACTIVE)
+    q.push("b1", BATCH)
+    q.push("i1", INTERACTIVE)
+    assert [q.position(k) for k in ("i0", "i1", "b0", "b1")] == [0, 1, 0, 1]
+    assert q.position("nope") is None
+    q.pop()
+    assert q.position("i1") == 0
+    assert q.position("i0") is None
+
+
+def test_position_after_removals_head_middle_tail(Q):
+    q = Q(100)
+    keys = [f"k{i}" for i in range(10)]
+    for k in keys:
+        q.push(k, BATCH)
+    for gone in ("k0", "k4", "k5", "k9", "k1"):  # head, middle, middle, tail, new head
+        q.remove(gone)
+        keys.remove(gone)
+        assert [q.position(k) for k in keys] == list(range(len(keys)))
+    assert q.position("k4") is None
+
+
+def test_position_when_the_live_span_wraps_the_ring(Q):
+    q = Q(8, num_classes=1)  # an 8-slot ring
+    for i in range(6):
+        q.push(i, 0)
+    for _ in range(4):
+        q.pop()  # head at slot 4
+    for i in range(6, 11):
+        q.push(i, 0)  # slots 6, 7, then 0, 1, 2
+    q.remove(6)
+    q.remove(8)  # tombstones on both sides of the wrap
+    assert list(q) == [4, 5, 7, 9, 10]
+    assert [q.position(k) for k in (4, 5, 7, 9, 10)] == [0, 1, 2, 3, 4]
+
+
+def test_position_after_compaction_and_growth(Q):
+    q = Q(100_000)
+    live = []
+    for i in range(3000):
+        q.push(i, BATCH)
+        live.append(i)
+        if i % 3:
+            victim = live.pop(len(live) // 2)  # from the middle: tombstones, then compactions
+            assert q.remove(victim)
+    assert list(q) == live
+    assert [q.position(k) for k in live] == list(range(len(live)))
+
+
+def test_position_restarts_after_clear(Q):
+    q = Q(10)
+    for k in "abcd":
+        q.push(k, BATCH)
+    q.remove("b")
+    q.clear()
+    assert q.position("a") is None
+    q.push("z", BATCH)
+    q.push("y", BATCH)
+    assert (q.position("z"), q.position("y")) == (0, 1)
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -304,6 +374,20 @@ def test_iteration_is_a_snapshot(Q):
         q.push(k + "'", INTERACTIVE)
     assert seen == ["a", "b", "c"]
     assert list(q) == ["a'", "b'", "c'"]
+
+
+def test_twin_survives_pickling_with_tombstones():
+    import pickle
+
+    from llama_orch.ext import _queue_py
+
+    q = _queue_py.AdmissionQueue(10)
+    for k in "abcd":
+        q.push(k, BATCH)
+    q.remove("b")  # a tombstone: must stay one after the round trip
+    copy = pickle.loads(pickle.dumps(q))
+    assert list(copy) == ["a", "c", "d"] and copy.position("d") == 2
+    assert [copy.pop() for _ in range(4)] == ["a", "c", "d", None]
 
 
 def test_repr(Q):
@@ -412,8 +496,9 @@ def test_memory_per_key_is_small(Q):
         used = tracemalloc.get_traced_memory()[0] - base
     finally:
         tracemalloc.stop()
-    # The index dict alone is ~50 bytes/key at this size.
-    assert used / len(keys) < 80, used / len(keys)
+    # The index dict is ~40 bytes/key at this size, each key's packed sequence number
+    # (the int that makes position() O(log n)) 28-32 more, the ring slots ~10.
+    assert used / len(keys) < 88, used / len(keys)
     assert len(q) == len(keys)
 
 
@@ -475,6 +560,10 @@ class Model:
     def priority_of(self, key):
         return self.where(key)
 
+    def position(self, key):
+        p = self.where(key)
+        return None if p is None else self.classes[p].index(key)
+
     def len_class(self, priority):
         self._check(priority)
         return len(self.classes[priority])
@@ -497,7 +586,8 @@ class Model:
         return len(self) >= self.capacity
 
 
-KEYS = st.sampled_from([f"k{i}" for i in range(24)])
+KEY_NAMES = [f"k{i}" for i in range(24)]
+KEYS = st.sampled_from(KEY_NAMES)
 PRIORITY = st.integers(-1, 3)
 OPS = st.one_of(
     st.tuples(st.just("push"), KEYS, PRIORITY),
@@ -510,6 +600,7 @@ OPS = st.one_of(
     st.tuples(st.just("peek")),
     st.tuples(st.just("head"), PRIORITY, st.integers(0, 30)),
     st.tuples(st.just("priority_of"), KEYS),
+    st.tuples(st.just("position"), KEYS),
     st.tuples(st.just("len_class"), PRIORITY),
     st.tuples(st.just("__contains__"), KEYS),
     st.tuples(st.just("__len__")),
@@ -532,6 +623,10 @@ def _apply(obj, op):
         return type(exc)
 
 
+def _positions(queue):
+    return [queue.position(k) for k in KEY_NAMES]
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(capacity=st.integers(1, 40), num_classes=st.integers(1, 3), ops=st.lists(OPS, max_size=300))
 def test_matches_reference_model(queue_impl, capacity, num_classes, ops):
@@ -539,6 +634,7 @@ def test_matches_reference_model(queue_impl, capacity, num_classes, ops):
     model = Model(capacity, num_classes)
     for op in ops:
         assert _apply(q, op) == _apply(model, op), op
+        assert _positions(q) == _positions(model), op
     assert list(q) == list(model)
     assert len(q) == len(model)
 
@@ -550,4 +646,62 @@ def test_implementations_agree(queue_impls, capacity, ops):
     for op in ops:
         results = {name: _apply(q, op) for name, q in queues.items()}
         assert results["py"] == results["c"], op
+        assert _positions(queues["py"]) == _positions(queues["c"]), op
     assert repr(queues["py"]) == repr(queues["c"])
+
+
+# Churn-heavy: few classes, small rings, mostly push/remove/pop, so that rings wrap,
+# fill with tombstones, compact and double many times within one example.
+CHURN_OPS = st.one_of(
+    st.tuples(st.just("push"), KEYS, st.integers(0, 1)),
+    st.tuples(st.just("push"), KEYS, st.integers(0, 1)),
+    st.tuples(st.just("push"), KEYS, st.integers(0, 1)),
+    st.tuples(st.just("remove"), KEYS),
+    st.tuples(st.just("remove"), KEYS),
+    st.tuples(st.just("pop")),
+    st.tuples(st.just("pop_class"), st.integers(0, 1)),
+    st.tuples(st.just("head"), st.integers(0, 1), st.integers(0, 30)),
+    st.tuples(st.just("clear")),
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(capacity=st.integers(1, 24), ops=st.lists(CHURN_OPS, min_size=100, max_size=600))
+def test_positions_under_churn_match_model(queue_impls, capacity, ops):
+    queues = {name: mod.AdmissionQueue(capacity, 2) for name, mod in queue_impls.items()}
+    model = Model(capacity, 2)
+    for op in ops:
+        expected = _apply(model, op)
+        for q in queues.values():
+            assert _apply(q, op) == expected, op
+        positions = _positions(model)
+        for q in queues.values():
+            assert _positions(q) == positions, op
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_positions_long_random_run(Q, seed):
+    """Thousands of operations over a few hundred keys: many wraps, compactions and
+    doublings; every position checked against the model throughout."""
+    import random
+
+    rng = random.Random(seed)
+    names = [f"t{i}" for i in range(300)]
+    q, model = Q(200, 2), Model(200, 2)
+    for step in range(6000):
+        roll = rng.random()
+        key = rng.choice(names)
+        if roll < 0.45:
+            op = ("push", key, rng.randrange(2))
+        elif roll < 0.75:
+            op = ("remove", key)
+        elif roll < 0.95:
+            op = ("pop",) if rng.random() < 0.7 else ("pop_class", rng.randrange(2))
+        elif roll < 0.999:
+            op = ("head", rng.randrange(2), rng.randrange(40))
+        else:
+            op = ("clear",)
+        assert _apply(q, op) == _apply(model, op), (step, op)
+        if step % 7 == 0:
+            assert [q.position(k) for k in names] == [model.position(k) for k in names], step
+    assert list(q) == list(model)

@@ -403,3 +403,198 @@ def test_relays_agree_chunk_by_chunk(sse_impls, dialect, pieces, cuts, limit):
         assert results["py"] == results["c"]
     whole = sse_impls["c"].TokenRelay(dialect, 5, limit)
     assert relay_all(whole, [stream]) == relay_all(sse_impls["py"].TokenRelay(dialect, 5, limit), split(stream, cuts))
+
+
+# -- llamacpp fast path: the content literal spliced as upstream wrote it ---------------
+
+
+def llama_token_old(text: str) -> bytes:
+    """The older llama.cpp server shape: content first, index last."""
+    return b"data: " + orjson.dumps({"content": text, "stop": False, "id_slot": 0, "multimodal": False, "index": 0}) + b"\n\n"
+
+
+def literal_frame(literal: bytes, shape: str = "new") -> bytes:
+    """A token frame around a hand-written ``content`` literal (quotes included)."""
+    if shape == "new":
+        return b'data: {"index":0,"content":' + literal + b',"tokens":[],"stop":false,"id_slot":0,"tokens_predicted":1,"tokens_evaluated":5}\n\n'
+    return b'data: {"content":' + literal + b',"stop":false,"id_slot":0,"multimodal":false,"index":0}\n\n'
+
+
+def escaped_literal(text: str) -> bytes:
+    """*text* as a JSON literal the way other encoders write it: ``\\uXXXX`` for every
+    non-ASCII character (surrogate pairs for astral ones) and ``\\/`` for ``/``."""
+    import json
+
+    return json.dumps(text, ensure_ascii=True).replace("/", "\\/").encode()
+
+
+def token_frame_data(out: bytes) -> list[dict]:
+    """The decoded data of each of our token frames in *out*, checking the framing."""
+    chunks = out.split(b"\n\n")
+    assert chunks[-1] == b""
+    decoded = []
+    for chunk in chunks[:-1]:
+        head, _, data = chunk.partition(b"\ndata: ")
+        assert head == b"event: token"
+        assert b"\n" not in data and b"\r" not in data
+        decoded.append(orjson.loads(data))
+    return decoded
+
+
+def test_fast_path_keeps_upstream_escapes(sse_impl):
+    r = sse_impl.TokenRelay(start_index=3)
+    stream = literal_frame(b'"caf\\u00e9 a\\/b"') + literal_frame(b'"\\"q\\" \\\\ \\n\\t"', "old") + LLAMA_TOKEN
+    out, n, final = r.feed(stream)
+    assert out == (
+        b'event: token\ndata: {"t":"caf\\u00e9 a\\/b","i":3}\n\n'
+        b'event: token\ndata: {"t":"\\"q\\" \\\\ \\n\\t","i":4}\n\n'
+        b'event: token\ndata: {"t":" the","i":5}\n\n'
+    )
+    assert (n, final) == (3, None)
+    assert token_frame_data(out) == [{"t": "café a/b", "i": 3}, {"t": '"q" \\ \n\t', "i": 4}, {"t": " the", "i": 5}]
+
+
+def test_fast_path_index_digits_and_old_shape(sse_impl):
+    r = sse_impl.TokenRelay()
+    out, n, _ = r.feed(
+        b'data: {"index":12,"content":"\\u00e9","stop":false}\n\n'
+        b'data: {"content":"\\u00e9","stop":false,"index":0}\n\n'
+    )
+    assert out == frames([], 0) + b'event: token\ndata: {"t":"\\u00e9","i":0}\n\nevent: token\ndata: {"t":"\\u00e9","i":1}\n\n'
+    assert n == 2
+
+
+# Frames that are not of the recognised shape: each must give what the parse gives.
+# The content uses \u00e9 so the output shows which path ran: the parse re-encodes it
+# as raw UTF-8 (orjson), the fast path would have kept the escape.
+SLOW_PATH_FRAMES = [
+    # key order
+    (b'{"stop":false,"content":"\\u00e9"}', ["é"], None),
+    (b'{"index":0,"tokens":[],"content":"\\u00e9","stop":false}', ["é"], None),
+    # leading space, negative or empty index, spaced colon
+    (b' {"content":"\\u00e9","stop":false}', ["é"], None),
+    (b'{"index":-1,"content":"\\u00e9","stop":false}', ["é"], None),
+    (b'{"index":,"content":"\\u00e9","stop":false}', [], "error"),
+    (b'{"content": "\\u00e9","stop":false}', ["é"], None),
+    # no stop, stop true, stop twice, stop spaced
+    (b'{"content":"\\u00e9"}', ["é"], None),
+    (b'{"content":"\\u00e9","stop":true}', ["é"], "end"),
+    (b'{"content":"\\u00e9","stop":false,"stop":true}', ["é"], "end"),
+    (b'{"content":"\\u00e9","stop": true,"x":"stop\\":false"}', ["é"], "end"),
+    (b'{"content":"\\u00e9","timings":{"stop":false},"stop":true}', ["é"], "end"),
+    # an error member, a duplicate content
+    (b'{"content":"\\u00e9","stop":false,"error":"boom"}', [], "error"),
+    (b'{"content":"\\u00e9","stop":false,"content":"b"}', ["b"], None),
+    # empty content: no token
+    (b'{"index":0,"content":"","stop":false}', [], None),
+    # surrogate escapes: a valid pair, a lone one
+    (b'{"content":"\\ud83c\\udf89\\u00e9","stop":false}', ["🎉é"], None),
+    (b'{"content":"\\ud800","stop":false}', [], "error"),
+    # bad literals: raw control byte, bad escapes, truncated, invalid UTF-8
+    (b'{"content":"a\x01\\u00e9","stop":false}', [], "error"),
+    (b'{"content":"a\\x\\u00e9","stop":false}', [], "error"),
+    (b'{"content":"a\\u00g9","stop":false}', [], "error"),
+    (b'{"content":"a\\u00e', [], "error"),
+    (b'{"content":"a\\', [], "error"),
+    (b'{"content":"\\u00e9\xff","stop":false}', [], "error"),
+    (b'{"content":"\\u00e9","stop":false,"x":"\xed\xa0\x80"}', [], "error"),
+    # what follows the literal
+    (b'{"content":"\\u00e9"}x', [], "error"),
+    (b'{"content":"\\u00e9","stop":false}x', [], "error"),
+    (b'{"content":"\\u00e9"x,"stop":false}', [], "error"),
+]
+
+
+@pytest.mark.parametrize(("data", "texts", "end"), SLOW_PATH_FRAMES)
+def test_unexpected_shapes_take_the_parse(sse_impl, data, texts, end):
+    r = sse_impl.TokenRelay()
+    out, n, final = r.feed(b"data: " + data + b"\n\n")
+    assert out == frames(texts)
+    assert n == len(texts)
+    assert (final and final["kind"]) == end
+
+
+def test_fast_path_after_explicit_message_event_and_multiline_data(sse_impls):
+    stream = (
+        b'event: message\ndata: {"content":"\\u00e9","stop":false}\n\n'
+        b'data: {"content":"\\u00e9",\ndata: "stop":false}\n\n'
+    )
+    outs = {name: mod.TokenRelay().feed(stream) for name, mod in sse_impls.items()}
+    assert outs["c"] == outs["py"]
+    assert outs["py"][0] == b'event: token\ndata: {"t":"\\u00e9","i":0}\n\nevent: token\ndata: {"t":"\\u00e9","i":1}\n\n'
+
+
+ANY_TEXT = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.lists(
+        st.sampled_from(['"', "\\", "/", "\x00", "\x1f", "\n", "é", "🎉", "\u2028", '"stop":true', '"error"', "\\u00e9", "}", ",", "stop"]),
+        max_size=6,
+    ).map("".join),
+)
+ENCODINGS = st.sampled_from(["new", "old", "escaped-new", "escaped-old"])
+
+
+def encode_token(text: str, how: str) -> bytes:
+    if how == "new":
+        return llama_token(text)
+    if how == "old":
+        return llama_token_old(text)
+    return literal_frame(escaped_literal(text), how.removeprefix("escaped-"))
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tokens=st.lists(st.tuples(ANY_TEXT, ENCODINGS), max_size=15),
+    end=st.sampled_from(["final", "error", "garbage", None]),
+    start=st.integers(0, 2**40),
+    cuts=st.lists(st.integers(0, 100_000), max_size=15),
+)
+def test_fast_path_differential(sse_impls, tokens, end, start, cuts):
+    from llama_orch.ext import _sse_py
+
+    body = b"".join(encode_token(t, how) for t, how in tokens)
+    if end == "final":
+        body += LLAMA_FINAL
+    elif end == "error":
+        body += LLAMA_ERROR
+    elif end == "garbage":
+        body += b"data: {oops\n\n"
+    stream = body + LLAMA_TOKEN
+    # C and Python agree byte for byte, chunk by chunk.
+    relays = {name: mod.TokenRelay("llamacpp", start) for name, mod in sse_impls.items()}
+    chunks = split(stream, cuts)
+    for chunk in chunks:
+        results = {name: (r.feed(chunk), r.tokens, r.index, r.final) for name, r in relays.items()}
+        assert results["py"] == results["c"]
+    out, count, finals = relay_all(sse_impls["c"].TokenRelay("llamacpp", start), chunks)
+    # Every frame decodes to the upstream text with its index.
+    expected = [t for t, _ in tokens if t]
+    if end is None:
+        expected.append(" the")
+    assert token_frame_data(out) == [{"t": t, "i": start + n} for n, t in enumerate(expected)]
+    assert count == len(expected)
+    # Counts and the final are those of the parse alone.
+    orig = _sse_py._llamacpp_literal
+    _sse_py._llamacpp_literal = lambda data: None
+    try:
+        slow = relay_all(_sse_py.TokenRelay("llamacpp", start), [stream])
+    finally:
+        _sse_py._llamacpp_literal = orig
+    assert token_frame_data(slow[0]) == token_frame_data(out)
+    assert (slow[1], slow[2]) == (count, finals)
+    # Where upstream wrote the literal as orjson does, the bytes are unchanged too.
+    if all(how in ("new", "old") for _, how in tokens):
+        assert out == slow[0]
+
+
+def test_slow_path_oracle_differs_only_in_bytes(sse_impl, monkeypatch):
+    from llama_orch.ext import _sse_py
+
+    frame = literal_frame(b'"caf\\u00e9"')
+    fast = sse_impl.TokenRelay().feed(frame)
+    # The twin with the fast path switched off: what the parse alone gives.
+    monkeypatch.setattr(_sse_py, "_llamacpp_literal", lambda data: None)
+    slow = _sse_py.TokenRelay().feed(frame)
+    assert slow[0] == frames(["café"]) != fast[0]
+    assert token_frame_data(slow[0]) == token_frame_data(fast[0])
+    assert slow[1:] == fast[1:]

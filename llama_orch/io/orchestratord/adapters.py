@@ -48,6 +48,8 @@ from ...ext.sse import TokenRelay, frame_events
 
 log = logging.getLogger("llama_orch.adapters")
 
+JSON_HEADERS = {"Content-Type": "application/json"}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timeouts:
@@ -223,7 +225,9 @@ class HttpAdapter:
         path, body = await self.request_body(request)
         url = request.engine_url.rstrip("/") + path
         while True:
-            async with self.session.post(url, json=body, timeout=self.client_timeout) as resp:
+            # orjson, not aiohttp's ``json=`` (the standard library's encoder): the body is on every task's path
+            async with self.session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS,
+                                         timeout=self.client_timeout) as resp:
                 if resp.status != 200:
                     text = await _error_text(resp)
                     again = self.retry_body(request, body, resp.status, text)
@@ -269,7 +273,8 @@ class LlamaCppAdapter(HttpAdapter):
     async def _apply_template(self, request: UpstreamRequest) -> str:
         """The engine knows its model's chat template; ask it rather than guess one here."""
         path = "/apply-template"
-        async with self.session.post(request.engine_url.rstrip("/") + path, json={"messages": list(request.messages or ())},
+        async with self.session.post(request.engine_url.rstrip("/") + path, headers=JSON_HEADERS,
+                                     data=orjson.dumps({"messages": list(request.messages or ())}),
                                      timeout=self.client_timeout) as resp:
             if resp.status != 200:
                 raise _refusal(path, resp.status, await _error_text(resp))

@@ -29,7 +29,7 @@ from ...core.orchestrator import Orchestrator, OrchestratorConfig
 from ...core.placement import Strategy
 from ...core.sessions import BudgetPolicy
 from ..config import ConfigError, OrchdSettings
-from ..daemon import prepare
+from ..daemon import prepare, settle_gc
 from ..http import (
     ACCESS_LOG_FORMAT,
     CORRELATION_ID,
@@ -105,7 +105,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Correlation-Id": request[CORRELATION_ID]})
     transport = request.transport
-    driver.reader_joined(stream, transport)  # before the first await: a reader leaving meanwhile must count this one
+    driver.reader_joined(tid, stream, transport)  # before the first await: a reader leaving meanwhile must count this one
     finished = False
     try:
         await resp.prepare(request)
@@ -284,7 +284,10 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
                seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
                node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
                api_keys: tuple[str, ...] = (), metrics_host: str = "127.0.0.1",
-               metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits()) -> web.Application:
+               metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits(),
+               tune_gc: bool = False) -> web.Application:
+    """orchestratord's app. ``tune_gc`` (the daemon's, not a test's: it freezes the whole process's
+    heap) settles the garbage collector once the app is built (``daemon.settle_gc``)."""
     app = web.Application(middlewares=[correlation, *([api_key_middleware(api_keys)] if api_keys else [])])
     app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts,
@@ -293,6 +296,8 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
                                    on_check=driver.metrics.health_check)
 
     async def resources(app: web.Application):
+        if tune_gc:
+            settle_gc()  # before the GC is watched: the start-up collection is no pause under load
         await driver.start()
         await app[DISCOVERY].start()
         yield
@@ -373,11 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no pool managers configured (ORCHD_POOL_MANAGERS): every task will get 503 until one is")
     config, timeouts = core_config(settings)
     log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
-    web.run_app(create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
-                           shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
-                           profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
-                           metrics_port=settings.metrics_port, stream_limits=stream_limits(settings)),
-                host=settings.host, port=settings.port, print=None, shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5,
+    app = create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
+                     shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
+                     profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
+                     metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True)
+    web.run_app(app, host=settings.host, port=settings.port, print=None,
+                shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5, backlog=settings.listen_backlog,
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
+                access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
                 access_log_format=ACCESS_LOG_FORMAT)
     return 0

@@ -29,6 +29,7 @@ from ...core.events import (
     StreamFailed,
     TaskCanceled,
     TaskSubmitted,
+    TaskWatched,
     Tick,
     TokensReceived,
 )
@@ -90,32 +91,44 @@ class Stream:
     Frame ``n`` (absolute, from 0) goes out with SSE ``id: n`` on its last event, so a reader that
     reconnects with ``Last-Event-ID: n`` goes on at frame ``n + 1``. ``frames[0]`` is the first frame
     (``started``) and is kept; ``frames[1:]`` are frames ``skipped + 1`` onwards (see ``StreamLimits``).
-    ``notes`` are the narration for ``?verbose=true`` readers: ``(n, frame)`` goes out just before
-    frame ``n``. While the task is queued (no frame yet), ``progress`` is its latest ``metrics``
-    event (and ``progress_note`` its narration): only the latest is kept, and every reader gets each
-    new one once, so a long wait costs one frame, not one per tick.
+    ``notes`` are the narration for ``?verbose=true`` readers: ``(n, text)`` goes out just before
+    frame ``n``; the admission line is kept as its two numbers until someone reads or adds one
+    (most tasks are never read verbosely, and a queued task should cost little). While the task is
+    queued (no frame yet), ``progress`` is its latest ``metrics`` event (and ``progress_note`` its
+    narration): only the latest is kept, and every reader gets each new one once, so a long wait
+    costs one frame, not one per tick. Readers wait in ``wait_for_change``,
+    each on a future of its own resolved by the next change (no timer per wait).
     """
 
     frames: list[bytes] = field(default_factory=list)
     skipped: int = 0
     nbytes: int = 0
-    notes: list[tuple[int, bytes]] = field(default_factory=list)
+    notes: list[tuple[int, str]] | None = None
     notes_skipped: int = 0
+    admitted: tuple[int, int] | None = None  # (queue position, predicted start ms): the first note, not yet written
     progress: bytes | None = None
-    progress_note: bytes | None = None
+    progress_note: str | None = None
     progress_seq: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     started: bool = False  # the ``started`` frame is out: ``metrics`` may follow it
     readers: list = field(default_factory=list)  # attached readers' connections; the last leaving early cancels
     upstream: asyncio.Task | None = None
     payload: TaskPayload = NO_PAYLOAD  # what the adapter sends: dropped once dispatched
     limits: StreamLimits = StreamLimits()
+    waiters: list[asyncio.Future] | None = None  # one future per waiting reader, resolved by the next change
 
     @property
     def total(self) -> int:
         """Frames pushed so far, dropped ones included."""
         return len(self.frames) + self.skipped
+
+    def _changed(self) -> None:
+        waiters = self.waiters
+        if waiters:
+            self.waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def push(self, frame: bytes, *, last: bool = False) -> None:
         frames = self.frames
@@ -125,8 +138,10 @@ class Stream:
         limits = self.limits
         if len(frames) > limits.buffer_frames or self.nbytes > limits.buffer_bytes:
             self._trim()
-        self.done = self.done or last
-        self.changed.set()
+        if last:
+            self.done = True
+        if self.waiters:
+            self._changed()
 
     def _trim(self) -> None:
         """Drop the oldest frames but the first and the newest until the stream is within its limits."""
@@ -140,20 +155,32 @@ class Stream:
             self.skipped += drop
             self.nbytes = nbytes
 
+    def _notes(self) -> list[tuple[int, str]]:
+        """The narration so far, the admission line written out first if it is still pending."""
+        notes = self.notes
+        if notes is None:
+            notes = self.notes = []
+        if self.admitted is not None:
+            position, predicted = self.admitted
+            self.admitted = None
+            notes.insert(0, (0, f"Admitted at queue position {position}; predicted start in {predicted} ms."))
+        return notes
+
     def note(self, text: str) -> None:
         if not self.done:
-            self.notes.append((self.total, frame_event("narration", orjson.dumps({"text": text}))))
-            if len(self.notes) > MAX_NOTES:
-                del self.notes[0]
+            notes = self._notes()
+            notes.append((self.total, text))
+            if len(notes) > MAX_NOTES:
+                del notes[0]
                 self.notes_skipped += 1
-            self.changed.set()
+            self._changed()
 
     def queued(self, metrics: bytes, narration: str) -> None:
         """The latest progress of a queued task, replacing the one before."""
         self.progress = metrics
-        self.progress_note = frame_event("narration", orjson.dumps({"text": narration}))
+        self.progress_note = narration
         self.progress_seq += 1
-        self.changed.set()
+        self._changed()
 
     def release(self) -> None:
         """What only a dispatch needs (prompt, messages): gone at the first token (no retry after it) or the end."""
@@ -162,36 +189,38 @@ class Stream:
 
     async def wait_for_change(self, request: web.Request) -> None:
         """Until the stream moves; ``ConnectionResetError`` once the reader's client is gone. The
-        connection is looked at every ``LIVENESS_CHECK_S`` too: a server that does not cancel
-        handlers on disconnect would otherwise keep a queued or stalled task for nobody."""
-        self.changed.clear()
-        while True:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("the client went away")
-            try:
-                async with asyncio.timeout(LIVENESS_CHECK_S):
-                    await self.changed.wait()
-                return
-            except TimeoutError:
-                pass  # nothing new: look at the connection again
+        driver wakes the readers of every watched stream each ``LIVENESS_CHECK_S`` whose
+        connection is closing, so a server that does not cancel handlers on disconnect does not
+        keep a queued or stalled task for nobody; no reader holds a timer of its own."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        # A future per reader: a reader's handler cancelled cancels its own future, not the others'.
+        waiter = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = [waiter]
+        else:
+            self.waiters.append(waiter)
+        await waiter
 
     def cursor_after(self, last_event_id: int) -> Cursor:
         """A reader resuming after frame ``last_event_id`` (its ``Last-Event-ID``)."""
         sent = min(max(last_event_id + 1, 0), self.total)
-        return Cursor(sent=sent, noted=self.notes_skipped + sum(1 for n, _ in self.notes if n < sent),
+        notes = self._notes()
+        return Cursor(sent=sent, noted=self.notes_skipped + sum(1 for n, _ in notes if n < sent),
                       progress=self.progress_seq)
 
     def read(self, cursor: Cursor, verbose: bool) -> list[bytes]:
         """Everything from the cursor on (narration too when verbose); the cursor moves past it."""
         out: list[bytes] = []
-        frames, notes, total, skipped = self.frames, self.notes, self.total, self.skipped
+        frames, total, skipped = self.frames, self.total, self.skipped
+        notes = self._notes() if verbose else ()
         sent = cursor.sent
         while True:
             if verbose:
                 i = max(cursor.noted - self.notes_skipped, 0)
                 while i < len(notes) and notes[i][0] <= sent:
-                    out.append(notes[i][1])
+                    out.append(narration_frame(notes[i][1]))
                     i += 1
                 cursor.noted = i + self.notes_skipped
             if sent >= total:
@@ -208,10 +237,17 @@ class Stream:
         cursor.sent = sent
         if total == 0 and self.progress is not None and cursor.progress != self.progress_seq:
             if verbose and self.progress_note is not None:
-                out.append(self.progress_note)
+                out.append(narration_frame(self.progress_note))
             out.append(self.progress)
             cursor.progress = self.progress_seq
         return out
+
+    def retained_bytes(self) -> int:
+        return self.nbytes + sum(len(text) for _, text in self.notes or ())
+
+
+def narration_frame(text: str) -> bytes:
+    return frame_event("narration", orjson.dumps({"text": text}))
 
 
 def _with_id(frame: bytes, n: int) -> bytes:
@@ -237,6 +273,8 @@ class CoreDriver:
         self.idle.set()
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at: float | None = None
+        self.watched: dict[str, Stream] = {}  # tasks with at least one reader
+        self._liveness: asyncio.TimerHandle | None = None
 
     @staticmethod
     def now() -> float:
@@ -247,6 +285,7 @@ class CoreDriver:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s))
         self.adapters = {"llamacpp": LlamaCppAdapter(self.session, self.timeouts),
                          "openai": OpenAIAdapter(self.session, self.timeouts), "mock": MockAdapter()}
+        self.metrics.watch_gc(True)
 
     async def stop(self) -> None:
         for task_id in list(self.core.tasks):
@@ -259,6 +298,9 @@ class CoreDriver:
             self._timer.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._liveness is not None:
+            self._liveness.cancel()
+        self.metrics.watch_gc(False)
         if self.session is not None:
             await self.session.close()
 
@@ -316,8 +358,7 @@ class CoreDriver:
             elif kind is Admitted:
                 stream = self.streams.get(cmd.task_id)
                 if stream is not None:
-                    stream.note(f"Admitted at queue position {cmd.queue_position}; predicted start in "
-                                f"{cmd.predicted_start_ms} ms.")
+                    stream.admitted = (cmd.queue_position, cmd.predicted_start_ms)  # narrated if anyone asks
             elif kind is CloseUpstream:
                 stream = self.streams.get(cmd.task_id)
                 if stream is not None and stream.upstream is not None:
@@ -399,7 +440,7 @@ class CoreDriver:
 
     def _retain(self, task_id: str, stream: Stream) -> None:
         """Keep a finished stream for late readers, within a count, a byte total and an age; forget the oldest."""
-        size = stream.nbytes + sum(len(frame) for _, frame in stream.notes)
+        size = stream.retained_bytes()
         self._finished.append((asyncio.get_running_loop().time(), task_id, size))
         self._finished_bytes += size
         self._sweep()
@@ -424,8 +465,26 @@ class CoreDriver:
 
     # -- readers --------------------------------------------------------------------------------
 
-    def reader_joined(self, stream: Stream, transport: Any) -> None:
+    def reader_joined(self, task_id: str, stream: Stream, transport: Any) -> None:
+        """A reader attached. The first one makes the task watched: the core sends its progress
+        (``metrics``) only while someone reads it, so a queued task nobody follows costs no ticks."""
         stream.readers.append(transport)
+        if len(stream.readers) == 1:
+            self.watched[task_id] = stream
+            if self._liveness is None:
+                self._liveness = asyncio.get_running_loop().call_later(LIVENESS_CHECK_S, self._check_readers)
+            if not stream.done:
+                self.handle(TaskWatched(task_id=task_id, watched=True))
+
+    def _check_readers(self) -> None:
+        """Wake the readers of each watched stream whose connection is closing, so they see it and
+        leave (their handler may not be cancelled on disconnect); one timer for all of them."""
+        self._liveness = None
+        for stream in self.watched.values():
+            if stream.waiters and any(t is None or t.is_closing() for t in stream.readers):
+                stream._changed()
+        if self.watched:
+            self._liveness = asyncio.get_running_loop().call_later(LIVENESS_CHECK_S, self._check_readers)
 
     def reader_left(self, task_id: str, stream: Stream, transport: Any, *, early: bool,
                     reason: str | None = None) -> None:
@@ -433,9 +492,17 @@ class CoreDriver:
         free the slot). A finished stream stays whole for later readers, within ``StreamLimits``."""
         with contextlib.suppress(ValueError):
             stream.readers.remove(transport)
-        if early and not stream.readers and not stream.done:
+        if stream.readers:
+            return
+        if self.watched.get(task_id) is stream:
+            del self.watched[task_id]
+        if stream.done:
+            return
+        if early:
             reason = reason or ("shutdown" if not self.accepting else "disconnect")
             self.handle(TaskCanceled(task_id=task_id, reason=reason))
+        else:
+            self.handle(TaskWatched(task_id=task_id, watched=False))
 
     @staticmethod
     def _abandoned(stream: Stream) -> bool:
@@ -494,13 +561,15 @@ class _TaskSink:
                 break
 
     def ended(self, *, tokens_out: int | None, decode_ms: float | None) -> None:
-        self.driver.metrics.dispatched.labels(pool_id=self.pool_id, outcome="completed").inc()
+        metrics = self.driver.metrics
+        metrics.child(metrics.dispatched, self.pool_id, "completed").inc()
         self.driver.handle(StreamEnded(task_id=self.task_id, attempt=self.attempt, tokens_out=tokens_out,
                                        decode_ms=decode_ms))
 
     def failed(self, *, code: str, message: str, before_first_token: bool) -> None:
         self.driver.narrate_failure(self.task_id, code, message, before_first_token)
-        self.driver.metrics.dispatched.labels(pool_id=self.pool_id, outcome="failed").inc()
+        metrics = self.driver.metrics
+        metrics.child(metrics.dispatched, self.pool_id, "failed").inc()
         event = DispatchFailed if before_first_token else StreamFailed
         self.driver.handle(event(task_id=self.task_id, attempt=self.attempt, code=code, message=message))
 

@@ -9,6 +9,9 @@ exposition format.
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ...core.commands import Admitted, Dispatch, Finish, ForwardTokens, Rejected
@@ -56,6 +59,39 @@ class OrchdMetrics:
                                           buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
         self.pools_available = Gauge("orchd_pools_available", "1 when the pool takes work", ["pool_id"], registry=r)
         self._dispatched_at: dict[str, tuple[str, float]] = {}  # task -> (pool, time) until its first token
+        self.gc_pause = Histogram("orchd_gc_pause_seconds", "Pauses of the cyclic garbage collector", ["generation"],
+                                  registry=r, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25))
+        self.gc_pause_max = Gauge("orchd_gc_pause_max_seconds", "The longest garbage collector pause so far",
+                                  registry=r)
+        self._children: dict[tuple, object] = {}  # (metric, label values) -> child: labels() is slow per call
+        self._gc_children = [self.gc_pause.labels(generation=str(g)) for g in range(3)]
+        self._gc_started = 0.0
+        self._gc_longest = 0.0
+
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)``, looked up once: the hot path counts every dispatch and end."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
+    def watch_gc(self, on: bool) -> None:
+        """Time every collection (``gc.callbacks``): a pause stalls every stream at once."""
+        if on and self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+        elif not on and self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._gc_started
+        self._gc_children[min(2, info.get("generation", 2))].observe(pause)
+        if pause > self._gc_longest:
+            self._gc_longest = pause
+            self.gc_pause_max.set(pause)
 
     def health_check(self, pool_id: str, ok: bool, duration_ms: float) -> None:
         self.health_checks.labels(pool_id=pool_id, outcome="ok" if ok else "error").inc()
@@ -72,10 +108,10 @@ class OrchdMetrics:
                         self.first_token.observe(now - task.submitted_at)
                     pending = self._dispatched_at.pop(cmd.task_id, None)
                     if pending is not None:
-                        self.dispatch_latency.labels(pool_id=pending[0]).observe(now - pending[1])
+                        self.child(self.dispatch_latency, pending[0]).observe(now - pending[1])
             elif kind is Admitted:
                 self.enqueued.inc()
-                self.orchd_enqueued.labels(pool_id=self._pool_label(core, cmd.task_id), outcome="admitted").inc()
+                self.child(self.orchd_enqueued, self._pool_label(core, cmd.task_id), "admitted").inc()
             elif kind is Rejected:
                 self.rejected.labels(reason=cmd.code).inc()
                 pool = self._known_pool(core, cmd.pool_id) if cmd.pool_id else ANY_POOL
@@ -84,13 +120,13 @@ class OrchdMetrics:
                 if cmd.http_status == 429:
                     self.backpressure.labels(policy=cmd.policy_label or "reject").inc()
             elif kind is Dispatch:
-                self.dispatched.labels(pool_id=cmd.pool_id, outcome="sent").inc()
+                self.child(self.dispatched, cmd.pool_id, "sent").inc()
                 task = core.task(cmd.task_id)
                 placement = task.spec.placement if task is not None else None
                 pinned = placement is not None and placement.mode.value == "pin"
                 preferred = placement is not None and placement.prefer_pools and cmd.pool_id not in placement.prefer_pools
-                self.placements.labels(outcome="placed" if cmd.attempt == 1 else "retried", pinned=str(pinned).lower(),
-                                       fallback=str(cmd.attempt > 1 or bool(preferred)).lower()).inc()
+                self.child(self.placements, "placed" if cmd.attempt == 1 else "retried", "true" if pinned else "false",
+                           "true" if cmd.attempt > 1 or preferred else "false").inc()
                 self._dispatched_at[cmd.task_id] = (cmd.pool_id, now)
                 if cmd.attempt == 1:
                     self.started.inc()

@@ -59,10 +59,11 @@ Decisions (they are part of the contract of this front door):
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 from aiohttp import web
@@ -94,6 +95,10 @@ TERMINAL_STATUS = {"INVALID_PARAMS": 400, "WORKER_RESET": 502, "DECODE_TIMEOUT":
                    "QUEUE_FULL_DROP_LRU": 429, "INTERNAL": 500, "CANCELED": 503}
 
 DONE = b"data: [DONE]\n\n"
+#: One of our token events (``ext.sse``'s frame: ``{"t": text, "i": index}`` in that order), with
+#: the ``id:`` line the stream adds to a frame's last event. A JSON string cannot hold an
+#: unescaped ``"``, so the first ``,"i":`` after ``{"t":`` is where the text ends.
+_TOKEN_EVENT = re.compile(rb'event: token\ndata: \{"t":(.*?),"i":\d+\}\n(?:id: \d+\n)?\n', re.DOTALL)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -372,6 +377,16 @@ class ChunkFramer:
         self.head = b"data: " + head[:-1] + b',"choices":'
         self.token_head = self.head + (b'[{"index":0,"delta":{"content":' if self.chat else b'[{"index":0,"text":')
         self.token_tail = (b'},' if self.chat else b',') + b'"logprobs":null,"finish_reason":null}]' + self.usage_null + b"}\n\n"
+        # ``re.sub`` template for a run of our token events: the text's JSON literal is copied as it is
+        self._token_template = (self.token_head.replace(b"\\", b"\\\\") + rb"\g<1>"
+                                + self.token_tail.replace(b"\\", b"\\\\"))
+
+    def tokens_only(self, frame: bytes) -> bytes | None:
+        """A frame of our token events as OpenAI chunks, without parsing any JSON: each event's
+        ``data`` is ``{"t":<JSON string>,"i":<n>}``, and the string is spliced in as it is
+        (still valid, still escaped). None when the frame holds any other event."""
+        out = _TOKEN_EVENT.sub(self._token_template, frame)
+        return None if b"event: " in out else out
 
     def _chunk(self, choices: list, usage: dict | None = None) -> bytes:
         tail = (b',"usage":' + orjson.dumps(usage)) if usage is not None else self.usage_null
@@ -399,22 +414,31 @@ def usage_of(parsed: ParsedRequest, tokens_out: int) -> dict:
             "total_tokens": parsed.prompt_tokens + tokens_out}
 
 
-async def follow(request: web.Request, stream: Stream) -> AsyncIterator[list[tuple[str, bytes]]]:
-    """The task's events as they come, one batch per wake-up; ``ConnectionResetError`` once the
-    client is gone (the caller cancels the task)."""
+async def follow(request: web.Request, stream: Stream, fast: Callable[[bytes], bytes | None] | None = None
+                 ) -> AsyncIterator[list[bytes | tuple[str, bytes]]]:
+    """The task's events as they come, one batch per wake-up, in order; ``ConnectionResetError``
+    once the client is gone (the caller cancels the task). With ``fast``, a frame it converts
+    comes as its bytes (a frame of tokens only, the usual one), any other as parsed events."""
     parser = SSEParser()
     cursor = Cursor()
     while True:
         frames = stream.read(cursor, False)
         if frames:
-            events = parser.feed(b"".join(frames))
-            for i, (name, data) in enumerate(events):
-                if name == "gap":  # this reader fell behind the bounded buffer: the answer is incomplete
-                    message = orjson.loads(data).get("message", "frames were dropped")
-                    yield [*events[:i], ("error", orjson.dumps({"code": "STREAM_GAP", "message": message,
-                                                                 "retriable": True}))]
-                    return
-            yield events
+            batch: list[bytes | tuple[str, bytes]] = []
+            for frame in frames:
+                converted = fast(frame) if fast is not None else None
+                if converted is not None:
+                    batch.append(converted)
+                    continue
+                for name, data in parser.feed(frame):
+                    if name == "gap":  # this reader fell behind the bounded buffer: the answer is incomplete
+                        message = orjson.loads(data).get("message", "frames were dropped")
+                        batch.append(("error", orjson.dumps({"code": "STREAM_GAP", "message": message,
+                                                             "retriable": True})))
+                        yield batch
+                        return
+                    batch.append((name, data))
+            yield batch
             continue
         if stream.done:
             return
@@ -475,7 +499,7 @@ class OpenAIFrontDoor:
             task_id = decision.task_id
             stream = driver.streams[task_id]
             transport = request.transport
-            driver.reader_joined(stream, transport)
+            driver.reader_joined(task_id, stream, transport)
             finished, reason = False, None
             try:
                 if parsed.stream:
@@ -509,8 +533,8 @@ class OpenAIFrontDoor:
     async def _collect(self, request: web.Request, parsed: ParsedRequest, stream: Stream) -> web.Response:
         spec = parsed.spec
         texts: list[str] = []
-        async for events in follow(request, stream):
-            for name, data in events:
+        async for batch in follow(request, stream):
+            for name, data in batch:  # type: ignore[misc]  (no ``fast``: events only)
                 if name == "token":
                     texts.append(orjson.loads(data)["t"])
                 elif name == "end" or name == "error":
@@ -544,9 +568,13 @@ class OpenAIFrontDoor:
         opening = framer.opening()
         if opening:
             await resp.write(opening)
-        async for events in follow(request, stream):
+        async for batch in follow(request, stream, framer.tokens_only):
             out = []
-            for name, data in events:
+            for item in batch:
+                if type(item) is bytes:
+                    out.append(item)
+                    continue
+                name, data = item
                 if name == "token":
                     out.append(framer.token(orjson.loads(data)["t"]))
                 elif name == "end" or name == "error":

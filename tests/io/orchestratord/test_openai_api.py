@@ -514,3 +514,39 @@ def test_any_json_in_any_openai_field_is_a_400_or_a_task(chat_, changes, message
         assert 400 <= exc.status < 500 and exc.message
         return
     assert parsed.spec.max_tokens >= 1 and parsed.spec.ctx >= parsed.spec.max_tokens
+
+
+# -- the streaming fast path: token frames become chunks without parsing JSON -------------------
+
+def _framer(chat: bool, model: str = 'm"\\odel', include_usage: bool = False):
+    from types import SimpleNamespace
+
+    from llama_orch.io.orchestratord.openai_api import ChunkFramer
+
+    return ChunkFramer(SimpleNamespace(chat=chat, include_usage=include_usage, model=model), "cmpl-x", 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.text(min_size=1), min_size=1, max_size=8), first=st.integers(0, 10**6),
+       chat=st.booleans(), with_id=st.booleans())
+def test_token_frames_become_the_same_chunks_as_the_parsed_path(texts, first, chat, with_id):
+    """Any token text (quotes, backslashes, newlines, ``event: ``, ``,"i":``) comes out as the chunk
+    the parsing path makes, or the frame is left to that path (None), never as something else."""
+    from llama_orch.io.orchestratord.driver import _with_id
+
+    framer = _framer(chat)
+    frame = frame_events([("token", orjson.dumps({"t": t, "i": first + k})) for k, t in enumerate(texts)])
+    if with_id:
+        frame = _with_id(frame, 7)
+    fast = framer.tokens_only(frame)
+    slow = b"".join(framer.token(t) for t in texts)
+    assert fast is None or fast == slow
+    if not any("event: " in t for t in texts):
+        assert fast == slow  # only a text that itself says ``event: `` is left to the slow path
+
+
+def test_frames_with_other_events_are_left_to_the_parsing_path():
+    framer = _framer(chat=False)
+    frame = frame_events([("token", orjson.dumps({"t": "a", "i": 0})), ("end", orjson.dumps({"tokens_out": 1}))])
+    assert framer.tokens_only(frame) is None
+    assert framer.tokens_only(frame_events([("started", b"{}")])) is None

@@ -729,7 +729,7 @@ async def test_a_queued_task_whose_readers_are_all_gone_is_not_dispatched(aiohtt
         def is_closing() -> bool:
             return True
 
-    driver.reader_joined(driver.streams[queued["task_id"]], Gone())
+    driver.reader_joined(queued["task_id"], driver.streams[queued["task_id"]], Gone())
     sent_before = driver.metrics.dispatched.labels(pool_id="pool-0", outcome="completed")._value.get()
     assert (await client.post(f"/v2/tasks/{running['task_id']}/cancel")).status == 204  # the slot frees
     stream = driver.streams[queued["task_id"]]

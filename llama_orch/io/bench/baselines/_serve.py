@@ -1,0 +1,90 @@
+"""What the baselines share: their command line, the pooled upstream session, and serving an
+aiohttp app on uvloop with the ``READY <url>`` line and a clean exit on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+ENGINES = web.AppKey("engines", itertools.cycle)
+#: The upstream request's one header: the engines read JSON whatever it says, so it is constant.
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BaselineConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    engines: tuple[str, ...] = ()
+    backlog: int = 1024
+
+
+def parse_args(prog: str, description: str, argv: list[str] | None, *, engines: bool) -> BaselineConfig:
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port (the READY line says which)")
+    if engines:
+        parser.add_argument("--engines", required=True, help="engine base URLs, comma-separated: used round-robin")
+    parser.add_argument("--backlog", type=int, default=1024)
+    args = parser.parse_args(argv)
+    urls = tuple(url.strip().rstrip("/") for url in args.engines.split(",") if url.strip()) if engines else ()
+    if engines and not urls:
+        parser.error("--engines needs at least one URL")
+    return BaselineConfig(host=args.host, port=args.port, engines=urls, backlog=args.backlog)
+
+
+def with_engines(app: web.Application, engines: tuple[str, ...]) -> web.Application:
+    """Give *app* the engines in turn (``next(app[ENGINES])``) and one pooled, unlimited client session."""
+    app[ENGINES] = itertools.cycle(engines)
+
+    async def session(app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=0)  # no cap: the yardstick must not queue on its own pool
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
+            app[SESSION] = s
+            yield
+
+    app.cleanup_ctx.append(session)
+    return app
+
+
+async def serve(app: web.Application, config: BaselineConfig) -> tuple[web.AppRunner, str]:
+    """Start *app*; the runner (``await runner.cleanup()`` to stop) and the URL it listens on."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port, backlog=config.backlog).start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _run(app: web.Application, config: BaselineConfig) -> None:
+    runner, url = await serve(app, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(prog: str, doc: str, make_app: Callable[[BaselineConfig], web.Application], argv: list[str] | None,
+         *, engines: bool = True) -> int:
+    config = parse_args(prog, doc.splitlines()[0], argv, engines=engines)
+    app = make_app(config)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_run(app, config))
+    else:
+        uvloop.run(_run(app, config))
+    return 0
