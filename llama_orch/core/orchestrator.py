@@ -89,6 +89,9 @@ class OrchestratorConfig:
 # Timer kinds on the heap.
 _DEADLINE, _FIRST_TOKEN, _BETWEEN_TOKENS, _POOL_STALE, _BREAKER, _METRICS = range(6)
 
+# How long a scan of the running tasks for the next free slot is reused (``next_slot_ms``).
+_NEXT_SLOT_REUSE_MS = 50.0
+
 # Attempt failures that are the request's fault, not the pool's: no retry, no breaker count.
 _REQUEST_ERRORS = frozenset({"INVALID_PARAMS"})
 
@@ -121,6 +124,8 @@ class Orchestrator:
         self._seq = 0
         self._stale_armed: set[str] = set()  # pools with a staleness timer on the heap
         self._watched: set[str] = set()  # live tasks whose progress someone reads
+        self._lease_changes = 0  # leases taken and returned: either invalidates the next-slot estimate
+        self._next_slot: tuple[float, int, float | None] | None = None  # (computed at, _lease_changes, soonest ms)
         # Tasks with their one metrics timer on the heap -> when their next metrics event is due
         # (later than the timer after an unwatch and re-watch: the timer then waits till then).
         self._metrics_due: dict[str, float] = {}
@@ -276,6 +281,7 @@ class Orchestrator:
         if flying is None:  # not setdefault: that would build a set on every dispatch
             flying = self.in_flight[pool_id] = set()
         flying.add(task_id)
+        self._lease_changes += 1
         self.sessions.touch(task.spec.session_id).pool_id = pool_id
         self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task_id)
         if task.first_dispatched_at is None:
@@ -296,6 +302,7 @@ class Orchestrator:
             flying.discard(task.task_id)
         self.placer.release(pool_id)
         task.pool_id = None
+        self._lease_changes += 1
 
     # -- streaming ----------------------------------------------------------------------------
 
@@ -575,7 +582,21 @@ class Orchestrator:
         return position
 
     def next_slot_ms(self, now: float) -> int | None:
-        """When the first running task is expected to end and free its slot, from now (None: none runs)."""
+        """When the first running task is expected to end and free its slot, from now (None: none runs).
+
+        The scan is over every running task, and a busy cluster asks at every submission: its answer
+        is reused for ``_NEXT_SLOT_REUSE_MS``, aged by the time passed, until a lease is taken or
+        returned (the soonest task may be the one that ended). Tokens in between only refine a
+        running task's pace. A full cluster with nothing ending, where admission asks most, keeps it."""
+        cached = self._next_slot
+        if cached is not None and cached[1] == self._lease_changes and 0 <= now - cached[0] < _NEXT_SLOT_REUSE_MS:
+            soonest = cached[2]
+            return None if soonest is None else int(math.ceil(max(1.0, soonest - (now - cached[0]))))
+        soonest = self._scan_next_slot(now)
+        self._next_slot = (now, self._lease_changes, soonest)
+        return None if soonest is None else int(math.ceil(soonest))
+
+    def _scan_next_slot(self, now: float) -> float | None:
         estimator = self.admission.estimator
         soonest: float | None = None
         for task_ids in self.in_flight.values():
@@ -598,7 +619,7 @@ class Orchestrator:
                 remaining = max(1.0, remaining)
                 if soonest is None or remaining < soonest:
                     soonest = remaining
-        return None if soonest is None else int(math.ceil(soonest))
+        return soonest
 
     def progress(self, task: Task, now: float) -> dict:
         """The ``metrics`` event of a live task: where it is, how fast, will it make its deadline."""

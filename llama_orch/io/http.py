@@ -14,6 +14,7 @@ from typing import Mapping, NoReturn, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict,
@@ -25,8 +26,18 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "INVALID_PARAMS
 #: The contract: 429 and 503 tell the client when to come back.
 RETRY_STATUSES = (429, 503)
 CORRELATION_ID = web.RequestKey("correlation_id", str)
-#: aiohttp's access log line, with the request's correlation id (the response header) in it.
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf s correlation_id=%{X-Correlation-Id}o'
+class AccessLogger(AbstractAccessLogger):
+    """The daemons' access log line: peer, request line, status, body bytes, seconds and the
+    request's correlation id (``%a "%r" %s %b %Tf s correlation_id=%{X-Correlation-Id}o`` in
+    aiohttp's terms), built in one %-format. aiohttp's general logger interprets its format per
+    request and fills ``extra`` with every field, a cost on every request of a daemon that answers
+    thousands a second; the format aiohttp hands this class is ignored."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        version = request.version
+        self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.6f s correlation_id=%s', request.remote, request.method,
+                         request.path_qs, version.major, version.minor, response.status, response.body_length, time,
+                         response.headers.get("X-Correlation-Id", "-"))
 
 
 def retry_headers(retry_after_ms: int) -> dict[str, str]:

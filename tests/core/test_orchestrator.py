@@ -622,3 +622,19 @@ def test_session_eviction_spares_sessions_with_tasks_in_flight():
     run(TaskSubmitted(spec=spec("t3", session_id="new", max_tokens=1)), 4)  # one session must go
     assert "busy" in core.sessions and "idle" not in core.sessions
     assert core.sessions.refusal(spec("t4", session_id="busy", max_tokens=1)) is not None  # still reserved
+
+
+def test_next_slot_estimate_is_reused_briefly_and_dropped_when_a_lease_changes():
+    """The scan over every running task is reused for a moment, aged by the time passed, and
+    redone as soon as a lease is taken or returned (the soonest task may have just ended)."""
+    core, run = make(slots=2, admission_capacity=8)
+    run(TaskSubmitted(spec=spec("slow", max_tokens=1000)), 0.0)
+    run(TaskSubmitted(spec=spec("quick", max_tokens=1000)), 0.0)
+    first = core.next_slot_ms(10.0)
+    assert first is not None and first > 20
+    core.admission.estimator.prior_ms = 500.0  # what a rescan would see: an estimate that moved meanwhile
+    assert core.next_slot_ms(30.0) == first - 20  # reused, aged by the 20 ms since
+    rescanned = core.next_slot_ms(10.0 + 60.0)  # past the reuse window: scanned again
+    assert rescanned is not None and rescanned < first - 60
+    run(StreamEnded(task_id="quick", tokens_out=1), 71.0)  # a lease returned: no reuse
+    assert core.next_slot_ms(72.0) == core._scan_next_slot(72.0).__ceil__()

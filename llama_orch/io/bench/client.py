@@ -67,7 +67,8 @@ class RunSpec:
 
 @dataclass(slots=True)
 class Record:
-    """Parallel lists, one entry per measured task (times in ms from the window's start)."""
+    """Parallel lists, one entry per measured task (times in ms from the window's start; NaN, which
+    is ``null`` in the JSON result, for a moment that never came)."""
 
     scheduled: list[float] = field(default_factory=list)
     admitted: list[float] = field(default_factory=list)  # the 202 or the headers; NaN when refused

@@ -390,7 +390,7 @@ class _Connection(asyncio.Protocol):
         engine = self.engine
         static = engine.static.get((method, path))
         if static is not None:
-            self._start((static[1] if close else static[0],), close, 0, False)
+            self._start((static[1] if close else static[0],), close, 0, False, generation=False)
             return True
         if method == b"POST" and (path == b"/completion" or path == b"/v1/completions"):
             try:
@@ -405,15 +405,16 @@ class _Connection(asyncio.Protocol):
 
     # -- answers --------------------------------------------------------------------------------
 
-    def _start(self, writes: tuple[bytes, ...], close: bool, n: int, stream: bool) -> None:
+    def _start(self, writes: tuple[bytes, ...], close: bool, n: int, stream: bool, *, generation: bool = True) -> None:
+        """Send an answer: a generation after the first-token delay (and paced), any other at once."""
         engine = self.engine
         self.busy = True
         self.close_after = close
         self.writes = writes
         self.next_write = 0
         self.last_token = max(len(writes) - 1, 0)  # the last write's index: paced writes are due one pace apart
-        delay = engine.first_token_s
-        if engine.paced and not stream:
+        delay = engine.first_token_s if generation else 0.0
+        if generation and engine.paced and not stream:
             delay += self.last_token * engine.pace_s  # a whole answer is ready when its last token is
         self.due = self.loop.time() + delay
         if delay > 0:

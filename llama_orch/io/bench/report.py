@@ -198,7 +198,7 @@ def plots(results: dict, records: list[dict], out: Path) -> list[Path]:
                 if outcome != "ok":
                     continue
                 end = r["first"][i] if field == "ttft" else r["admitted"][i]
-                if not math.isnan(end):
+                if end is not None and not math.isnan(end):  # NaN in process, null once through JSON
                     by_target.setdefault(rec["target"], []).append(end - r["scheduled"][i])
         for target, values in sorted(by_target.items()):
             values.sort()

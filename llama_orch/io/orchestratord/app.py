@@ -31,7 +31,7 @@ from ...core.sessions import BudgetPolicy
 from ..config import ConfigError, OrchdSettings
 from ..daemon import prepare, settle_gc
 from ..http import (
-    ACCESS_LOG_FORMAT,
+    AccessLogger,
     CORRELATION_ID,
     correlation,
     fail,
@@ -386,5 +386,5 @@ def main(argv: list[str] | None = None) -> int:
                 shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5, backlog=settings.listen_backlog,
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
                 access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-                access_log_format=ACCESS_LOG_FORMAT)
+                access_log_class=AccessLogger)
     return 0

@@ -51,7 +51,7 @@ from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
 from ..config import ConfigError, PoolManagerSettings
 from ..daemon import prepare, spawn
 from ..handoff import Handoff, HandoffError, read_handoff
-from ..http import ACCESS_LOG_FORMAT, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
+from ..http import AccessLogger, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
 from ..openapi_doc import add_openapi_route
 from ..waits import within
 from .gpu import GpuDiscovery, select, vram_of
@@ -569,5 +569,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("listening on %s:%s, watching %s", settings.host, settings.port, settings.runtime_dir)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                handle_signals=True, shutdown_timeout=10, access_log_format=ACCESS_LOG_FORMAT)
+                handle_signals=True, shutdown_timeout=10, access_log_class=AccessLogger)
     return 0

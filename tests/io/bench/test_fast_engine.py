@@ -313,6 +313,16 @@ async def test_in_process_engine_with_a_first_token_delay():
             assert time.monotonic() - started >= 0.095 and relay.tokens == 2 and final["kind"] == "end"
 
 
+async def test_status_routes_do_not_wait_for_the_first_token_delay():
+    """An engine holding its slots (an hour to the first token) still answers its status at once:
+    the admission bench relies on it to keep tasks queued behind busy pools."""
+    async with FastEngine(FastEngineConfig(mode="paced", first_token_ms=3_600_000, pool_id="held")) as engine:
+        async with aiohttp.ClientSession() as session:
+            for path in ("/health", "/v2/pools", "/slots"):
+                async with session.get(engine.url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    assert resp.status == 200, path
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError):
         FastEngineConfig(mode="sometimes")
