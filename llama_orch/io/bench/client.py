@@ -15,7 +15,7 @@ the wait (no coordinated omission). A task's first token is the first read carry
 shape's token marker; its outcome is ``ok`` only with a 2xx status, the shape's end marker
 and no error marker. Tasks still open when the run's time is up are counted ``unfinished``.
 
-The result is JSON on stdout: per-task timings as parallel lists (milliseconds from the
+The result is JSON in a file: per-task timings as parallel lists (milliseconds from the
 run's start), so the parent computes percentiles and plots CDFs.
 """
 
@@ -285,14 +285,16 @@ def run(spec: RunSpec) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m llama_orch.io.bench.client SPEC_JSON``: one run, its result as JSON on stdout."""
+    """``python -m llama_orch.io.bench.client SPEC_JSON OUT``: one run, its result as JSON in the file
+    OUT (not stdout: the event loop may leave stdout non-blocking, and a large result would be cut)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m llama_orch.io.bench.client SPEC_JSON", file=sys.stderr)
+    if len(args) != 2:
+        print("usage: python -m llama_orch.io.bench.client SPEC_JSON OUT", file=sys.stderr)
         return 2
     spec = RunSpec(**json.loads(args[0]))
-    sys.stdout.buffer.write(orjson.dumps(run(spec)))
-    sys.stdout.flush()
+    result = orjson.dumps(run(spec))
+    with open(args[1], "wb") as out:
+        out.write(result)
     return 0
 
 

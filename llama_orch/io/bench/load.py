@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -248,11 +249,14 @@ def start_case(case: Case, procs: Processes) -> dict[str, str]:
 # -- runs ---------------------------------------------------------------------------------------
 
 def run_client(spec: dict, other_cpu: list[str], timeout_s: float) -> dict:
-    cmd = [*other_cpu, sys.executable, "-m", "llama_orch.io.bench.client", json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, timeout=timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
-    return json.loads(done.stdout)
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [*other_cpu, sys.executable, "-m", "llama_orch.io.bench.client", json.dumps(spec), str(out)]
+        done = subprocess.run(cmd, capture_output=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"load generator failed ({done.returncode}): "
+                               f"{done.stderr.decode(errors='replace')[-2000:]}")
+        return json.loads(out.read_bytes())
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -298,6 +298,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     async def resources(app: web.Application):
         if tune_gc:
             settle_gc()  # before the GC is watched: the start-up collection is no pause under load
+            driver.collect_when_idle = True
         await driver.start()
         await app[DISCOVERY].start()
         yield

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -36,6 +37,7 @@ from ...core.events import (
 from ...core.orchestrator import Orchestrator
 from ...core.types import TaskSpec
 from ...ext.sse import frame_event
+from ..daemon import FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .metrics import OrchdMetrics
 from .wire import TaskPayload, parse_task_request
@@ -271,6 +273,9 @@ class CoreDriver:
         self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
         self.idle = asyncio.Event()  # set while no task is admitted and unfinished
         self.idle.set()
+        self.collect_when_idle = False  # the daemon's: full GC collections only while nothing is in flight
+        self._collector: asyncio.TimerHandle | None = None
+        self._collected_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at: float | None = None
         self.watched: dict[str, Stream] = {}  # tasks with at least one reader
@@ -300,6 +305,8 @@ class CoreDriver:
             self._sweeper.cancel()
         if self._liveness is not None:
             self._liveness.cancel()
+        if self._collector is not None:
+            self._collector.cancel()
         self.metrics.watch_gc(False)
         if self.session is not None:
             await self.session.close()
@@ -365,10 +372,25 @@ class CoreDriver:
                     stream.upstream.cancel()  # closing the connection frees the engine slot
         if self.core.tasks:
             self.idle.clear()
-        else:
+        elif not self.idle.is_set():
             self.idle.set()
+            if self.collect_when_idle and self._collector is None:
+                self._collector = asyncio.get_running_loop().call_later(FULL_COLLECTION_IDLE_S, self._collect)
         self._arm()
         return commands
+
+    def _collect(self) -> None:
+        """A full collection, if the daemon is still idle and the last one is not too recent: its
+        pause (the whole heap is walked) then stalls no stream (``daemon.GC_THRESHOLDS``)."""
+        self._collector = None
+        now = asyncio.get_running_loop().time()
+        if self.idle.is_set() and now - self._collected_at >= FULL_COLLECTION_MIN_INTERVAL_S:
+            self._collected_at = now
+            self.metrics.collecting_idle = True
+            try:
+                gc.collect()
+            finally:
+                self.metrics.collecting_idle = False
 
     def _arm(self) -> None:
         """Keep the one timer at the core's next deadline; most events leave it where it is."""

@@ -64,6 +64,9 @@ class OrchdMetrics:
         self.gc_pause_max = Gauge("orchd_gc_pause_max_seconds", "The longest garbage collector pause so far",
                                   registry=r)
         self._children: dict[tuple, object] = {}  # (metric, label values) -> child: labels() is slow per call
+        self.gc_idle = Counter("orchd_gc_idle_collections", "Full collections run while idle (not pauses under load)",
+                               registry=r)
+        self.collecting_idle = False  # the driver's idle-time full collection is running
         self._gc_children = [self.gc_pause.labels(generation=str(g)) for g in range(3)]
         self._gc_started = 0.0
         self._gc_longest = 0.0
@@ -86,6 +89,9 @@ class OrchdMetrics:
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
+            return
+        if self.collecting_idle:  # no stream was waiting on it
+            self.gc_idle.inc()
             return
         pause = time.perf_counter() - self._gc_started
         self._gc_children[min(2, info.get("generation", 2))].observe(pause)

@@ -81,3 +81,35 @@ async def test_completed_tasks_leave_no_reference_cycles(front_door: str) -> Non
     finally:
         await runner.cleanup()
         await engine.stop()
+
+
+async def test_the_daemon_runs_full_collections_only_when_idle() -> None:
+    """With the daemon's GC settings a full collection is never started by allocation; the driver
+    runs one once nothing has been in flight for a second, and it is not counted as a pause."""
+    from support import eventually
+
+    engine = await serve(FastEngineConfig(port=0, slots=4))
+    app = create_app(OrchestratorConfig(admission_capacity=16, pool_stale_ms=3_600_000), [])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        driver = app[DRIVER]
+        driver.collect_when_idle = True
+        driver.handle(PoolUpdated(snapshot=PoolSnapshot(
+            pool_id="pool-0", ready=True, slots_total=4, slots_free=4, model_ref=MODEL, engine="llamacpp",
+            engine_url=engine.url, vram_total_bytes=24 << 30, vram_free_bytes=8 << 30, ctx_max=8192, replica_id="r0")))
+        idle_collections = driver.metrics.gc_idle._value.get
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v2/tasks", json=_v2_body()) as resp:
+                task_id = (await resp.json())["task_id"]
+            assert not driver.idle.is_set() and idle_collections() == 0  # in flight: no collection
+            async with session.get(f"{url}/v2/tasks/{task_id}/events") as resp:
+                assert b"event: end" in await resp.read()
+        await eventually(lambda: idle_collections() == 1, what="a full collection once idle", timeout=10)
+        assert driver.metrics.gc_pause_max._value.get() < 1.0  # the idle collection is not a pause under load
+    finally:
+        await runner.cleanup()
+        await engine.stop()
