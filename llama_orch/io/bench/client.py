@@ -87,6 +87,9 @@ class Record:
 
 
 NAN = float("nan")
+#: Every time here: uvloop's own clock (``loop.time()``) moves in whole milliseconds, too coarse
+#: for latencies of a few.
+clock = time.perf_counter
 
 
 class LoadClient:
@@ -115,7 +118,6 @@ class LoadClient:
 
     async def one(self, scheduled: float) -> None:
         """One task, timed from ``scheduled`` (loop time); recorded when scheduled inside the window."""
-        loop = asyncio.get_running_loop()
         spec, session = self.spec, self.session
         assert session is not None
         admitted = first = NAN
@@ -125,7 +127,7 @@ class LoadClient:
             async with asyncio.timeout(spec.task_timeout_s):
                 async with session.post(spec.url + post, data=self.body(),
                                         headers={"Content-Type": "application/json"}) as resp:
-                    admitted = loop.time()
+                    admitted = clock()
                     if resp.status >= 300:
                         outcome = f"http_{resp.status}"
                         await resp.read()
@@ -144,14 +146,13 @@ class LoadClient:
             outcome = "timeout"
         except (aiohttp.ClientError, OSError) as exc:
             outcome = f"conn_{type(exc).__name__}"
-        ended = loop.time()
+        ended = clock()
         if self.window_start <= scheduled < self.window_end:
             base = self.window_start
             self.record.add((scheduled - base) * 1000, (admitted - base) * 1000, (first - base) * 1000,
                             (ended - base) * 1000, tokens, outcome)
 
     async def read_stream(self, resp: aiohttp.ClientResponse) -> tuple[int, float, str]:
-        loop = asyncio.get_running_loop()
         token_marker, end_marker, error_marker = self.token_marker, self.end_marker, self.error_marker
         tokens, first, tail = 0, NAN, b""
         seen_end = seen_error = False
@@ -159,7 +160,7 @@ class LoadClient:
             n = chunk.count(token_marker)
             if n:
                 if tokens == 0:
-                    first = loop.time()
+                    first = clock()
                 tokens += n
             window = tail + chunk[:64] if tail else chunk
             if end_marker in chunk or end_marker in window:
@@ -181,13 +182,14 @@ class LoadClient:
         connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=False)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
             self.session = session
-            start = loop.time()
+            start = clock()
             self.window_start = start + spec.warmup_s
             self.window_end = self.window_start + spec.duration_s
             samples: dict[str, dict] = {}
             if spec.watch_pid is not None:
                 for edge, when in (("start", self.window_start), ("end", self.window_end)):
-                    loop.call_at(when, lambda edge=edge: samples.__setitem__(edge, process_sample(spec.watch_pid)))
+                    loop.call_later(when - clock(),
+                                    lambda edge=edge: samples.__setitem__(edge, process_sample(spec.watch_pid)))
             if spec.concurrency is not None:
                 await self.closed_loop(spec.concurrency)
             else:
@@ -199,12 +201,11 @@ class LoadClient:
                 "record": {k: getattr(self.record, k) for k in self.record.__slots__}}
 
     async def closed_loop(self, concurrency: int) -> None:
-        loop = asyncio.get_running_loop()
         spec = self.spec
 
         async def worker() -> None:
             while True:
-                now = loop.time()
+                now = clock()
                 if now >= self.window_end:
                     return
                 if spec.max_tasks is not None and self.sent >= spec.max_tasks:
@@ -237,11 +238,10 @@ class LoadClient:
         return times
 
     async def open_loop(self, start: float) -> None:
-        loop = asyncio.get_running_loop()
         spec = self.spec
         pending: set[asyncio.Task] = set()
         for due in self.schedule(start):
-            delay = due - loop.time()
+            delay = due - clock()
             if delay > 0:
                 await asyncio.sleep(delay)  # the arrival process itself, not a synchronisation
             if due >= self.window_start:
