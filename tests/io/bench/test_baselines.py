@@ -5,59 +5,15 @@ the two-step relay turns a stored task into llama.cpp frames, bare admission ech
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import select
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 
+from support import running
+
 from llama_orch.ext.sse import TokenRelay
 
-ROOT = Path(__file__).resolve().parents[3]
 BASELINES = "llama_orch.io.bench.baselines"
-
-
-@contextlib.contextmanager
-def running(*argvs: list[str], timeout: float = 30.0):
-    """Start ``python -m <argv>`` for each argv at once; yield their READY URLs; on the way out,
-    SIGTERM them and check each exited 0 with no traceback on stderr."""
-    procs: list[tuple[subprocess.Popen, object]] = []
-    try:
-        for argv in argvs:
-            err = tempfile.TemporaryFile()
-            procs.append((subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                           stderr=err), err))
-        deadline = time.monotonic() + timeout
-        urls = []
-        for proc, err in procs:
-            readable, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = proc.stdout.readline().decode() if readable else ""
-            if not line.startswith("READY http://"):
-                err.seek(0)
-                pytest.fail(f"{proc.args[2:]} gave no READY line within {timeout:.0f} s: {line!r}\n"
-                            f"{err.read().decode(errors='replace')[-3000:]}")
-            urls.append(line.split()[1])
-        yield urls
-        for proc, err in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc, err in procs:
-            assert proc.wait(timeout=10) == 0, f"{proc.args[2:]} exited {proc.returncode} on SIGTERM"
-            err.seek(0)
-            stderr = err.read().decode(errors="replace")
-            assert "Traceback" not in stderr, stderr[-3000:]
-    finally:
-        for proc, err in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stdout.close()
-            err.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""What the baselines share: their command line, the pooled upstream session, and serving an
-aiohttp app on uvloop with the ``READY <url>`` line and a clean exit on SIGTERM or SIGINT."""
+"""What the baselines share: their command line, the pooled upstream session, the relay of one
+upstream stream (one write per read), and serving an aiohttp app on uvloop with the
+``READY <url>`` line and a clean exit on SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -17,6 +18,22 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 ENGINES = web.AppKey("engines", itertools.cycle)
 #: The upstream request's one header: the engines read JSON whatever it says, so it is constant.
 JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+async def relay(request: web.Request, path: str, body: bytes) -> web.StreamResponse:
+    """POST ``body`` to the next engine's ``path`` and pass its answer on, one write per upstream read."""
+    url = next(request.app[ENGINES]) + path
+    async with request.app[SESSION].post(url, data=body, headers=JSON_HEADERS) as upstream:
+        resp = web.StreamResponse(status=upstream.status,
+                                  headers={"Content-Type": upstream.headers.get("Content-Type", "text/event-stream")})
+        await resp.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the client left: leaving the block drops the upstream connection, which stops the engine
+    return resp
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,23 +12,11 @@ import sys
 
 from aiohttp import web
 
-from ._serve import ENGINES, JSON_HEADERS, SESSION, BaselineConfig, main as serve_main, with_engines
+from ._serve import BaselineConfig, main as serve_main, relay, with_engines
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await request.read()
-    url = next(request.app[ENGINES]) + "/v1/completions"
-    async with request.app[SESSION].post(url, data=body, headers=JSON_HEADERS) as upstream:
-        resp = web.StreamResponse(status=upstream.status,
-                                  headers={"Content-Type": upstream.headers.get("Content-Type", "text/event-stream")})
-        await resp.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-        except ConnectionResetError:
-            pass  # the client left: leaving the block drops the upstream connection, which stops the engine
-    return resp
+    return await relay(request, "/v1/completions", await request.read())
 
 
 def create_app(config: BaselineConfig) -> web.Application:

@@ -14,7 +14,7 @@ import sys
 import orjson
 from aiohttp import web
 
-from ._serve import ENGINES, JSON_HEADERS, SESSION, BaselineConfig, main as serve_main, with_engines
+from ._serve import BaselineConfig, main as serve_main, relay, with_engines
 
 MAX_TASKS = 100_000
 TASKS = web.AppKey("tasks", dict)
@@ -45,17 +45,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         return _json(404, {"code": "NOT_FOUND", "message": "unknown task"})
     upstream_body = orjson.dumps({"prompt": body.get("prompt", ""), "n_predict": body.get("max_tokens", 16),
                                   "stream": True})
-    url = next(request.app[ENGINES]) + "/completion"
-    async with request.app[SESSION].post(url, data=upstream_body, headers=JSON_HEADERS) as upstream:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
-        except ConnectionResetError:
-            pass  # the client left: leaving the block drops the upstream connection, which stops the engine
-    return resp
+    return await relay(request, "/completion", upstream_body)
 
 
 def create_app(config: BaselineConfig) -> web.Application:
