@@ -305,15 +305,13 @@ def test_openai_multiple_choices(sse_impl):
 TEXTS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)
 
 
+def llama_ending(end):
+    """How a drawn llama.cpp stream ends, and a token after that end (which must be ignored)."""
+    return {"final": LLAMA_FINAL, "error": LLAMA_ERROR, "garbage": b"data: {oops\n\n"}.get(end, b"") + LLAMA_TOKEN
+
+
 def llama_stream(texts, end):
-    body = b"".join(llama_token(t) for t in texts)
-    if end == "final":
-        body += LLAMA_FINAL
-    elif end == "error":
-        body += LLAMA_ERROR
-    elif end == "garbage":
-        body += b"data: {oops\n\n"
-    return body + LLAMA_TOKEN
+    return b"".join(llama_token(t) for t in texts) + llama_ending(end)
 
 
 def openai_stream(texts, end):
@@ -552,14 +550,7 @@ def encode_token(text: str, how: str) -> bytes:
 def test_fast_path_differential(sse_impls, tokens, end, start, cuts):
     from llama_orch.ext import _sse_py
 
-    body = b"".join(encode_token(t, how) for t, how in tokens)
-    if end == "final":
-        body += LLAMA_FINAL
-    elif end == "error":
-        body += LLAMA_ERROR
-    elif end == "garbage":
-        body += b"data: {oops\n\n"
-    stream = body + LLAMA_TOKEN
+    stream = b"".join(encode_token(t, how) for t, how in tokens) + llama_ending(end)
     # C and Python agree byte for byte, chunk by chunk.
     relays = {name: mod.TokenRelay("llamacpp", start) for name, mod in sse_impls.items()}
     chunks = split(stream, cuts)

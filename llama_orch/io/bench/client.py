@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
+from .process import run as run_loop
+
 #: What marks a token, the end, and an error in each stream dialect a target answers in.
 DIALECTS = {
     "orchd-sse": (b"event: token", b"event: end", b"event: error"),  # orchestratord's v2 events
@@ -273,13 +275,9 @@ def process_sample(pid: int) -> dict:
 
 
 def run(spec: RunSpec) -> dict:
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
+    """One run, in this process."""
     started = time.monotonic()
-    result = runner(LoadClient(spec).run())
+    result = run_loop(LoadClient(spec).run())
     result["client_wall_s"] = time.monotonic() - started
     return result
 

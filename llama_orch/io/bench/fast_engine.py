@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
+
+from .process import announce_until_signalled, run
 
 MODES = ("burst", "per-token", "paced")
 MAX_HEAD_BYTES = 64 << 10
@@ -483,25 +483,10 @@ async def serve(config: FastEngineConfig) -> FastEngine:
 
 async def _run(config: FastEngineConfig) -> None:
     engine = await serve(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY {engine.url}", flush=True)
     try:
-        await stop.wait()
+        await announce_until_signalled(engine.url)
     finally:
         await engine.stop()
-
-
-def run_loop(main: Callable[[], object]) -> None:
-    """Run a coroutine function on uvloop when it is importable, else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main())  # type: ignore[arg-type]
-    else:
-        uvloop.run(main())  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                                   tokens_per_write=args.tokens_per_write)
     except ValueError as exc:
         parser.error(str(exc))
-    run_loop(lambda: _run(config))
+    run(_run(config))
     return 0
 
 

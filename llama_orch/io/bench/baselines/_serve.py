@@ -5,14 +5,14 @@ upstream stream (one write per read), and serving an aiohttp app on uvloop with 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
-import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from ..process import announce_until_signalled, run
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 ENGINES = web.AppKey("engines", itertools.cycle)
@@ -83,13 +83,8 @@ async def serve(app: web.Application, config: BaselineConfig) -> tuple[web.AppRu
 
 async def _run(app: web.Application, config: BaselineConfig) -> None:
     runner, url = await serve(app, config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY {url}", flush=True)
     try:
-        await stop.wait()
+        await announce_until_signalled(url)
     finally:
         await runner.cleanup()
 
@@ -97,11 +92,5 @@ async def _run(app: web.Application, config: BaselineConfig) -> None:
 def main(prog: str, doc: str, make_app: Callable[[BaselineConfig], web.Application], argv: list[str] | None,
          *, engines: bool = True) -> int:
     config = parse_args(prog, doc.splitlines()[0], argv, engines=engines)
-    app = make_app(config)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_run(app, config))
-    else:
-        uvloop.run(_run(app, config))
+    run(_run(make_app(config), config))
     return 0
