@@ -25,8 +25,8 @@ Rules (on top of those of admission, placement and the task lifecycle)
 - With ``metrics_interval_ms`` set, every watched task gets a ``metrics`` event that often: its
   queue position and predicted start while queued, its rate once streaming, the chance of
   finishing by its deadline, and its session's budget. A task is watched from the driver's
-  ``TaskWatched(watched=True)`` (someone reads its progress; a first ``metrics`` event follows at
-  once) until ``TaskWatched(watched=False)`` or its end; unwatched tasks cost nothing per interval,
+  ``TaskWatched(watched=True)`` (someone reads its progress; a queued task's first ``metrics``
+  event follows at once) until ``TaskWatched(watched=False)`` or its end; unwatched tasks cost nothing per interval,
   however deep the queue. A task has at most one metrics timer, whatever the watch toggling.
 """
 
@@ -353,7 +353,10 @@ class Orchestrator:
         if task_id in self._watched:
             return
         self._watched.add(task_id)
-        out.append(EmitEvent(task_id=task_id, kind="metrics", data=self.progress(task, now)))
+        if task.phase is TaskPhase.QUEUED:
+            # A reader of a queued task hears where it stands at once; a running task's reader
+            # has its frames already, and its next metrics event comes with the interval.
+            out.append(EmitEvent(task_id=task_id, kind="metrics", data=self.progress(task, now)))
         due = now + interval
         if task_id not in self._metrics_due:
             self._arm(due, _METRICS, task_id)

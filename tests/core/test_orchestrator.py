@@ -421,7 +421,8 @@ def test_metrics_events_report_position_rate_and_on_time_probability():
     run(TaskSubmitted(spec=spec("a", max_tokens=100, deadline_ms=60_000)), 0)
     run(TaskSubmitted(spec=spec("b", max_tokens=100, deadline_ms=60_000)), 0)
     run(TaskSubmitted(spec=spec("c", max_tokens=100, deadline_ms=5_000)), 0)
-    for task_id in "abc":
+    assert run(TaskWatched(task_id="a", watched=True), 0) == ()  # running: its frames say enough until the tick
+    for task_id in "bc":  # queued: where it stands, at once
         joined = only(run(TaskWatched(task_id=task_id, watched=True), 0), EmitEvent)
         assert joined.kind == "metrics" and joined.task_id == task_id
     run(TokensReceived(task_id="a", count=10), 400)
@@ -509,11 +510,12 @@ def test_watch_for_unknown_or_finished_tasks_is_ignored():
 def test_watched_task_gets_metrics_through_its_phases_and_none_after_the_end():
     core, run = make(slots=1, metrics_interval_ms=1000)
     run(TaskSubmitted(spec=spec("t", max_tokens=100, deadline_ms=600_000)), 0)
-    assert [m["phase"] for m in metrics_of(run(TaskWatched(task_id="t", watched=True), 0))] == ["dispatching"]
-    run(TokensReceived(task_id="t", count=5), 500)
-    assert [m["phase"] for m in metrics_of(run(Tick(), 1000))] == ["streaming"]
-    run(StreamEnded(task_id="t"), 1500)
-    assert metrics_of(run(Tick(), 2000)) == [] and metrics_timers(core) == []
+    assert metrics_of(run(TaskWatched(task_id="t", watched=True), 0)) == []  # running: none at once
+    assert [m["phase"] for m in metrics_of(run(Tick(), 1000))] == ["dispatching"]
+    run(TokensReceived(task_id="t", count=5), 1500)
+    assert [m["phase"] for m in metrics_of(run(Tick(), 2000))] == ["streaming"]
+    run(StreamEnded(task_id="t"), 2500)
+    assert metrics_of(run(Tick(), 3000)) == [] and metrics_timers(core) == []
 
 
 def test_toggling_watch_keeps_one_metrics_timer_and_the_interval():
