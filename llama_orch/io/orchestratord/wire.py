@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core.types import (
+    DEFAULT_PLACEMENT,
     Determinism,
     PlacementMode,
     PlacementRequest,
@@ -150,7 +151,7 @@ def _bool(body: dict, name: str, default: bool, *, prefix: str = "") -> bool:
 def _placement(body: dict) -> PlacementRequest:
     raw = _get(body, "placement", False)
     if raw is _MISSING:
-        return PlacementRequest()
+        return DEFAULT_PLACEMENT  # frozen: one shared instance, not one per task
     if not isinstance(raw, dict):
         raise WireError("placement", "expected an object")
     p = "placement."
