@@ -99,6 +99,9 @@ DONE = b"data: [DONE]\n\n"
 #: the ``id:`` line the stream adds to a frame's last event. A JSON string cannot hold an
 #: unescaped ``"``, so the first ``,"i":`` after ``{"t":`` is where the text ends.
 _TOKEN_EVENT = re.compile(rb'event: token\ndata: \{"t":(.*?),"i":\d+\}\n(?:id: \d+\n)?\n', re.DOTALL)
+# One template for every response (a template per response is compiled again each call, missing
+# ``re``'s cache): the markers stand for the response's own chunk head and tail, put in after.
+_TOKEN_TEMPLATE = b"\0\\g<1>\1"
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -377,16 +380,17 @@ class ChunkFramer:
         self.head = b"data: " + head[:-1] + b',"choices":'
         self.token_head = self.head + (b'[{"index":0,"delta":{"content":' if self.chat else b'[{"index":0,"text":')
         self.token_tail = (b'},' if self.chat else b',') + b'"logprobs":null,"finish_reason":null}]' + self.usage_null + b"}\n\n"
-        # ``re.sub`` template for a run of our token events: the text's JSON literal is copied as it is
-        self._token_template = (self.token_head.replace(b"\\", b"\\\\") + rb"\g<1>"
-                                + self.token_tail.replace(b"\\", b"\\\\"))
 
     def tokens_only(self, frame: bytes) -> bytes | None:
         """A frame of our token events as OpenAI chunks, without parsing any JSON: each event's
         ``data`` is ``{"t":<JSON string>,"i":<n>}``, and the string is spliced in as it is
         (still valid, still escaped). None when the frame holds any other event."""
-        out = _TOKEN_EVENT.sub(self._token_template, frame)
-        return None if b"event: " in out else out
+        if b"\0" in frame or b"\1" in frame:
+            return None  # the markers below; never in a JSON literal, which escapes control characters
+        out = _TOKEN_EVENT.sub(_TOKEN_TEMPLATE, frame)
+        if b"event: " in out:
+            return None
+        return out.replace(b"\0", self.token_head).replace(b"\1", self.token_tail)
 
     def _chunk(self, choices: list, usage: dict | None = None) -> bytes:
         tail = (b',"usage":' + orjson.dumps(usage)) if usage is not None else self.usage_null
