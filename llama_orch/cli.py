@@ -2,9 +2,9 @@
 
 Subcommands: ``up`` (the whole cluster on this machine, ``io.local_cluster``), ``submit`` (one
 task, its tokens streamed to the terminal), ``status`` (the pools as a table), ``replay`` (the
-simulator over a recorded trace), ``make-tiny-model``, ``build-engine``. Bad input or
-configuration ends the command with one line naming what was wrong and exit status 2; a
-failure at run time (a daemon that died, an unreachable orchestratord, a rejected or failed
+simulator over a recorded trace), ``bench load`` and ``bench fidelity``, ``make-tiny-model``,
+``build-engine``. Bad input or configuration ends the command with one line naming what was
+wrong and exit status 2; a failure at run time (a daemon that died, an unreachable orchestratord, a rejected or failed
 task) with exit status 1.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -63,7 +65,7 @@ def _resolve_trace(name: str) -> Path:
 
 def _replay(args: argparse.Namespace) -> int:
     from .sim.report import format_table, summarise, write_report
-    from .sim.simulator import SimConfig, Simulation
+    from .sim.simulator import SimConfig, Simulation, cli_flags
     from .sim.traces import TraceError, read_trace, scale_trace
 
     trace_path = _resolve_trace(args.trace)
@@ -72,11 +74,7 @@ def _replay(args: argparse.Namespace) -> int:
     except (TraceError, ValueError) as exc:
         return _fail(str(exc))
     try:
-        config = SimConfig(
-            pools=args.pools, slots_per_pool=args.slots, tokens_per_s=args.tokens_per_s,
-            prefill_ms_per_token=args.prefill_ms_per_token, batch_fraction=args.batch_fraction,
-            deadline_ms=args.deadline_ms, admission_capacity=args.capacity, admission_policy=args.policy,
-            placement_strategy=args.strategy, pool_losses=args.pool_losses, slow_engines=args.slow_engines)
+        config = SimConfig(**{name: getattr(args, name) for _, name, _, _, _ in cli_flags()})
     except UsageError as exc:
         return _fail(str(exc))
 
@@ -92,7 +90,8 @@ def _replay(args: argparse.Namespace) -> int:
 
     sim = Simulation(records, config=config, seed=args.seed, trace_name=trace_path.name,
                      progress=progress if not args.quiet else None)
-    result = sim.run()
+    result = dataclasses.replace(sim.run(), rerun=replay_command(args.trace, config, seed=args.seed, rate=args.rate,
+                                                                 length=args.length, limit=args.limit))
     elapsed = time.perf_counter() - started
     paths = write_report(result, args.out)
     print(format_table(summarise(result)))
@@ -100,6 +99,17 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"simulated {len(records)} tasks in {elapsed:.2f} s wall clock "
           f"({len(records) / elapsed:,.0f} tasks/s)", file=sys.stderr)
     return 0
+
+
+def replay_command(trace: str, config, *, seed: int, rate: float, length: float, limit: int | None) -> str:
+    """The ``llama-orch replay`` command line that runs this replay again (settings at their
+    defaults left out)."""
+    from .sim.simulator import config_flags
+
+    parts = ["llama-orch replay", shlex.quote(trace), f"--seed={seed}", f"--rate={rate:g}", f"--length={length:g}"]
+    if limit is not None:
+        parts.append(f"--limit={limit}")
+    return " ".join(parts + [shlex.quote(flag) for flag in config_flags(config)])
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -506,6 +516,14 @@ async def _up_async(config, args: argparse.Namespace) -> int:
     return code
 
 
+def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per simulation setting (``SimConfig``), defaults and help from there."""
+    from .sim.simulator import cli_flags
+
+    for flag, name, kind, default, help_text in cli_flags():
+        parser.add_argument(flag, dest=name, type=kind, default=default, help=f"{help_text} (default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llama-orch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -517,18 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--rate", type=_positive_float, default=1.0, help="arrival-rate multiplier")
     rp.add_argument("--length", type=_positive_float, default=1.0, help="token-count multiplier")
     rp.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
-    rp.add_argument("--pools", type=int, default=8)
-    rp.add_argument("--slots", type=int, default=4, help="slots per pool")
-    rp.add_argument("--tokens-per-s", type=_positive_float, default=50.0, help="decode rate of one slot")
-    rp.add_argument("--prefill-ms-per-token", type=float, default=0.05)
-    rp.add_argument("--batch-fraction", type=float, default=0.3)
-    rp.add_argument("--deadline-ms", type=int, default=300_000)
-    rp.add_argument("--capacity", type=int, default=256, help="admission queue capacity")
-    rp.add_argument("--policy", default="reject", help="full-queue policy: reject | drop-lru")
-    rp.add_argument("--strategy", default="vram-aware",
-                    help="placement: vram-aware | least-loaded | round-robin | random")
-    rp.add_argument("--pool-losses", type=int, default=1, help="seeded pool-loss faults")
-    rp.add_argument("--slow-engines", type=int, default=1, help="seeded slow-engine windows")
+    add_sim_arguments(rp)
     rp.add_argument("--quiet", action="store_true", help="no progress line")
     rp.set_defaults(func=_replay)
 
@@ -601,7 +608,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_load_arguments(bl)
     bl.set_defaults(func=_bench_load)
+    bf = bench_sub.add_parser("fidelity", help="a trace slice live through a local cluster and in the simulator, "
+                                               "calibrated from the live engines; live against simulated",
+                              description="Brings up a cluster on this machine, calibrates the simulated engine from "
+                                          "its engines, drives a trace slice live at several utilisation levels, "
+                                          "replays the same slices in the simulator and compares queue wait, time "
+                                          "to first token and total time (p50/p90/p99) and rejections.")
+    from .fidelity import add_arguments as fidelity_arguments
+
+    fidelity_arguments(bf)
+    bf.set_defaults(func=_bench_fidelity)
     return parser
+
+
+def _bench_fidelity(args: argparse.Namespace) -> int:
+    from .fidelity import run_from_args
+
+    return run_from_args(args, _resolve_trace(args.trace))
 
 
 def _bench_load(args: argparse.Namespace) -> int:

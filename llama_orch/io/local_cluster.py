@@ -63,6 +63,8 @@ class ClusterConfig:
     ready_timeout_s: float = 120.0
     poll_interval_ms: int = 500  # orchestratord's discovery polling: a pool shows up within about this
     shutdown_grace_s: float = 5.0  # orchestratord lets running streams finish this long on Ctrl-C
+    engine_args: tuple[str, ...] = ()  # more flags for every engine (the mock's speed, llama-server's own)
+    orchd_env: tuple[tuple[str, str], ...] = ()  # more ORCHD_* settings (capacity, placement strategy)
 
     def __post_init__(self) -> None:
         if self.pools < 1:
@@ -132,6 +134,8 @@ def pool_config(config: ClusterConfig) -> dict:
     """The provisioner's ``--config``: one entry per pool, all with the same engine and model."""
     mode = "mock" if config.engine == "mock" else "source"
     pool = {"mode": mode, "slots": config.slots, "ctx": config.ctx}
+    if config.engine_args:
+        pool["engine_args"] = list(config.engine_args)
     if mode == "source":
         # The engines share this machine's cores: each taking all of them makes every one crawl.
         pool["threads"] = max(1, (os.cpu_count() or 1) // config.pools)
@@ -349,7 +353,7 @@ class LocalCluster:
             argv=[sys.executable, "-m", "llama_orch.io.orchestratord"],
             env=dict(base, ORCHD_BIND_ADDR=f"{HOST}:{self.ports['--port']}", ORCHD_POOL_MANAGERS=self.pool_managerd_url,
                      ORCHD_POOL_POLL_INTERVAL_MS=str(c.poll_interval_ms), ORCHD_PROFILE="home",
-                     ORCHD_SHUTDOWN_GRACE_MS=str(int(c.shutdown_grace_s * 1000))))
+                     ORCHD_SHUTDOWN_GRACE_MS=str(int(c.shutdown_grace_s * 1000)), **dict(c.orchd_env)))
         # Started back to front (the slow one first); stopped front to back.
         return [provisioner, pool_managerd, orchestratord]
 

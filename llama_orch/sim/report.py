@@ -98,6 +98,7 @@ class SimResult:
     pool_slots: dict[str, int]  # slots per pool
     duration_ms: float  # simulated span
     faults: tuple[str, ...] = ()  # human-readable fault log lines, e.g. "t=1200.0ms pool-1 lost"
+    rerun: str = ""  # the command line that produces this run again (trace, scaling, seed, settings)
 
 
 # --- statistics ---------------------------------------------------------------------
@@ -198,6 +199,7 @@ def summarise(result: SimResult) -> dict[str, Any]:
     return {
         "trace": result.trace_name,
         "seed": result.seed,
+        "rerun": result.rerun,
         "config": dict(result.config),
         "duration_ms": _ms(duration),
         "percentile_method": PERCENTILE_METHOD,
@@ -295,6 +297,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             ["seed", str(summary["seed"])],
             ["simulated span", f"{_fmt_ms(summary['duration_ms'])} ms"],
             ["percentiles", str(summary["percentile_method"])],
+            *([["rerun", summary["rerun"]]] if summary.get("rerun") else []),
         ],
         "ll",
     )
@@ -520,22 +523,44 @@ def _plot_depth(ax: Any, result: SimResult) -> None:
             xs.append(end)
             ys.append(ys[-1])
         ax.step(xs, ys, where="post", color="tab:blue", linewidth=0.8, label="queue depth")
-        # Headroom above the peak keeps the legend off the curve, which often
-        # sits at the admission cap for most of the run.
-        ax.set_ylim(0, max(1, max(ys)) * 1.2)
+        ax.set_ylim(0, max(1, max(ys)) * 1.05)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         ax.text(0.5, 0.5, "no queue samples", transform=ax.transAxes, ha="center", va="center")
-    fault_times = []
-    for line in result.faults:
+    drawn: set[str] = set()
+    for line in result.faults[:_MAX_FAULT_MARKERS]:
         m = _FAULT_TIME_RE.search(line)
-        if m:
-            fault_times.append(float(m.group(1)) / 1000.0)
-    for i, x in enumerate(fault_times[:_MAX_FAULT_MARKERS]):
-        ax.axvline(x, color="tab:red", linestyle=":", linewidth=0.8, label="fault" if i == 0 else None)
+        if not m:
+            continue
+        kind = fault_kind(line)
+        colour, style = _FAULT_STYLES[kind]
+        ax.axvline(float(m.group(1)) / 1000.0, color=colour, linestyle=style, linewidth=1.0,
+                   label=kind if kind not in drawn else None)
+        drawn.add(kind)
     ax.grid(True, alpha=0.3)
-    if pts or fault_times:
-        ax.legend(loc="upper right")
+    if pts or drawn:
+        # Below the axes, never over the curve (which often sits at the admission cap).
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize="small", frameon=False)
+
+
+#: Fault kind -> (colour, line style) of its marker: each kind tells apart at a glance.
+_FAULT_STYLES = {
+    "pool lost": ("tab:red", "-"), "pool recovered": ("tab:green", "--"),
+    "engine slow": ("tab:orange", "-."), "engine back to speed": ("tab:purple", ":"), "fault": ("tab:gray", ":"),
+}
+
+
+def fault_kind(line: str) -> str:
+    """The kind of a fault log line (``Simulation``'s wording)."""
+    if " lost" in line:
+        return "pool lost"
+    if " recovered" in line:
+        return "pool recovered"
+    if " slow (" in line:
+        return "engine slow"
+    if "back to speed" in line:
+        return "engine back to speed"
+    return "fault"
 
 
 def _plot_cdfs(ax: Any, result: SimResult) -> None:
@@ -567,7 +592,7 @@ def _plot_cdfs(ax: Any, result: SimResult) -> None:
     if drew:
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_ylim(0.0, 1.02)
-        ax.legend(loc="upper left", fontsize="small")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize="small", frameon=False)
     else:
         ax.text(0.5, 0.5, "no dispatched tasks", transform=ax.transAxes, ha="center", va="center")
     ax.grid(True, alpha=0.3)

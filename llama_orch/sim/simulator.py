@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 from ..core.admission import QueuePolicy
@@ -32,31 +32,45 @@ from .report import SimResult, TaskRecord
 from .traces import TraceRecord
 
 MODEL_REF = "file:/models/sim.gguf"
+#: The reason counted for a task whose prompt alone fills the context (refused at the door).
+PROMPT_OVER_CONTEXT = "INVALID_PARAMS: prompt over ctx_max"
+
+
+def _setting(default, help: str, flag: str | None = None):
+    """A simulation setting: its default, and its command-line flag and help (``cli_flags``)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SimConfig:
-    pools: int = 8
-    slots_per_pool: int = 4
-    tokens_per_s: float = 50.0           # decode rate of one slot
-    prefill_ms_per_token: float = 0.05   # prompt processing cost per context token
-    first_token_ms: float = 20.0         # fixed overhead before the first token
-    ctx_max: int = 16_384
-    vram_total_gb: float = 24.0
-    batch_fraction: float = 0.3
-    sessions: int = 200
-    deadline_ms: int = 300_000
-    admission_capacity: int = 256
-    admission_policy: str = "reject"
-    placement_strategy: str = "vram-aware"
-    poll_interval_ms: float = 5_000.0
-    pool_losses: int = 1                 # seeded pool-loss faults over the trace span
-    pool_recovery_ms: float = 30_000.0
-    slow_engines: int = 1                # seeded slow-engine windows
-    slow_factor: float = 4.0
-    slow_window_ms: float = 120_000.0
-    check_every: int = 5_000             # full invariant check every N simulated events
-    progress_ms: float = 5_000.0         # decoded tokens are delivered in batches this far apart
+    """Everything a replay depends on besides the trace, its scaling and the seed; each setting
+    is a flag of ``llama-orch replay`` (``cli_flags``), and the report prints them all."""
+
+    pools: int = _setting(8, "number of simulated pools")
+    slots_per_pool: int = _setting(4, "slots (concurrent generations) per pool", "--slots")
+    tokens_per_s: float = _setting(50.0, "decode rate of one slot, tokens/s")
+    prefill_ms_per_token: float = _setting(0.05, "prompt processing per prompt token, ms")
+    first_token_ms: float = _setting(20.0, "fixed time from dispatch to the first token besides the prefill, ms")
+    ctx_max: int = _setting(16_384, "context tokens per slot: a longer prompt is refused, as the engine would")
+    vram_total_gb: float = _setting(24.0, "VRAM of every pool, GB (the same on each)", "--vram-gb")
+    batch_fraction: float = _setting(0.3, "share of tasks submitted with priority batch")
+    sessions: int = _setting(200, "distinct sessions the tasks are spread over (0: each task its own, as from "
+                                  "clients that name none)")
+    deadline_ms: int = _setting(300_000, "each task's deadline, ms")
+    admission_capacity: int = _setting(256, "admission queue capacity", "--capacity")
+    admission_policy: str = _setting("reject", "full-queue policy: reject | drop-lru", "--policy")
+    placement_strategy: str = _setting("vram-aware", "placement: vram-aware | least-loaded | round-robin | random",
+                                       "--strategy")
+    poll_interval_ms: float = _setting(5_000.0, "how often each pool's status reaches the core, ms")
+    prior_service_ms: float = _setting(4_000.0, "service time the core assumes before it has measured any, ms "
+                                               "(orchestratord's is 2000)")
+    pool_losses: int = _setting(1, "seeded pool-loss faults over the trace span")
+    pool_recovery_ms: float = _setting(30_000.0, "how long a lost pool stays down, ms")
+    slow_engines: int = _setting(1, "seeded slow-engine windows")
+    slow_factor: float = _setting(4.0, "how much slower a slow engine is")
+    slow_window_ms: float = _setting(120_000.0, "how long a slow-engine window lasts, ms")
+    check_every: int = _setting(5_000, "a full invariant check every N simulated events")
+    progress_ms: float = _setting(5_000.0, "decoded tokens are delivered in batches this far apart, ms")
 
     def __post_init__(self) -> None:
         checks = {
@@ -65,12 +79,14 @@ class SimConfig:
             "prefill_ms_per_token": (self.prefill_ms_per_token >= 0, ">= 0"),
             "first_token_ms": (self.first_token_ms >= 0, ">= 0"),
             "batch_fraction": (0.0 <= self.batch_fraction <= 1.0, "between 0 and 1"),
-            "sessions": (self.sessions >= 1, ">= 1"), "deadline_ms": (self.deadline_ms >= 1, ">= 1"),
+            "sessions": (self.sessions >= 0, ">= 0"), "deadline_ms": (self.deadline_ms >= 1, ">= 1"),
             "admission_capacity": (self.admission_capacity >= 1, ">= 1"),
             "poll_interval_ms": (self.poll_interval_ms > 0, "> 0"), "pool_losses": (self.pool_losses >= 0, ">= 0"),
             "pool_recovery_ms": (self.pool_recovery_ms > 0, "> 0"), "slow_engines": (self.slow_engines >= 0, ">= 0"),
             "slow_factor": (self.slow_factor >= 1.0, ">= 1"), "slow_window_ms": (self.slow_window_ms > 0, "> 0"),
             "check_every": (self.check_every >= 1, ">= 1"), "progress_ms": (self.progress_ms > 0, "> 0"),
+            "ctx_max": (self.ctx_max >= 1, ">= 1"), "vram_total_gb": (self.vram_total_gb > 0, "> 0"),
+            "prior_service_ms": (self.prior_service_ms > 0, "> 0"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -85,6 +101,21 @@ class SimConfig:
         except ValueError:
             raise UsageError(f"placement_strategy must be one of {[s.value for s in Strategy]}, "
                              f"got {self.placement_strategy!r}") from None
+
+
+def cli_flags() -> list[tuple[str, str, type, object, str]]:
+    """``(flag, setting, type, default, help)`` for each ``SimConfig`` setting, in order."""
+    out = []
+    for f in fields(SimConfig):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        out.append((flag, f.name, type(f.default), f.default, f.metadata["help"]))
+    return out
+
+
+def config_flags(config: SimConfig) -> list[str]:
+    """The flags that rebuild ``config`` (those that differ from the defaults)."""
+    return [f"{flag}={getattr(config, name)!r}".replace("'", "") for flag, name, _, default, _ in cli_flags()
+            if getattr(config, name) != default]
 
 
 # Heap item kinds, in tie-break order irrelevant (seq breaks ties FIFO); each number is also the
@@ -141,11 +172,11 @@ class Simulation:
         self.core = Orchestrator(OrchestratorConfig(
             admission_capacity=c.admission_capacity, admission_policy=QueuePolicy(c.admission_policy),
             placement_strategy=Strategy(c.placement_strategy), pool_stale_ms=c.poll_interval_ms * 3,
-            prior_service_ms=1000.0 * 200 / c.tokens_per_s,
+            prior_service_ms=c.prior_service_ms,
         ), rng=random.Random(seed ^ 0x5EED))
         gb = 1 << 30
         self.pools = {
-            f"pool-{i}": _Pool(pool_id=f"pool-{i}", vram_total=int(c.vram_total_gb * gb * (1 + (i % 2))))
+            f"pool-{i}": _Pool(pool_id=f"pool-{i}", vram_total=int(c.vram_total_gb * gb))
             for i in range(c.pools)
         }
         self.now = 0.0
@@ -325,11 +356,15 @@ class Simulation:
         record = self.records[index]
         c = self.config
         priority = Priority.BATCH if self.rng.random() < c.batch_fraction else Priority.INTERACTIVE
-        session = self.rng.randrange(c.sessions)
+        session_id = self._session_ids[self.rng.randrange(c.sessions)] if c.sessions else f"s-{index:06d}"
         task_id = f"t{index:06d}"
         self._tasks[task_id] = _Ledger(record=record, priority=priority)
-        spec = TaskSpec(task_id=task_id, session_id=self._session_ids[session], model_ref=MODEL_REF, priority=priority,
-                        ctx=min(record.context_tokens + record.generated_tokens, c.ctx_max),
+        # As the front doors ask: the prompt and what it may generate. The engine stops generating
+        # at its context, so a task whose prompt fits asks for no more than that; one whose prompt
+        # does not fit asks for more, and is refused at the door (the engine would refuse it too).
+        wanted = record.context_tokens + max(1, record.generated_tokens)
+        spec = TaskSpec(task_id=task_id, session_id=session_id, model_ref=MODEL_REF, priority=priority,
+                        ctx=wanted if record.context_tokens >= c.ctx_max else min(wanted, c.ctx_max),
                         prompt_tokens=record.context_tokens, max_tokens=max(1, record.generated_tokens),
                         deadline_ms=c.deadline_ms)
         self._apply(self.core.handle(TaskSubmitted(spec=spec), self.now))
@@ -384,6 +419,8 @@ class Simulation:
                 ledger.answered += 1
                 ledger.outcome = "rejected"
                 ledger.reason = cmd.code
+                if cmd.code == "INVALID_PARAMS" and ledger.record.context_tokens >= self.config.ctx_max:
+                    ledger.reason = PROMPT_OVER_CONTEXT
                 ledger.end_ms = now
             # EmitEvent ("started") carries nothing the ledger does not already have
         if depth_changed:
@@ -407,7 +444,7 @@ class Simulation:
         ledger.busy_since = now
         pool.running.add(cmd.task_id)
         record = ledger.record
-        ledger.tokens_planned = max(1, record.generated_tokens)
+        ledger.tokens_planned = max(1, min(record.generated_tokens, c.ctx_max - record.context_tokens))
         first = now + (c.first_token_ms + c.prefill_ms_per_token * record.context_tokens) * pool.slow
         ledger.core_attempt = cmd.attempt
         ledger.tokens_sent = 0

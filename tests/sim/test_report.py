@@ -393,3 +393,13 @@ def test_big_report(tmp_path):
     assert s["outcomes"]["rejected"] == 400
     assert _png_size(paths[3].read_bytes()) == (1200, 480)
     assert len(paths[2].read_text().splitlines()) == 20_001
+
+
+def test_each_fault_kind_has_a_marker_of_its_own():
+    from llama_orch.sim.report import _FAULT_STYLES, fault_kind
+
+    lines = ["t=10.0ms pool-1 lost (2 tasks running)", "t=20.0ms pool-1 recovered", "t=30.0ms pool-2 slow (x4)",
+             "t=40.0ms pool-2 back to speed"]
+    kinds = [fault_kind(line) for line in lines]
+    assert kinds == ["pool lost", "pool recovered", "engine slow", "engine back to speed"]
+    assert len({_FAULT_STYLES[k] for k in kinds}) == 4

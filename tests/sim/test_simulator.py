@@ -10,7 +10,7 @@ import pytest
 
 from llama_orch.core.errors import UsageError
 from llama_orch.sim.report import write_report
-from llama_orch.sim.simulator import SimConfig, Simulation
+from llama_orch.sim.simulator import PROMPT_OVER_CONTEXT, SimConfig, Simulation, cli_flags
 from llama_orch.sim.traces import TraceRecord, read_trace, scale_trace
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,8 @@ def test_every_task_is_accounted_for_exactly_once(conv):
     for t in result.tasks:
         if t.outcome == "completed":
             assert t.start_ms is not None and t.first_token_ms is not None and t.end_ms >= t.first_token_ms
-            assert t.tokens_out == max(1, conv[int(t.task_id[1:])].generated_tokens)
+            record = conv[int(t.task_id[1:])]
+            assert t.tokens_out == max(1, min(record.generated_tokens, SimConfig().ctx_max - record.context_tokens))
         if t.outcome == "rejected":
             assert t.reason in {"ADMISSION_REJECT", "DEADLINE_UNMET", "POOL_UNREADY"} and t.start_ms is None
 
@@ -92,6 +93,23 @@ def test_slow_engine_stretches_decode():
     assert plain.tasks[1].end_ms - plain.tasks[1].first_token_ms == pytest.approx(normal)
 
 
+def test_a_prompt_over_the_context_is_refused_and_counted_and_generation_stops_at_the_context():
+    records = [TraceRecord(arrival_ms=0.0, context_tokens=1000, generated_tokens=10),   # fills the context
+               TraceRecord(arrival_ms=1.0, context_tokens=900, generated_tokens=500),   # room for 100 tokens
+               TraceRecord(arrival_ms=2.0, context_tokens=100, generated_tokens=50)]
+    config = SimConfig(pools=2, ctx_max=1000, pool_losses=0, slow_engines=0)
+    over, long, fits = Simulation(records, config=config, seed=0).run().tasks
+    assert over.outcome == "rejected" and over.reason == PROMPT_OVER_CONTEXT and over.start_ms is None
+    assert long.outcome == "completed" and long.tokens_out == 100
+    assert fits.outcome == "completed" and fits.tokens_out == 50
+
+
+def test_every_pool_has_the_configured_vram():
+    sim = Simulation([TraceRecord(arrival_ms=0.0, context_tokens=1, generated_tokens=1)],
+                     config=SimConfig(pools=4, vram_total_gb=80.0))
+    assert {pool.vram_total for pool in sim.pools.values()} == {80 << 30}
+
+
 def test_bad_settings_are_named():
     with pytest.raises(UsageError, match="admission_policy"):
         SimConfig(admission_policy="fifo")
@@ -111,13 +129,36 @@ def test_cli_replays_a_jsonl_trace_and_writes_the_report(tmp_path):
     trace.write_text("\n".join(json.dumps({"timestamp": i * 200, "input_length": 50, "output_length": 20, "x": 1})
                                for i in range(50)))
     out = tmp_path / "out"
-    run = cli("replay", str(trace), "--seed", "3", "--out", str(out), "--pools", "2")
+    run = cli("replay", str(trace), "--seed", "3", "--out", str(out), "--pools", "2", "--pool-losses", "0")
     assert run.returncode == 0, run.stderr
     assert "completed" in run.stdout and "queue wait" in run.stdout and "pool-1" in run.stdout
     assert "tasks/s" in run.stderr  # wall-clock figures go to the terminal, not the files
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"] == 50 and summary["outcomes"]["completed"] == 50
     assert (out / "replay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_setting_is_a_flag_and_the_report_names_the_command_that_reruns_it(tmp_path):
+    from llama_orch.cli import build_parser
+
+    assert [name for _, name, _, _, _ in cli_flags()] == list(SimConfig.__dataclass_fields__)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"timestamp": i * 50, "input_length": 20, "output_length": 5})
+                               for i in range(30)))
+    run = cli("replay", str(trace), "--seed", "4", "--rate", "2", "--limit", "20", "--slots", "3", "--ctx-max", "4096",
+              "--policy", "drop-lru", "--first-token-ms", "7.5", "--out", str(tmp_path / "a"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["config"]["slots_per_pool"] == 3 and summary["config"]["first_token_ms"] == 7.5
+    rerun = summary["rerun"].split()
+    assert rerun[:2] == ["llama-orch", "replay"] and "--limit=20" in rerun and "--rate=2" in rerun
+    assert summary["rerun"] in (tmp_path / "a" / "report.txt").read_text()
+    again = cli(*rerun[1:], "--out", str(tmp_path / "b"), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b" / "tasks.csv").read_bytes() == (tmp_path / "a" / "tasks.csv").read_bytes()
+    args = build_parser().parse_args(rerun[1:])
+    assert SimConfig(**{name: getattr(args, name) for _, name, _, _, _ in cli_flags()}) == SimConfig(
+        **{k: v for k, v in summary["config"].items()})
 
 
 @pytest.mark.parametrize("args, expected", [

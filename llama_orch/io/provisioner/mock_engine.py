@@ -8,7 +8,14 @@ frames, a final ``stop: true`` frame with ``timings``, no ``[DONE]``), ``/v1/com
 ``/v1/chat/completions`` (OpenAI chunks ending in ``data: [DONE]``; chat opens with a role
 chunk and carries ``usage`` only when ``stream_options.include_usage`` asks, as llama-server
 does). Requests beyond the slot count wait for a slot, as llama-server's do; a client that
-goes away frees its slot. Faults: ``crash_after`` tokens (the process exits), ``stall_after``
+goes away frees its slot. A prompt of the context size or more is refused (HTTP 400
+``exceed_context_size_error``), as llama-server refuses it.
+
+Timing, as a service-time model the replay simulator shares (``SimConfig``): a prompt's first
+token is due ``first_token_ms + prefill_ms_per_token * prompt_tokens`` after its slot is taken,
+and token ``i`` ``i / tokens_per_s`` seconds after that. Each token is paced against its own due
+time (never a sleep per token, which overshoots on a loaded machine and drifts), so the engine
+keeps the speed it was given. A prompt's tokens are its whitespace-separated words. Faults: ``crash_after`` tokens (the process exits), ``stall_after``
 tokens (the stream goes silent until the client leaves), ``error_after`` tokens (an error
 frame ends the stream), ``error_rate`` (HTTP 500s, seeded), ``reject_stream_options`` (HTTP
 400 for an OpenAI request carrying ``stream_options``, as a strict server answers).
@@ -39,8 +46,10 @@ WORDS = ("the", "llama", "orch", "pool", "token", "stream", "queue", "slot", "en
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MockConfig:
     slots: int = 4
-    ctx: int = 2048
+    ctx: int = 2048  # per slot (llama-server's ``n_ctx`` of a slot)
     tokens_per_s: float = 200.0
+    prefill_ms_per_token: float = 0.0
+    first_token_ms: float = 0.0
     start_delay_s: float = 0.0
     crash_after: int | None = None
     stall_after: int | None = None
@@ -158,6 +167,10 @@ class MockEngine:
         seed = seed if isinstance(seed, int) else 0
         prompt = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages", []))
         prompt_tokens = max(1, len(str(prompt).split()))
+        if prompt_tokens >= self.config.ctx:
+            return json_response({"error": {"code": 400, "type": "exceed_context_size_error",
+                                            "message": "the request exceeds the available context size, try increasing it",
+                                            "n_prompt_tokens": prompt_tokens, "n_ctx": self.config.ctx}}, 400)
         stream = bool(body.get("stream", False))
         options = body.get("stream_options")
         usage = dialect != "openai-chat" or isinstance(options, dict) and bool(options.get("include_usage"))
@@ -172,12 +185,14 @@ class MockEngine:
             finally:
                 self.busy[slot] = False
 
+    def prefill_s(self, prompt_tokens: int) -> float:
+        return (self.config.first_token_ms + self.config.prefill_ms_per_token * prompt_tokens) / 1000.0
+
     async def _run(self, request, dialect, slot, words, prompt_tokens, stream, usage) -> web.StreamResponse:
         self.prompt_tokens_total += prompt_tokens
-        delay = 1.0 / self.config.tokens_per_s
         started = time.monotonic()
         if not stream:
-            await asyncio.sleep(delay * len(words))
+            await asyncio.sleep(self.prefill_s(prompt_tokens) + len(words) / self.config.tokens_per_s)
             self.predicted_total += len(words)
             text = "".join(" " + w for w in words)
             return json_response(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
@@ -190,7 +205,9 @@ class MockEngine:
         return resp
 
     async def _stream(self, request, resp, dialect, slot, words, prompt_tokens, started, usage) -> None:
-        delay = 1.0 / self.config.tokens_per_s
+        loop = asyncio.get_running_loop()
+        first_due = loop.time() + self.prefill_s(prompt_tokens)
+        per_token = 1.0 / self.config.tokens_per_s
         if dialect == "openai-chat":
             role = {"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": None}
             await resp.write(b"data: " + orjson.dumps(self._openai(dialect, [role])) + b"\n\n")
@@ -205,7 +222,9 @@ class MockEngine:
                 await resp.write(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
                 await resp.write_eof()
                 return
-            await asyncio.sleep(delay)
+            wait = first_due + i * per_token - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the simulated decode time: paced against the token's due time
             self.predicted_total += 1
             await resp.write(b"data: " + orjson.dumps(self._chunk(dialect, " " + word, i, slot)) + b"\n\n")
         final = self._final(dialect, "", len(words), prompt_tokens, started, slot, stream=True)
@@ -240,11 +259,13 @@ class MockEngine:
         return self._openai(dialect, [{"index": 0, "delta": {"content": text}, "finish_reason": None}])
 
     def _final(self, dialect, text, n, prompt_tokens, started, slot, *, stream: bool) -> dict:
-        ms = (time.monotonic() - started) * 1000
+        prompt_ms = self.prefill_s(prompt_tokens) * 1000
+        ms = max(0.0, (time.monotonic() - started) * 1000 - prompt_ms)
         if dialect == "llamacpp":
             return {"index": 0, "content": text, "tokens": [], "id_slot": slot, "stop": True, "model": self.config.model,
                     "tokens_predicted": n, "tokens_evaluated": prompt_tokens, "stop_type": "limit",
-                    "timings": {"prompt_n": prompt_tokens, "prompt_ms": 0.1, "predicted_n": n, "predicted_ms": ms}}
+                    "timings": {"prompt_n": prompt_tokens, "prompt_ms": round(prompt_ms, 3), "predicted_n": n,
+                                "predicted_ms": ms}}
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
         if dialect == "openai-text":
             choice = {"index": 0, "text": text, "finish_reason": "length"}
@@ -285,8 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--parallel", "-np", dest="slots", type=int, default=4)
-    parser.add_argument("--ctx-size", "-c", dest="ctx", type=int, default=2048)
+    parser.add_argument("--ctx-size", "-c", dest="ctx", type=int, default=2048,
+                        help="context tokens of all slots together, shared out as llama-server does (per slot: this / --parallel)")
     parser.add_argument("--tokens-per-s", type=float, default=200.0)
+    parser.add_argument("--prefill-ms-per-token", type=float, default=0.0, help="prompt processing per prompt token")
+    parser.add_argument("--first-token-ms", type=float, default=0.0, help="fixed time before the first token")
     parser.add_argument("--start-delay-s", type=float, default=0.0)
     parser.add_argument("--crash-after", type=int, default=None)
     parser.add_argument("--stall-after", type=int, default=None)
@@ -297,9 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", "-m", default="mock.gguf")
     parser.add_argument("--metrics", action="store_true", help="accepted for llama-server parity; /metrics is always on")
     args = parser.parse_args(argv)
-    if args.slots < 1 or args.ctx < 1 or args.tokens_per_s <= 0 or not 0 <= args.error_rate <= 1:
-        parser.error("--parallel and --ctx-size must be >= 1, --tokens-per-s > 0, --error-rate within [0, 1]")
-    config = MockConfig(slots=args.slots, ctx=args.ctx, tokens_per_s=args.tokens_per_s, start_delay_s=args.start_delay_s,
+    if args.slots < 1 or args.ctx < 1 or args.tokens_per_s <= 0 or not 0 <= args.error_rate <= 1 \
+            or args.prefill_ms_per_token < 0 or args.first_token_ms < 0:
+        parser.error("--parallel and --ctx-size must be >= 1, --tokens-per-s > 0, --error-rate within [0, 1], "
+                     "--prefill-ms-per-token and --first-token-ms >= 0")
+    config = MockConfig(slots=args.slots, ctx=max(1, args.ctx // args.slots), tokens_per_s=args.tokens_per_s,
+                        prefill_ms_per_token=args.prefill_ms_per_token, first_token_ms=args.first_token_ms,
+                        start_delay_s=args.start_delay_s,
                         crash_after=args.crash_after, stall_after=args.stall_after, error_after=args.error_after,
                         error_rate=args.error_rate, reject_stream_options=args.reject_stream_options,
                         seed=args.seed, model=os.path.basename(args.model))

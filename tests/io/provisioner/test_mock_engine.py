@@ -97,6 +97,37 @@ async def test_a_busy_engine_defers_requests_until_a_slot_frees(aiohttp_client):
     assert (await (await second).json())["tokens_predicted"] == 1
 
 
+async def test_a_prompt_of_the_context_size_is_refused_as_llama_server_refuses_it(aiohttp_client):
+    client = await client_for(aiohttp_client, ctx=8)
+    resp = await client.post("/completion", json={"prompt": " ".join(["w"] * 8), "n_predict": 1, "stream": True})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["type"] == "exceed_context_size_error" and error["n_prompt_tokens"] == 8
+    resp = await client.post("/completion", json={"prompt": " ".join(["w"] * 7), "n_predict": 1})
+    assert resp.status == 200
+
+
+async def test_first_token_after_the_prefill_then_tokens_paced_against_their_due_times(aiohttp_client):
+    """The prefill model holds, and a stall of the engine's loop is caught up (a sleep per token would
+    add the stall to the stream: the replay's service-time model would then be wrong)."""
+    client = await client_for(aiohttp_client, tokens_per_s=200, first_token_ms=100, prefill_ms_per_token=2)
+    prompt = " ".join(["w"] * 50)  # first token due 100 + 2 * 50 = 200 ms after the request
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    resp = await client.post("/completion", json={"prompt": prompt, "n_predict": 100, "stream": True})
+    relay = TokenRelay("llamacpp")
+    first = None
+    async for chunk in resp.content.iter_any():
+        _, count, final = relay.feed(chunk)
+        if count and first is None:
+            first = time.monotonic() - started
+            loop.call_later(0.05, time.sleep, 0.3)  # the whole engine stalls for 300 ms mid-stream
+    total = time.monotonic() - started
+    assert relay.tokens == 100 and relay.final["prompt_ms"] == pytest.approx(200.0)
+    assert first >= 0.2
+    expected = 0.2 + 99 / 200  # the last token is due 695 ms after the request, stall or not
+    assert expected <= total < expected + 0.2, f"stream took {total:.3f} s, due in {expected:.3f} s"
+
+
 async def test_injected_errors(aiohttp_client):
     client = await client_for(aiohttp_client, error_rate=1.0)
     resp = await client.post("/completion", json={"prompt": "a"})
