@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .sim.report import percentile
-from .sim.simulator import SimConfig, Simulation, config_flags
+from .sim.simulator import PROMPT_OVER_CONTEXT, SimConfig, Simulation, config_flags
 from .sim.traces import TraceRecord, scale_trace
 
 REL_AIM = 0.10
@@ -74,6 +74,7 @@ class LiveTask:
     ttft_ms: float | None = None
     total_ms: float | None = None
     tokens: int = 0
+    message: str | None = None  # what the server said, for a task that did not complete
 
 
 # -- calibration --------------------------------------------------------------------------------
@@ -109,9 +110,12 @@ async def _timed_completion(http, engine_url: str, prompt: str, n_predict: int) 
             "prompt_tokens": final.get("tokens_evaluated") or len(prompt.split())}
 
 
-def fit_calibration(props: dict, short: list[dict], long: list[dict], *, short_words: int, long_words: int
-                    ) -> Calibration:
-    """The engine model from the measurements (medians, so one hiccup does not skew it)."""
+def fit_calibration(props: dict, short: list[dict], long: list[dict], *, short_words: int, long_words: int,
+                    busy: list[dict] | None = None) -> Calibration:
+    """The engine model from the measurements (medians, so one hiccup does not skew it). The
+    decode rate is the one with every slot of every engine busy (``busy``) when measured: a queue
+    forms only then, and an engine decoding a batch, or engines sharing CPUs, decode each
+    sequence slower than one alone."""
     settings = props.get("default_generation_settings") or {}
     slots = int(props.get("total_slots") or 1)
     ctx_max = int(settings.get("n_ctx") or 2048)
@@ -120,30 +124,49 @@ def fit_calibration(props: dict, short: list[dict], long: list[dict], *, short_w
     tokens_short, tokens_long = med(s["prompt_tokens"] for s in short), med(s["prompt_tokens"] for s in long)
     prefill = max(0.0, (ttft_long - ttft_short) / max(1.0, tokens_long - tokens_short))
     first = max(0.0, ttft_short - prefill * tokens_short)
-    rates = [(s["tokens"] - 1) / (s["last_s"] - s["first_s"]) for s in short + long if s["last_s"] > s["first_s"]]
-    return Calibration(slots=slots, ctx_max=ctx_max, tokens_per_s=med(rates) if rates else 1000.0,
+    def rates(samples: list[dict]) -> list[float]:
+        return [(s["tokens"] - 1) / (s["last_s"] - s["first_s"]) for s in samples if s["last_s"] > s["first_s"]]
+
+    alone, together = rates(short + long), rates(busy or [])
+    chosen = together or alone
+    return Calibration(slots=slots, ctx_max=ctx_max, tokens_per_s=med(chosen) if chosen else 1000.0,
                        prefill_ms_per_token=prefill, first_token_ms=first,
                        tokens_per_word=max(0.05, tokens_long / long_words),
-                       samples={"short_words": short_words, "long_words": long_words, "short": short, "long": long})
+                       samples={"short_words": short_words, "long_words": long_words, "short": short, "long": long,
+                                "busy": busy or [], "tokens_per_s_alone": med(alone) if alone else None})
 
 
-async def calibrate(engine_url: str, *, rounds: int = 3, n_predict: int = 48, seed: int = 0,
+async def calibrate(engine_urls: Sequence[str], *, rounds: int = 3, n_predict: int = 48, seed: int = 0,
                     report: Report = lambda line: None) -> Calibration:
+    """Prompt costs on the first engine, one request at a time; then the decode rate with every
+    slot of every engine busy at once."""
+    engine_url = engine_urls[0]
     import aiohttp
 
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+    # A connection per request: llama-server closes a streamed response's connection, and a POST
+    # on a reused one that the engine already closed fails.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
+                                     connector=aiohttp.TCPConnector(force_close=True)) as http:
         async with http.get(engine_url.rstrip("/") + "/props") as resp:
             props = await resp.json()
         n_ctx = int((props.get("default_generation_settings") or {}).get("n_ctx") or 2048)
-        short_words, long_words = 8, max(16, min(1024, (n_ctx - n_predict) // 3))
-        short: list[dict] = []
+        short_words = 8
+        short = [await _timed_completion(http, engine_url, prompt_of(short_words, rng), n_predict)]
+        # The long prompt fills about a third of a slot's context, in the engine's own tokens.
+        per_word = max(0.05, short[0]["prompt_tokens"] / short_words)
+        long_words = max(16, min(1024, int((n_ctx - n_predict) / 3 / per_word)))
         long: list[dict] = []
         for r in range(rounds):
             report(f"calibrating on {engine_url}: round {r + 1}/{rounds}")
-            short.append(await _timed_completion(http, engine_url, prompt_of(short_words, rng), n_predict))
+            if r:
+                short.append(await _timed_completion(http, engine_url, prompt_of(short_words, rng), n_predict))
             long.append(await _timed_completion(http, engine_url, prompt_of(long_words, rng), n_predict))
-    return fit_calibration(props, short, long, short_words=short_words, long_words=long_words)
+        slots = int(props.get("total_slots") or 1)
+        report(f"calibrating: {slots * len(engine_urls)} requests at once, every slot of {len(engine_urls)} engines")
+        busy = await asyncio.gather(*(_timed_completion(http, url, prompt_of(short_words, rng), 4 * n_predict)
+                                      for url in engine_urls for _ in range(slots)))
+    return fit_calibration(props, short, long, short_words=short_words, long_words=long_words, busy=list(busy))
 
 
 # -- the slice and the simulated side -----------------------------------------------------------
@@ -231,7 +254,9 @@ async def drive_live(url: str, records: Sequence[TraceRecord], *, model_ref: str
                                  headers={"Content-Type": "application/json"}) as resp:
                 raw = await resp.read()
                 if resp.status != 202:
-                    task.outcome, task.reason = "rejected", _code(raw, resp.status)
+                    task.outcome, (task.reason, task.message) = "rejected", _code(raw, resp.status)
+                    if task.reason == "INVALID_PARAMS" and record.context_tokens >= calib.ctx_max:
+                        task.reason = PROMPT_OVER_CONTEXT  # named as the simulator names it
                     return
             parser = SSEParser()
             async with http.get(f"{url}/v2/tasks/{body['task_id']}/events") as resp:
@@ -253,7 +278,8 @@ async def drive_live(url: str, records: Sequence[TraceRecord], *, model_ref: str
                             else:
                                 task.outcome, task.total_ms = "completed", (time.perf_counter() - due) * 1000
                         elif kind == "error":
-                            task.outcome, task.reason = "failed", str(orjson.loads(data).get("code"))
+                            error = orjson.loads(data)
+                            task.outcome, task.reason, task.message = "failed", str(error.get("code")), error.get("message")
             if task.outcome == "unknown":
                 task.outcome, task.reason = "failed", "stream ended without a terminal event"
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -278,11 +304,12 @@ async def drive_live(url: str, records: Sequence[TraceRecord], *, model_ref: str
     return results
 
 
-def _code(raw: bytes, status: int) -> str:
+def _code(raw: bytes, status: int) -> tuple[str, str | None]:
     try:
-        return str(json.loads(raw).get("code") or f"HTTP {status}")
+        envelope = json.loads(raw)
+        return str(envelope.get("code") or f"HTTP {status}"), envelope.get("message")
     except (ValueError, AttributeError):
-        return f"HTTP {status}"
+        return f"HTTP {status}", raw[:200].decode(errors="replace")
 
 
 # -- comparison ---------------------------------------------------------------------------------
@@ -313,7 +340,13 @@ def compare(live: Sequence[LiveTask], simulated: Sequence[LiveTask]) -> dict:
         a, b = quantiles(live, metric), quantiles(simulated, metric)
         figures[metric] = {"live": a, "sim": b, "within": {f"p{q}": within_aim(a[f"p{q}"], b[f"p{q}"])
                                                           for q in QUANTILES}}
-    return {"metrics": figures, "outcomes": {"live": outcomes(live), "sim": outcomes(simulated)}}
+    examples: dict[str, str] = {}  # the first message heard per live outcome that is not a completion
+    for t in live:
+        key = f"{t.outcome}: {t.reason}"
+        if t.reason is not None and t.message and key not in examples:
+            examples[key] = t.message
+    return {"metrics": figures, "outcomes": {"live": outcomes(live), "sim": outcomes(simulated)},
+            "live_messages": examples}
 
 
 # -- the whole run ------------------------------------------------------------------------------
@@ -359,9 +392,9 @@ async def run_fidelity(config: FidelityConfig, records: Sequence[TraceRecord], r
         cluster.start()
         await cluster.wait_ready()
         pools = cluster.pools
-        engine_url = pools[0]["engine_url"]
-        calib = await calibrate(engine_url, seed=c.seed, report=report)
-        report(f"calibrated: {calib.slots} slots, ctx {calib.ctx_max}, {calib.tokens_per_s:.1f} tokens/s, "
+        calib = await calibrate([p["engine_url"] for p in pools], seed=c.seed, report=report)
+        report(f"calibrated: {calib.slots} slots, ctx {calib.ctx_max}, {calib.tokens_per_s:.1f} tokens/s with every "
+               f"slot busy ({calib.samples['tokens_per_s_alone']:.1f} alone), "
                f"prefill {calib.prefill_ms_per_token:.4f} ms/token, first token {calib.first_token_ms:.1f} ms, "
                f"{calib.tokens_per_word:.2f} tokens/word")
         scaled = scale_trace(records, length=c.length)
@@ -430,7 +463,8 @@ def format_report(result: dict) -> str:
         lines.append(f"Mock engine as configured: {c['mock_tokens_per_s']:g} tokens/s, prefill "
                      f"{c['mock_prefill_ms_per_token']:g} ms/token, first token {c['mock_first_token_ms']:g} ms.")
     if calib:
-        lines.append(f"Calibrated from the live engine: {calib['tokens_per_s']:.1f} tokens/s, prefill "
+        lines.append(f"Calibrated from the live engines: {calib['tokens_per_s']:.1f} tokens/s per slot with every slot "
+                     f"busy ({calib['samples']['tokens_per_s_alone']:.1f} for one request alone), prefill "
                      f"{calib['prefill_ms_per_token']:.4f} ms/token, first token {calib['first_token_ms']:.1f} ms, "
                      f"{calib['slots']} slots, ctx {calib['ctx_max']}, {calib['tokens_per_word']:.2f} tokens/word.")
     lines.append(f"Trace scaling: token counts x{c['length']:g}; per level, the first N requests with arrivals "
@@ -461,6 +495,10 @@ def format_report(result: dict) -> str:
         lines.append("|---|---:|---:|")
         lines += [f"| {k} | {outcomes_live.get(k, 0)} | {outcomes_sim.get(k, 0)} |" for k in keys]
         lines.append("")
+        for key, message in sorted(level.get("live_messages", {}).items()):
+            lines.append(f"- live {key}, e.g.: {message}")
+        if level.get("live_messages"):
+            lines.append("")
         lines.append(f"Rerun the simulated side: `{level['rerun_sim']}`")
         lines.append("")
     return "\n".join(lines)

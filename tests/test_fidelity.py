@@ -28,6 +28,10 @@ def test_the_engine_model_is_fitted_from_a_short_and_a_long_prompt():
     assert calib.slots == 4 and calib.ctx_max == 1024
     assert calib.prefill_ms_per_token == pytest.approx(0.5) and calib.first_token_ms == pytest.approx(20)
     assert calib.tokens_per_s == pytest.approx(100) and calib.tokens_per_word == pytest.approx(2.0)
+    # with every slot busy the engine decodes each sequence at 60 tokens/s: that is the rate queues see
+    busy = [sample(8, first_ms=30, tokens=192, tokens_per_s=60.0) for _ in range(8)]
+    loaded = fit_calibration(PROPS, short, long, short_words=8, long_words=200, busy=busy)
+    assert loaded.tokens_per_s == pytest.approx(60) and loaded.samples["tokens_per_s_alone"] == pytest.approx(100)
 
 
 def test_the_slice_fills_the_utilisation_level_over_the_duration():
