@@ -30,6 +30,7 @@ DEFAULT_SAMPLE = "Once upon a time"
 SHIPPED_TRACES = {
     "conv": "azure2023_conv.csv",
     "code": "azure2023_code.csv",
+    "mooncake": "mooncake_synthetic.jsonl",
 }
 
 
@@ -75,8 +76,26 @@ def _replay(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         config = SimConfig(**{name: getattr(args, name) for _, name, _, _, _ in cli_flags()})
+        capacities = _capacities(args.capacities)
     except UsageError as exc:
         return _fail(str(exc))
+    if args.compare_strategies:
+        from .sim.compare import compare_strategies, format_comparison, write_comparison
+
+        started = time.perf_counter()
+        comparison = compare_strategies(
+            records, config, seed=args.seed, trace_name=trace_path.name, capacities=capacities,
+            progress=(lambda line: None) if args.quiet else
+            (lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}", file=sys.stderr, flush=True)))
+        comparison["rerun"] = replay_command(args.trace, config, seed=args.seed, rate=args.rate, length=args.length,
+                                             limit=args.limit) + " --compare-strategies" + (
+            f" --capacities={args.capacities}" if args.capacities else "")
+        paths = write_comparison(comparison, Path(args.out))
+        print(format_comparison(comparison))
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+        return 0
+    if capacities:
+        return _fail("--capacities goes with --compare-strategies")
 
     started = time.perf_counter()
     last = [0.0]
@@ -99,6 +118,18 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"simulated {len(records)} tasks in {elapsed:.2f} s wall clock "
           f"({len(records) / elapsed:,.0f} tasks/s)", file=sys.stderr)
     return 0
+
+
+def _capacities(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--capacities: expected comma-separated block counts (0: unbounded), got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"--capacities: block counts must be >= 0, got {text!r}")
+    return values
 
 
 def replay_command(trace: str, config, *, seed: int, rate: float, length: float, limit: int | None) -> str:
@@ -536,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--length", type=_positive_float, default=1.0, help="token-count multiplier")
     rp.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     add_sim_arguments(rp)
+    rp.add_argument("--compare-strategies", action="store_true",
+                    help="the trace through every placement strategy: strategies.md, .json and .png in --out")
+    rp.add_argument("--capacities", default=None,
+                    help="with --compare-strategies: KV cache sizes per pool to compare, blocks (0: unbounded), "
+                         "e.g. 256,1024,0")
     rp.add_argument("--quiet", action="store_true", help="no progress line")
     rp.set_defaults(func=_replay)
 

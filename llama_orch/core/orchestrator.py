@@ -73,6 +73,13 @@ class OrchestratorConfig:
     max_sessions: int = 100_000
     dispatch_scan: int = 8
     metrics_interval_ms: float | None = None
+    #: ``prefix-aware`` placement: how much busier (a share of slots) than the least-loaded candidate
+    #: a pool may be and still win a task for its cached prefix; the block size the I/O shell
+    #: hashes prompts in (approximate tokens); blocks each pool's cache is taken to hold (None:
+    #: its slots times its context, in blocks).
+    prefix_load_slack: float = 0.25
+    prefix_block_tokens: int = 64
+    prefix_blocks_per_pool: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -113,7 +120,9 @@ class Orchestrator:
         self.admission = Admission(
             capacity=config.admission_capacity, policy=config.admission_policy,
             estimator=ServiceTimeEstimator(alpha=config.service_ewma_alpha, prior_ms=config.prior_service_ms))
-        self.placer = Placer(config.placement_strategy, rng=self.rng)
+        self.placer = Placer(config.placement_strategy, rng=self.rng, prefix_load_slack=config.prefix_load_slack,
+                             prefix_block_tokens=config.prefix_block_tokens,
+                             prefix_blocks_per_pool=config.prefix_blocks_per_pool)
         self.tasks: dict[str, Task] = {}
         self.sessions = Sessions(config.budgets, max_sessions=config.max_sessions)
         self.in_flight: dict[str, set[str]] = {}
@@ -277,6 +286,8 @@ class Orchestrator:
         task.dispatched_at = now
         task.kv_warmth = kv_warmth = pick.kv_warmth and task.kv_warmth
         placer.acquire(pool_id)
+        if task.spec.prefix:
+            placer.record_prefix(pool_id, task.spec.prefix)
         flying = self.in_flight.get(pool_id)
         if flying is None:  # not setdefault: that would build a set on every dispatch
             flying = self.in_flight[pool_id] = set()
@@ -668,6 +679,7 @@ class Orchestrator:
             raise InvariantViolation(f"queued tasks {sorted(queued ^ in_queue)[:5]} disagree with the queue")
         if len(in_queue) > self.admission.queue.capacity:
             raise InvariantViolation("admission queue above its capacity")
+        self.placer.prefix.check()
         for pool_id in self.placer.pool_ids():
             running = {t for t, task in self.tasks.items() if task.pool_id == pool_id}
             if self.placer.leases(pool_id) != len(running) or running != self.in_flight.get(pool_id, set()):

@@ -7,7 +7,11 @@ Rules
 - Scores: ``vram-aware`` (default) most free VRAM, then fewest active leases, then
   ``replica_id``; ``least-loaded`` lowest lease ratio, then most free VRAM, then
   ``replica_id``; ``round-robin`` the next candidate after the last pick in pool-id order;
-  ``random`` a candidate drawn from the seeded generator passed in.
+  ``random`` a candidate drawn from the seeded generator passed in; ``prefix-aware`` the
+  candidate whose KV cache holds the longest prefix of the task's prompt (``core.prefix``),
+  among those not busier than the least-loaded candidate by more than ``prefix_load_slack``
+  (a share of slots), so a popular prefix spreads over pools instead of piling onto one; with
+  no prefix held anywhere, as ``least-loaded``.
 - ``pin`` never falls back. ``prefer`` picks the best preferred candidate, else (with
   ``allow_fallback``) the best of the rest; ``avoid`` skips avoided pools unless nothing else
   fits and ``allow_fallback`` is true. A session sticks to its last pool while that pool is a
@@ -24,12 +28,14 @@ first). ``explain`` builds the full record (every pool, why it was filtered, its
 from __future__ import annotations
 
 import random
+import zlib
 from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterator
 
 from .errors import InvariantViolation, UsageError
+from .prefix import PrefixIndex
 from .types import Determinism, PlacementMode, PoolSnapshot, TaskSpec
 
 
@@ -38,6 +44,7 @@ class Strategy(Enum):
     LEAST_LOADED = "least-loaded"
     ROUND_ROBIN = "round-robin"
     RANDOM = "random"
+    PREFIX_AWARE = "prefix-aware"
 
 
 def normalize_model_ref(ref: str) -> str:
@@ -104,6 +111,7 @@ class CandidateRecord:
     eligible: bool
     reasons: tuple[str, ...]
     score: tuple | None
+    prefix_blocks: int = 0  # leading blocks of the task's prefix this pool is taken to hold
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,7 +130,7 @@ class Explanation:
             "outcome": self.outcome,
             "candidates": [
                 {"pool_id": c.pool_id, "eligible": c.eligible, "reasons": list(c.reasons),
-                 "score": list(c.score) if c.score is not None else None}
+                 "score": list(c.score) if c.score is not None else None, "prefix_blocks": c.prefix_blocks}
                 for c in self.candidates
             ],
         }
@@ -131,10 +139,20 @@ class Explanation:
 class Placer:
     """Pool table plus the strategy; answers ``pick`` in O(log n) for the common case."""
 
-    def __init__(self, strategy: Strategy = Strategy.VRAM_AWARE, *, rng: random.Random | None = None) -> None:
+    def __init__(self, strategy: Strategy = Strategy.VRAM_AWARE, *, rng: random.Random | None = None,
+                 prefix_load_slack: float = 0.25, prefix_block_tokens: int = 64,
+                 prefix_blocks_per_pool: int | None = None) -> None:
         if not isinstance(strategy, Strategy):
             raise UsageError(f"placement strategy must be a Strategy, got {strategy!r}")
+        if not prefix_load_slack >= 0 or prefix_block_tokens < 1 or (prefix_blocks_per_pool is not None
+                                                                     and prefix_blocks_per_pool < 1):
+            raise UsageError("prefix_load_slack must be >= 0, prefix_block_tokens and prefix_blocks_per_pool >= 1")
         self.strategy = strategy
+        #: Which prefixes each pool probably holds; kept for ``prefix-aware`` only.
+        self.prefix = PrefixIndex()
+        self.prefix_load_slack = prefix_load_slack
+        self.prefix_block_tokens = prefix_block_tokens
+        self.prefix_blocks_per_pool = prefix_blocks_per_pool
         self._rng = rng if rng is not None else random.Random(0)
         self._pools: dict[str, _Pool] = {}
         self._groups: dict[tuple[str, str], _Group] = {}
@@ -171,6 +189,8 @@ class Placer:
             self._pools[snapshot.pool_id] = p
         else:
             self._unindex(p)
+            if _cache_lost(p.snapshot, snapshot):
+                self.prefix.forget(snapshot.pool_id)
             old_group = p.group
             p.snapshot = snapshot
             p.group = (snapshot.engine, normalize_model_ref(snapshot.model_ref))
@@ -184,6 +204,17 @@ class Placer:
         group.members.add(snapshot.pool_id)
         group.stats = None
         self._index(p)
+        if self.strategy is Strategy.PREFIX_AWARE:
+            blocks = self.prefix_blocks_per_pool
+            if blocks is None:  # the KV cache of every slot's whole context, in blocks
+                blocks = snapshot.slots_total * snapshot.ctx_max // self.prefix_block_tokens or 4096
+            if self.prefix.capacity(snapshot.pool_id) != blocks:
+                self.prefix.set_capacity(snapshot.pool_id, blocks)
+
+    def record_prefix(self, pool_id: str, chain: tuple[int, ...]) -> None:
+        """The task dispatched to ``pool_id`` brings this prefix into its cache."""
+        if chain and self.strategy is Strategy.PREFIX_AWARE:
+            self.prefix.record(pool_id, chain)
 
     def set_flags(self, pool_id: str, *, lost: bool | None = None, stale: bool | None = None,
                   breaker_open: bool | None = None) -> None:
@@ -191,6 +222,8 @@ class Placer:
         self._unindex(p)
         if lost is not None:
             p.lost = lost
+            if lost:
+                self.prefix.forget(pool_id)
         if stale is not None:
             p.stale = stale
         if breaker_open is not None:
@@ -200,6 +233,7 @@ class Placer:
 
     def remove(self, pool_id: str) -> None:
         p = self._pools.pop(pool_id, None)
+        self.prefix.forget(pool_id)
         if p is None:
             return
         self._unindex(p)
@@ -248,7 +282,7 @@ class Placer:
         s = p.snapshot
         if self.strategy is Strategy.VRAM_AWARE:
             return (-s.vram_free_bytes, p.leases, s.replica_id, s.pool_id)
-        if self.strategy is Strategy.LEAST_LOADED:
+        if self.strategy is Strategy.LEAST_LOADED or self.strategy is Strategy.PREFIX_AWARE:
             return (p.leases / max(1, s.slots_total), -s.vram_free_bytes, s.replica_id, s.pool_id)
         return (s.pool_id,)
 
@@ -286,7 +320,7 @@ class Placer:
 
     def _ordered(self, group: _Group) -> Iterator[str]:
         """Available pools of a group, best first for this strategy."""
-        if self.strategy in (Strategy.VRAM_AWARE, Strategy.LEAST_LOADED):
+        if self.strategy in (Strategy.VRAM_AWARE, Strategy.LEAST_LOADED, Strategy.PREFIX_AWARE):
             for key in group.ranked:
                 yield key[-1]
             return
@@ -430,6 +464,10 @@ class Placer:
                 if placement.mode is PlacementMode.AUTO or self._allowed_without_fallback(session_pool, spec):
                     return self._chose(session_pool, True)
         prefer = placement.prefer_pools if placement.mode is PlacementMode.PREFER else ()
+        if spec.prefix and self.strategy is Strategy.PREFIX_AWARE:
+            chosen = self._prefix_pick(spec, group, group_key, exclude, prefer, avoid)
+            if chosen is not None:
+                return self._chose(chosen, session_pool in (None, chosen))
         fallback: str | None = None     # best fitting pool that is only not preferred
         last_resort: str | None = None  # best fitting avoided pool: used only if nothing else fits
         for pool_id in self._ordered(group):
@@ -452,6 +490,54 @@ class Placer:
                 return self._chose(chosen, session_pool in (None, chosen))
         return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no fitting pool has a free slot")
 
+    def _prefix_pick(self, spec: TaskSpec, group: _Group, group_key: tuple[str, str], exclude: tuple[str, ...],
+                     prefer: tuple[str, ...], avoid: tuple[str, ...]) -> str | None:
+        """The candidate holding the longest prefix of the task's, among those within the load
+        slack of the least-loaded one; when none holds any of it, one of the least-loaded chosen
+        by the prefix. Candidates are the first choices only (fitting, not excluded, not avoided,
+        preferred when the task prefers): None when there is none, and the usual walk decides
+        (a fallback is never taken for its cache)."""
+        depths = self.prefix.matches(spec.prefix)
+
+        def first_choice(p: _Pool, pool_id: str) -> bool:
+            return (pool_id not in exclude and pool_id not in avoid and (not prefer or pool_id in prefer)
+                    and self._misfit(p, spec) is None)
+
+        least: float | None = None
+        ties: list[str] = []  # the least-loaded first choices (a few)
+        for pool_id in self._ordered(group):
+            p = self._pools[pool_id]
+            if not first_choice(p, pool_id):
+                continue
+            load = p.leases / max(1, p.snapshot.slots_total)
+            if least is None:
+                least = load
+            elif load > least:
+                break
+            ties.append(pool_id)
+            if len(ties) >= PREFIX_SPREAD:
+                break
+        if least is None:
+            return None
+        limit = least + self.prefix_load_slack + 1e-9
+        best: tuple | None = None
+        for pool_id, depth in depths.items():
+            p = self._pools.get(pool_id)
+            if p is None or p.key is None or p.group != group_key or not first_choice(p, pool_id):
+                continue
+            load = p.leases / max(1, p.snapshot.slots_total)
+            if load > limit:
+                continue
+            # longest prefix, then least loaded, then an order of its own per prefix (equals spread out)
+            key = (-depth, load, _spread(pool_id, spec.prefix[depth - 1]), pool_id)
+            if best is None or key < best:
+                best = key
+        if best is not None:
+            return best[3]
+        # held nowhere eligible: a new prefix goes to one of the least-loaded, chosen by the prefix
+        # itself, so new conversations spread evenly and each one's next turn finds its cache
+        return min(ties, key=lambda pool_id: (_spread(pool_id, spec.prefix[0]), pool_id))
+
     def _group_key(self, spec: TaskSpec) -> tuple[str, str]:
         return (spec.engine, normalize_model_ref(spec.model_ref))
 
@@ -472,6 +558,7 @@ class Placer:
         random generator, so asking for an explanation never changes later decisions.
         """
         records = []
+        depths = self.prefix.matches(spec.prefix) if spec.prefix else {}
         for pool_id in sorted(self._pools):
             p = self._pools[pool_id]
             reasons = [r for r in (self._misfit(p, spec), self._unavailable(p)) if r]
@@ -484,7 +571,8 @@ class Placer:
                 reasons.append("not preferred")
             hard = [r for r in reasons if r not in ("avoided", "not preferred")]
             records.append(CandidateRecord(pool_id=pool_id, eligible=not hard, reasons=tuple(reasons),
-                                           score=self._key(p)[:-1] if not hard else None))
+                                           score=self._key(p)[:-1] if not hard else None,
+                                           prefix_blocks=depths.get(pool_id, 0)))
         saved_rr = dict(self._rr_last)
         saved_rng = self._rng.getstate()
         try:
@@ -496,3 +584,23 @@ class Placer:
         outcome = "picked" if picked else f"{decision.code}: {decision.message}"
         return Explanation(task_id=spec.task_id, strategy=self.strategy.value, candidates=tuple(records),
                            picked=picked, outcome=outcome)
+
+
+def _cache_lost(old: PoolSnapshot, new: PoolSnapshot) -> bool:
+    """Whether the pool's KV cache is gone between two snapshots: its engine went down (not
+    ready or not live, a reload included) or was replaced (another version, model, replica or
+    address)."""
+    if (old.ready and old.live) and not (new.ready and new.live):
+        return True
+    return (old.engine_version != new.engine_version or old.model_ref != new.model_ref
+            or old.replica_id != new.replica_id or old.engine_url != new.engine_url)
+
+
+#: ``prefix-aware``: how many equally least-loaded pools a new prefix is spread over.
+PREFIX_SPREAD = 16
+
+
+def _spread(pool_id: str, block: int) -> int:
+    """A fixed pseudo-random order of pools per block (rendezvous hashing): equal candidates are
+    ranked differently for different prefixes, the same way in every process."""
+    return zlib.crc32(pool_id.encode(), block & 0xFFFFFFFF)

@@ -93,6 +93,8 @@ class TaskSpec:
     determinism: Determinism = Determinism.BEST_EFFORT
     sampler_profile_version: str | None = None
     placement: PlacementRequest = DEFAULT_PLACEMENT
+    #: The prompt's prefix as a chain of block hashes (``core.prefix``); empty when not computed.
+    prefix: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.task_id, str) and self.task_id != ""):
@@ -115,6 +117,8 @@ class TaskSpec:
             raise UsageError("determinism must be a Determinism")
         if not isinstance(self.placement, PlacementRequest):
             raise UsageError("placement must be a PlacementRequest")
+        if type(self.prefix) is not tuple:
+            raise UsageError("prefix must be a tuple of block hashes")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

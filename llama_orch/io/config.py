@@ -211,6 +211,9 @@ class OrchdSettings:
     admission_capacity: int = 100
     admission_policy: str = "reject"
     placement_strategy: str = "vram-aware"
+    prefix_block_tokens: int = 64
+    prefix_load_slack: float = 0.25
+    prefix_blocks_per_pool: int | None = None
     shutdown_grace_ms: int = 30_000
     session_token_budget: int | None = None
     session_time_budget_ms: int | None = None
@@ -277,8 +280,14 @@ class OrchdSettings:
             admission_policy=env.get("ORCHD_ADMISSION_POLICY", default="reject", parse=choice("reject", "drop-lru"),
                                      expected="reject or drop-lru"),
             placement_strategy=env.get("ORCHD_PLACEMENT_STRATEGY", default="vram-aware",
-                                       parse=choice("vram-aware", "least-loaded", "round-robin", "random"),
-                                       expected="vram-aware, least-loaded, round-robin or random"),
+                                       parse=choice("vram-aware", "least-loaded", "round-robin", "random",
+                                                    "prefix-aware"),
+                                       expected="vram-aware, least-loaded, round-robin, random or prefix-aware"),
+            prefix_block_tokens=env.integer("ORCHD_PREFIX_BLOCK_TOKENS", default=64, minimum=1),
+            prefix_load_slack=env.get("ORCHD_PREFIX_LOAD_SLACK", default=0.25, parse=_non_negative_float,
+                                      expected="a number >= 0 (a share of a pool's slots)"),
+            prefix_blocks_per_pool=env.get("ORCHD_PREFIX_BLOCKS_PER_POOL", default=None, parse=_positive_int,
+                                           expected="an integer >= 1 (blocks)"),
             shutdown_grace_ms=env.integer("ORCHD_SHUTDOWN_GRACE_MS", default=30_000, minimum=0),
             session_token_budget=env.get("ORCHD_SESSION_TOKEN_BUDGET", default=None, parse=_positive_int,
                                          expected="an integer >= 1 (tokens per session)"),

@@ -54,6 +54,8 @@ TASK_CSV_COLUMNS: tuple[str, ...] = (
     "queue_wait_ms",
     "ttft_ms",
     "e2e_ms",
+    "prompt_tokens",
+    "cached_tokens",
 )
 
 _PCTS = (50, 90, 99)
@@ -83,6 +85,8 @@ class TaskRecord:
     first_token_ms: float | None
     end_ms: float | None
     tokens_out: int
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the pool's KV cache (not computed again)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,7 +137,9 @@ def summarise(result: SimResult) -> dict[str, Any]:
       nearest-rank method; None where there is no data. ``by_priority`` repeats
       them per priority class;
     * ``pools``: slots, busy slot-ms and utilisation = busy / (slots * duration);
-    * ``throughput_tasks_per_s``: completed tasks per simulated second.
+    * ``throughput_tasks_per_s``: completed tasks per simulated second;
+    * ``prefix``: over dispatched tasks, prompt tokens, those found in a pool's KV cache and the
+      hit rate (found / prompt); ``load_imbalance``: the busiest pool's busy time over the mean.
 
     Times are rounded to 0.001 ms and ratios to 1e-6 so that the JSON and the
     table agree and do not churn on float noise. Raises ValueError for results
@@ -151,12 +157,16 @@ def summarise(result: SimResult) -> dict[str, Any]:
     per_prio_tasks: Counter[str] = Counter()
     per_prio_done: Counter[str] = Counter()
     tokens_out = 0
+    prompt_total = cached_total = 0
     for t in result.tasks:
         if t.outcome not in OUTCOMES:
             raise ValueError(f"task {t.task_id!r}: unknown outcome {t.outcome!r} (expected one of {OUTCOMES})")
         outcomes[t.outcome] += 1
         per_prio_tasks[t.priority] += 1
         tokens_out += t.tokens_out
+        if t.start_ms is not None:
+            prompt_total += t.prompt_tokens
+            cached_total += t.cached_tokens
         if t.outcome == "completed":
             per_prio_done[t.priority] += 1
         else:
@@ -195,6 +205,8 @@ def summarise(result: SimResult) -> dict[str, Any]:
             "utilisation": _ratio(busy / capacity) if capacity > 0 else None,
         }
 
+    busy_all = [float(result.pool_busy_ms.get(pool, 0.0)) for pool in result.pool_slots]
+    mean_busy = sum(busy_all) / len(busy_all) if busy_all else 0.0
     seconds = duration / 1000.0
     return {
         "trace": result.trace_name,
@@ -215,6 +227,9 @@ def summarise(result: SimResult) -> dict[str, Any]:
         "throughput_tasks_per_s": _ratio(outcomes["completed"] / seconds) if seconds > 0 else None,
         "tokens_out": tokens_out,
         "tokens_out_per_s": _ratio(tokens_out / seconds) if seconds > 0 else None,
+        "prefix": {"prompt_tokens": prompt_total, "cached_tokens": cached_total,
+                   "hit_rate": _ratio(cached_total / prompt_total) if prompt_total else None},
+        "load_imbalance": _ratio(max(busy_all) / mean_busy) if mean_busy > 0 else None,
         "faults": list(result.faults),
     }
 
@@ -353,6 +368,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
             ["completed tasks/s", "-" if thr is None else f"{thr:.3f}"],
             ["tokens out", str(summary["tokens_out"])],
             ["tokens out/s", "-" if tok is None else f"{tok:.1f}"],
+            *_prefix_rows(summary),
             ["max queue depth", "-" if depth["max"] is None else str(depth["max"])],
             [
                 "mean queue depth (time-weighted)",
@@ -367,6 +383,18 @@ def format_table(summary: Mapping[str, Any]) -> str:
     out.append(f"faults ({len(faults)})")
     out += [f"  {line}" for line in faults] or ["  (none)"]
     return "\n".join(out) + "\n"
+
+
+def _prefix_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    prefix = summary.get("prefix") or {}
+    rows = []
+    if prefix.get("prompt_tokens"):
+        rate = prefix["hit_rate"]
+        rows.append(["prompt tokens found in a KV cache", f"{prefix['cached_tokens']} of {prefix['prompt_tokens']} "
+                                                          f"({'-' if rate is None else f'{100 * rate:.1f}%'})"])
+    if summary.get("load_imbalance") is not None:
+        rows.append(["busiest pool / mean pool (busy time)", f"{summary['load_imbalance']:.3f}"])
+    return rows
 
 
 def _kv(title: str, rows: list[list[str]], align: str) -> list[str]:
@@ -456,6 +484,8 @@ def _tasks_csv(tasks: Iterable[TaskRecord]) -> str:
                 _csv_ms(wait),
                 _csv_ms(ttft),
                 _csv_ms(e2e),
+                t.prompt_tokens,
+                t.cached_tokens,
             ]
         )
     return buf.getvalue()

@@ -28,6 +28,7 @@ from ..core.events import (
 from ..core.orchestrator import Orchestrator, OrchestratorConfig
 from ..core.placement import Strategy
 from ..core.types import PoolSnapshot, Priority, TaskSpec
+from .kvcache import KV_CACHE_MODELS, BlockLRU, SlotCaches
 from .report import SimResult, TaskRecord
 from .traces import TraceRecord
 
@@ -62,6 +63,11 @@ class SimConfig:
     placement_strategy: str = _setting("vram-aware", "placement: vram-aware | least-loaded | round-robin | random",
                                        "--strategy")
     poll_interval_ms: float = _setting(5_000.0, "how often each pool's status reaches the core, ms")
+    kv_cache: str = _setting("block-lru", "each pool's KV cache of prefix blocks (a trace's hash_ids): block-lru "
+                                          "(vLLM) | llamacpp-slots (llama.cpp: a kept prompt per slot) | none")
+    kv_cache_blocks: int = _setting(1024, "block-lru capacity per pool, blocks (0: never forgets)")
+    prefix_load_slack: float = _setting(0.25, "prefix-aware placement: how much busier than the least-loaded "
+                                              "pool (a share of slots) a pool may be and still win for its prefix")
     prior_service_ms: float = _setting(4_000.0, "service time the core assumes before it has measured any, ms "
                                                "(orchestratord's is 2000)")
     pool_losses: int = _setting(1, "seeded pool-loss faults over the trace span")
@@ -87,10 +93,14 @@ class SimConfig:
             "check_every": (self.check_every >= 1, ">= 1"), "progress_ms": (self.progress_ms > 0, "> 0"),
             "ctx_max": (self.ctx_max >= 1, ">= 1"), "vram_total_gb": (self.vram_total_gb > 0, "> 0"),
             "prior_service_ms": (self.prior_service_ms > 0, "> 0"),
+            "kv_cache_blocks": (self.kv_cache_blocks >= 0, ">= 0"),
+            "prefix_load_slack": (self.prefix_load_slack >= 0, ">= 0"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise UsageError(f"simulation setting {name}={getattr(self, name)!r} is out of range: expected {expected}")
+        if self.kv_cache not in KV_CACHE_MODELS:
+            raise UsageError(f"kv_cache must be one of {list(KV_CACHE_MODELS)}, got {self.kv_cache!r}")
         try:
             QueuePolicy(self.admission_policy)
         except ValueError:
@@ -145,12 +155,15 @@ class _Ledger:
     core_attempt: int = 0       # Dispatch.attempt of the current attempt, echoed on engine events
     decode_from: float = 0.0
     ms_per_token: float = 1.0
+    cached_tokens: int = 0      # prompt tokens the attempt found in its pool's KV cache
+    slot: int = -1              # the slot the attempt holds, for a per-slot cache model
 
 
 @dataclass(slots=True)
 class _Pool:
     pool_id: str
     vram_total: int
+    cache: BlockLRU | SlotCaches | None = None
     up: bool = True
     slow: float = 1.0
     busy_ms: float = 0.0
@@ -172,11 +185,13 @@ class Simulation:
         self.core = Orchestrator(OrchestratorConfig(
             admission_capacity=c.admission_capacity, admission_policy=QueuePolicy(c.admission_policy),
             placement_strategy=Strategy(c.placement_strategy), pool_stale_ms=c.poll_interval_ms * 3,
-            prior_service_ms=c.prior_service_ms,
+            prior_service_ms=c.prior_service_ms, prefix_load_slack=c.prefix_load_slack,
+            # the router's estimate of each cache is as large as the simulated cache itself
+            prefix_blocks_per_pool=c.kv_cache_blocks or 1 << 40,
         ), rng=random.Random(seed ^ 0x5EED))
         gb = 1 << 30
         self.pools = {
-            f"pool-{i}": _Pool(pool_id=f"pool-{i}", vram_total=int(c.vram_total_gb * gb))
+            f"pool-{i}": _Pool(pool_id=f"pool-{i}", vram_total=int(c.vram_total_gb * gb), cache=self._new_cache())
             for i in range(c.pools)
         }
         self.now = 0.0
@@ -190,6 +205,14 @@ class Simulation:
         self._span = 0.0
         self._snapshots: dict[tuple[str, bool, int], PoolSnapshot] = {}
         self._session_ids = [f"s{session:04d}" for session in range(self.config.sessions)]
+
+    def _new_cache(self) -> BlockLRU | SlotCaches | None:
+        c = self.config
+        if c.kv_cache == "block-lru":
+            return BlockLRU(c.kv_cache_blocks or None)
+        if c.kv_cache == "llamacpp-slots":
+            return SlotCaches(c.slots_per_pool)
+        return None
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -309,6 +332,8 @@ class Simulation:
             self._faults.append(f"t={now:.1f}ms {pool.pool_id} lost ({len(pool.running)} tasks running)")
             for task_id in sorted(pool.running):
                 self._stop_attempt(task_id)
+            if pool.cache is not None:
+                pool.cache.clear()  # the engine restarts with an empty KV cache
             self._apply(self.core.handle(PoolLost(pool_id=pool.pool_id, reason="simulated loss"), now))
             self._push(now + self.config.pool_recovery_ms, _RECOVER, pool.pool_id)
 
@@ -366,7 +391,7 @@ class Simulation:
         spec = TaskSpec(task_id=task_id, session_id=session_id, model_ref=MODEL_REF, priority=priority,
                         ctx=wanted if record.context_tokens >= c.ctx_max else min(wanted, c.ctx_max),
                         prompt_tokens=record.context_tokens, max_tokens=max(1, record.generated_tokens),
-                        deadline_ms=c.deadline_ms)
+                        deadline_ms=c.deadline_ms, prefix=record.hash_ids)
         self._apply(self.core.handle(TaskSubmitted(spec=spec), self.now))
 
     def _stop_attempt(self, task_id: str) -> None:
@@ -377,6 +402,9 @@ class Simulation:
             pool = self.pools[ledger.pool_id]
             pool.busy_ms += self.now - ledger.busy_since
             pool.running.discard(task_id)
+            if ledger.slot >= 0 and pool.cache is not None:
+                pool.cache.release(ledger.slot)
+                ledger.slot = -1
         ledger.busy_since = None
 
     # -- commands -----------------------------------------------------------------------------
@@ -445,7 +473,14 @@ class Simulation:
         pool.running.add(cmd.task_id)
         record = ledger.record
         ledger.tokens_planned = max(1, min(record.generated_tokens, c.ctx_max - record.context_tokens))
-        first = now + (c.first_token_ms + c.prefill_ms_per_token * record.context_tokens) * pool.slow
+        ledger.cached_tokens = 0
+        chain = record.hash_ids
+        if chain and pool.cache is not None:
+            ledger.slot, hit = pool.cache.admit(chain)
+            # blocks are a share of the prompt (the last one partial): the share found is not computed again
+            ledger.cached_tokens = min(record.context_tokens, record.context_tokens * hit // len(chain))
+        prefill = c.prefill_ms_per_token * (record.context_tokens - ledger.cached_tokens)
+        first = now + (c.first_token_ms + prefill) * pool.slow
         ledger.core_attempt = cmd.attempt
         ledger.tokens_sent = 0
         ledger.decode_from = first
@@ -477,7 +512,8 @@ class Simulation:
                 task_id=task_id, priority=ledger.priority.value, arrival_ms=ledger.record.arrival_ms,
                 outcome=ledger.outcome or "unknown", reason=ledger.reason, pool_id=ledger.pool_id,
                 start_ms=ledger.start_ms, first_token_ms=ledger.first_token_ms, end_ms=ledger.end_ms,
-                tokens_out=ledger.tokens_out))
+                tokens_out=ledger.tokens_out, prompt_tokens=ledger.record.context_tokens,
+                cached_tokens=ledger.cached_tokens))
         config = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self.config).items()}
         return SimResult(
             trace_name=self.trace_name, seed=self.seed, config=config, tasks=tuple(tasks),

@@ -9,7 +9,9 @@ Two layouts are understood, chosen from the first non-blank line:
 * CSV with a header naming ``TIMESTAMP,ContextTokens,GeneratedTokens`` (the
   Azure LLM inference trace 2023 layout, see ``bench/traces/README.md``);
   timestamps look like ``2023-11-16 18:17:03.9799600``;
-* JSON lines ``{"timestamp": <ms>, "input_length": n, "output_length": n}``.
+* JSON lines ``{"timestamp": <ms>, "input_length": n, "output_length": n}``, optionally with
+  ``"hash_ids": [...]``: the prompt's prefix blocks (the Mooncake traces' layout), where two
+  requests whose lists start with the same ids share that many blocks of prefix.
 
 Anything malformed raises ``TraceError`` naming the file, the line and the
 problem; only blank lines are skipped.
@@ -66,6 +68,7 @@ class TraceRecord:
     arrival_ms: float
     context_tokens: int
     generated_tokens: int
+    hash_ids: tuple[int, ...] = ()  # the prompt's prefix blocks, when the trace says
 
 
 class TraceError(ValueError):
@@ -119,8 +122,8 @@ def read_trace(path: str | os.PathLike[str]) -> list[TraceRecord]:
     # list.sort is stable, so requests with equal timestamps keep file order.
     stamped.sort(key=operator.itemgetter(0))
     return [
-        TraceRecord(arrival_ms=_to_ms(ts - base, scale), context_tokens=ctx, generated_tokens=gen)
-        for ts, ctx, gen, scale in stamped
+        TraceRecord(arrival_ms=_to_ms(ts - base, scale), context_tokens=ctx, generated_tokens=gen, hash_ids=ids)
+        for ts, ctx, gen, scale, ids in stamped
     ]
 
 
@@ -167,6 +170,7 @@ def scale_trace(
                 arrival_ms=rec.arrival_ms / rate_f,
                 context_tokens=max(0, ctx),
                 generated_tokens=max(1, gen),
+                hash_ids=rec.hash_ids,  # blocks are a share of the prompt, whatever its scale
             )
         )
     return out
@@ -181,7 +185,7 @@ def _to_ms(delta: int | float, scale: int) -> float:
     return delta / scale if scale != 1 else float(delta)
 
 
-def _parse_csv(p: Path, lines: list[str], first: int) -> list[tuple[int, int, int, int]]:
+def _parse_csv(p: Path, lines: list[str], first: int) -> list[tuple[int, int, int, int, tuple]]:
     header = _split_csv(p, first + 1, lines[first])
     names = [h.strip().lower() for h in header]
     wanted = [c.lower() for c in CSV_COLUMNS]
@@ -202,7 +206,7 @@ def _parse_csv(p: Path, lines: list[str], first: int) -> list[tuple[int, int, in
     width = len(header)
 
     day_cache: dict[str, int] = {}
-    out: list[tuple[int, int, int, int]] = []
+    out: list[tuple[int, int, int, int, tuple]] = []
     for idx in range(first + 1, len(lines)):
         line = lines[idx]
         if not line.strip():
@@ -214,7 +218,7 @@ def _parse_csv(p: Path, lines: list[str], first: int) -> list[tuple[int, int, in
         us = _parse_timestamp_us(p, lineno, fields[i_ts], day_cache)
         ctx = _parse_count(p, lineno, CSV_COLUMNS[1], fields[i_ctx])
         gen = _parse_count(p, lineno, CSV_COLUMNS[2], fields[i_gen])
-        out.append((us, ctx, gen, 1000))
+        out.append((us, ctx, gen, 1000, ()))
     return out
 
 
@@ -265,8 +269,8 @@ def _parse_count(p: Path, lineno: int, name: str, text: str) -> int:
     return value
 
 
-def _parse_jsonl(p: Path, lines: list[str], first: int) -> list[tuple[Any, int, int, int]]:
-    out: list[tuple[Any, int, int, int]] = []
+def _parse_jsonl(p: Path, lines: list[str], first: int) -> list[tuple[Any, int, int, int, tuple]]:
+    out: list[tuple[Any, int, int, int, tuple]] = []
     for idx in range(first, len(lines)):
         line = lines[idx]
         if not line.strip():
@@ -288,7 +292,10 @@ def _parse_jsonl(p: Path, lines: list[str], first: int) -> list[tuple[Any, int, 
             raise TraceError(p, lineno, f"'timestamp' is not finite: {ts!r}")
         ctx = _json_count(p, lineno, "input_length", obj["input_length"])
         gen = _json_count(p, lineno, "output_length", obj["output_length"])
-        out.append((ts, ctx, gen, 1))
+        ids = obj.get("hash_ids", ())
+        if not isinstance(ids, (list, tuple)) or not all(type(i) is int for i in ids):
+            raise TraceError(p, lineno, f"'hash_ids' must be a list of integers, got {str(ids)[:60]}")
+        out.append((ts, ctx, gen, 1, tuple(ids)))
     return out
 
 

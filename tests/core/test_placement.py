@@ -294,7 +294,8 @@ def test_explain_lists_every_pool_with_all_its_reasons_and_scores():
     assert ex.picked == "a" == picked(placer.pick(spec))
     d = ex.as_dict()
     assert d["picked"] == "a" and d["task_id"] == "t-1" and d["strategy"] == "vram-aware"
-    assert d["candidates"][0] == {"pool_id": "a", "eligible": True, "reasons": [], "score": [-5 * GB, 1, "a"]}
+    assert d["candidates"][0] == {"pool_id": "a", "eligible": True, "reasons": [], "score": [-5 * GB, 1, "a"],
+                                  "prefix_blocks": 0}
     assert d["candidates"][1]["score"] is None
 
 
@@ -679,7 +680,7 @@ def ref_key(strategy: Strategy, p):
     s = p["snap"]
     if strategy is Strategy.VRAM_AWARE:
         return (-s.vram_free_bytes, p["leases"], s.replica_id, s.pool_id)
-    if strategy is Strategy.LEAST_LOADED:
+    if strategy in (Strategy.LEAST_LOADED, Strategy.PREFIX_AWARE):  # prefix-aware without a prefix
         return (p["leases"] / max(1, s.slots_total), -s.vram_free_bytes, s.replica_id, s.pool_id)
     return (s.pool_id,)  # round-robin from a fresh cursor: pool-id order
 
@@ -923,7 +924,7 @@ def test_index_agrees_with_brute_force_after_random_operations(data, strategy, o
             table.pop(pid, None)
         _check_index(placer, table)
     # and the picks over the resulting table agree with the reference (fresh cursors aside)
-    if strategy in (Strategy.VRAM_AWARE, Strategy.LEAST_LOADED) and table:
+    if strategy in (Strategy.VRAM_AWARE, Strategy.LEAST_LOADED, Strategy.PREFIX_AWARE) and table:
         for model in MODELS:
             for engine in ENGINES:
                 spec = task(model_ref=model, engine=engine)

@@ -305,6 +305,8 @@ def test_write_report_files_valid_and_byte_identical(tmp_path):
         "queue_wait_ms": "20.000",
         "ttft_ms": "",
         "e2e_ms": "30.000",
+        "prompt_tokens": "0",
+        "cached_tokens": "0",
     }
 
 

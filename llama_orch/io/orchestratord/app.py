@@ -352,6 +352,8 @@ def core_config(settings: OrchdSettings) -> tuple[OrchestratorConfig, Timeouts]:
         placement_strategy=Strategy(settings.placement_strategy), pool_stale_ms=settings.poll_interval_ms * 3,
         first_token_timeout_ms=settings.first_token_timeout_ms, token_timeout_ms=settings.token_timeout_ms,
         metrics_interval_ms=settings.metrics_interval_ms or None,
+        prefix_block_tokens=settings.prefix_block_tokens, prefix_load_slack=settings.prefix_load_slack,
+        prefix_blocks_per_pool=settings.prefix_blocks_per_pool,
         budgets=BudgetPolicy(tokens=settings.session_token_budget, time_ms=settings.session_time_budget_ms,
                              cost=settings.session_cost_budget,
                              cost_per_1k_prompt_tokens=settings.cost_per_1k_prompt_tokens,

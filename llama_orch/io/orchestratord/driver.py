@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -35,11 +36,13 @@ from ...core.events import (
     TokensReceived,
 )
 from ...core.orchestrator import Orchestrator
+from ...core.placement import Strategy
 from ...core.types import TaskSpec
 from ...ext.sse import frame_event
 from ..daemon import FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .metrics import OrchdMetrics
+from .prefix import prefix_chain, prompt_text
 from .wire import TaskPayload, parse_task_request
 
 LIVENESS_CHECK_S = 1.0
@@ -333,6 +336,11 @@ class CoreDriver:
         if spec.task_id in self.streams:
             return Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
                             message=f"task_id {spec.task_id} is already in use")
+        config = self.core.config
+        if config.placement_strategy is Strategy.PREFIX_AWARE and not spec.prefix:
+            chain = prefix_chain(prompt_text(payload.prompt, payload.messages), config.prefix_block_tokens)
+            if chain:
+                spec = dataclasses.replace(spec, prefix=chain)
         self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits)
         decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
                         and isinstance(c, (Admitted, Rejected)))

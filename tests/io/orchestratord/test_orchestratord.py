@@ -26,8 +26,8 @@ MODEL = "file:/models/tiny.gguf"
 
 
 async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_per_s=500.0, grace_s=30.0,
-                  limits=StreamLimits(), **cfg):
-    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=slots, tokens_per_s=tokens_per_s)))
+                  limits=StreamLimits(), engine_ctx=2048, **cfg):
+    engine = await aiohttp_server(mock_engine_app(MockConfig(slots=slots, tokens_per_s=tokens_per_s, ctx=engine_ctx)))
     pmd = await aiohttp_server(pool_managerd_app(PoolManagerSettings(
         runtime_dir=tmp_path / "engines", watch_interval_ms=20, health_interval_ms=30, provisioner_url=None)))
     write_handoff(tmp_path / "engines", Handoff(pool_id="pool-0", replica_id="r0", url=str(engine.make_url("")).rstrip("/"),
@@ -644,7 +644,8 @@ def _frames_with_ids(raw: bytes) -> list[tuple[str, int | None]]:
 async def test_a_finished_task_keeps_neither_its_prompt_nor_unbounded_frames(aiohttp_server, aiohttp_client,
                                                                             tmp_path):
     # 300 tasks with 900 KB prompts once held 262 MB for 5 minutes: the prompt stayed with the stream.
-    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=4, tokens_per_s=5000)
+    # (an engine context that takes the prompt: a prompt over it is refused, as llama-server refuses it)
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=4, tokens_per_s=5000, engine_ctx=65_536)
     driver = client.server.app[DRIVER]
     prompt = "word " * 40_000  # 200 KB
     warm = task(max_tokens=8, prompt=prompt)
