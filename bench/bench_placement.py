@@ -94,3 +94,25 @@ def test_explain_256(benchmark, strategy):
     benchmark.group = "explain (256 pools)"
     ex = benchmark(placer.explain, task)
     assert len(ex.candidates) == 256 + 2 * 16 and ex.picked is not None
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_prefix_aware_with_a_64_block_chain(benchmark, n):
+    """``prefix-aware`` with a 64-block prompt prefix (4k tokens in blocks of 64), a quarter of the
+    pools holding part of it (up to the whole) and every pool's index full of other prefixes.
+    Aim: within 2x of ``least-loaded`` at the same size (the same walk, plus the prefix match)."""
+    placer = cluster(Strategy.PREFIX_AWARE, n)
+    r = random.Random(7)
+    chain = tuple(r.getrandbits(64) for _ in range(64))
+    for i in range(n):
+        pool_id = f"pool-{i:04d}"
+        for _ in range(16):  # other conversations' prefixes
+            placer.record_prefix(pool_id, tuple(r.getrandbits(64) for _ in range(64)))
+        if i % 4 == 0:
+            placer.record_prefix(pool_id, chain[:r.randrange(1, 65)])
+    task = spec(prefix=chain)
+    assert isinstance(placer.pick(task), Pick)
+    benchmark.group = "decision: prefix-aware, 64-block chain"
+    benchmark(_decision(placer, task))
+    if benchmark.enabled:
+        benchmark.extra_info["us_per_decision"] = round(benchmark.stats.stats.median * 1e6, 2)

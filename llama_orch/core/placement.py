@@ -497,45 +497,46 @@ class Placer:
         by the prefix. Candidates are the first choices only (fitting, not excluded, not avoided,
         preferred when the task prefers): None when there is none, and the usual walk decides
         (a fallback is never taken for its cache)."""
-        depths = self.prefix.matches(spec.prefix)
-
         def first_choice(p: _Pool, pool_id: str) -> bool:
             return (pool_id not in exclude and pool_id not in avoid and (not prefer or pool_id in prefer)
                     and self._misfit(p, spec) is None)
 
+        ordered = self._ordered(group)
         least: float | None = None
-        ties: list[str] = []  # the least-loaded first choices (a few)
-        for pool_id in self._ordered(group):
+        first: str | None = None
+        for pool_id in ordered:
+            p = self._pools[pool_id]
+            if first_choice(p, pool_id):
+                least, first = p.leases / max(1, p.snapshot.slots_total), pool_id
+                break
+        if least is None or first is None:
+            return None
+        limit = least + self.prefix_load_slack + 1e-9
+        for depth, owners in self.prefix.deepest(spec.prefix):
+            best: tuple | None = None
+            for pool_id in owners:
+                p = self._pools.get(pool_id)
+                if p is None or p.key is None or p.group != group_key or not first_choice(p, pool_id):
+                    continue
+                load = p.leases / max(1, p.snapshot.slots_total)
+                if load > limit:
+                    continue
+                # the least loaded, then an order of its own per prefix (equals spread out)
+                key = (load, _spread(pool_id, spec.prefix[depth - 1]), pool_id)
+                if best is None or key < best:
+                    best = key
+            if best is not None:
+                return best[2]
+        # held nowhere eligible: a new prefix goes to one of the least-loaded, chosen by the prefix
+        # itself, so new conversations spread evenly and each one's next turn finds its cache
+        ties = [first]
+        for pool_id in ordered:  # the walk goes on after the first choice
             p = self._pools[pool_id]
             if not first_choice(p, pool_id):
                 continue
-            load = p.leases / max(1, p.snapshot.slots_total)
-            if least is None:
-                least = load
-            elif load > least:
+            if p.leases / max(1, p.snapshot.slots_total) > least or len(ties) >= PREFIX_SPREAD:
                 break
             ties.append(pool_id)
-            if len(ties) >= PREFIX_SPREAD:
-                break
-        if least is None:
-            return None
-        limit = least + self.prefix_load_slack + 1e-9
-        best: tuple | None = None
-        for pool_id, depth in depths.items():
-            p = self._pools.get(pool_id)
-            if p is None or p.key is None or p.group != group_key or not first_choice(p, pool_id):
-                continue
-            load = p.leases / max(1, p.snapshot.slots_total)
-            if load > limit:
-                continue
-            # longest prefix, then least loaded, then an order of its own per prefix (equals spread out)
-            key = (-depth, load, _spread(pool_id, spec.prefix[depth - 1]), pool_id)
-            if best is None or key < best:
-                best = key
-        if best is not None:
-            return best[3]
-        # held nowhere eligible: a new prefix goes to one of the least-loaded, chosen by the prefix
-        # itself, so new conversations spread evenly and each one's next turn finds its cache
         return min(ties, key=lambda pool_id: (_spread(pool_id, spec.prefix[0]), pool_id))
 
     def _group_key(self, spec: TaskSpec) -> tuple[str, str]:

@@ -16,6 +16,7 @@ the number of pools. A pool's entries are forgotten when its engine restarts or 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Iterator
 
 from .errors import InvariantViolation
 
@@ -96,6 +97,16 @@ class PrefixIndex:
                     if pool_id not in found:
                         found[pool_id] = depth
         return found
+
+    def deepest(self, chain: tuple[int, ...]) -> Iterator[tuple[int, set[str]]]:
+        """``(depth, pools holding block depth-1)`` from the deepest block held down: the first
+        depth at which some acceptable pool appears is the longest prefix any of them holds,
+        found without visiting every holder of every block (which ``matches`` does)."""
+        holders = self._holders
+        for depth in range(len(chain), 0, -1):
+            owners = holders.get(chain[depth - 1])
+            if owners:
+                yield depth, owners
 
     def check(self) -> None:
         """The reverse map agrees with the per-pool LRUs (for invariant checks and tests)."""

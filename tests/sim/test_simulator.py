@@ -174,3 +174,84 @@ def test_cli_bad_input_gets_one_clear_line(args, expected, tmp_path):
     assert any(expected in line for line in lines), run.stderr
     assert "Traceback" not in run.stderr and len(lines) <= 2
     assert not (tmp_path / "o").exists()
+
+
+# -- KV cache of prefix blocks ------------------------------------------------------------------
+
+
+def test_block_lru_and_llamacpp_slot_models():
+    from llama_orch.sim.kvcache import BlockLRU, SlotCaches
+
+    lru = BlockLRU(capacity=4)
+    assert lru.admit((1, 2, 3)) == (-1, 0)
+    assert lru.admit((1, 2, 9)) == (-1, 2)
+    lru.admit((5, 6))  # 5 blocks wanted, 4 kept: the oldest goes (the first chain's last block)
+    assert lru.admit((1, 2, 3)) == (-1, 2)
+    assert BlockLRU(capacity=None).admit(()) == (-1, 0)
+    slots = SlotCaches(2)
+    assert slots.admit((1, 2, 3)) == (0, 0)
+    assert slots.admit((1, 2)) == (1, 0)  # slot 0 is busy: its kept prompt cannot be used
+    slots.release(0)
+    slots.release(1)
+    assert slots.admit((1, 2, 3, 4)) == (0, 3)  # the slot sharing the longest prefix
+    with pytest.raises(ValueError, match="no free slot"):
+        slots.admit((9,)) and slots.admit((9,))
+
+
+def conversation_trace(turns=6, conversations=23, gap_ms=400.0):
+    """Conversations that resend their growing history; each turn one block longer. (23: not a
+    multiple of the pools, or round-robin would send each conversation to one pool by chance.)"""
+    records = []
+    for c in range(conversations):
+        for t in range(turns):
+            chain = tuple(c * 100 + k for k in range(t + 2))
+            records.append(TraceRecord(arrival_ms=(t * conversations + c) * gap_ms, context_tokens=512 * len(chain),
+                                       generated_tokens=20, hash_ids=chain))
+    return sorted(records, key=lambda r: r.arrival_ms)
+
+
+@pytest.mark.parametrize("kv_cache", ["block-lru", "llamacpp-slots"])
+def test_a_cached_prefix_is_not_prefilled_again_and_prefix_aware_placement_finds_it(kv_cache):
+    records = conversation_trace()
+    base = dict(pools=4, slots_per_pool=2, pool_losses=0, slow_engines=0, sessions=0, kv_cache=kv_cache,
+                prefill_ms_per_token=0.5)
+    runs = {s: Simulation(records, config=SimConfig(**base, placement_strategy=s), seed=0).run()
+            for s in ("round-robin", "prefix-aware")}
+    from llama_orch.sim.report import summarise
+
+    hit = {s: summarise(r)["prefix"]["hit_rate"] for s, r in runs.items()}
+    assert hit["prefix-aware"] > 2 * hit["round-robin"], hit
+    for t in runs["prefix-aware"].tasks:  # the first turn of each conversation finds nothing
+        assert 0 <= t.cached_tokens <= t.prompt_tokens
+    first_turns = [t for t in runs["prefix-aware"].tasks if t.arrival_ms < 23 * 400.0]
+    assert all(t.cached_tokens == 0 for t in first_turns)
+    # a hit makes the first token sooner: prefill is charged for the blocks not found only
+    none = Simulation(records, config=SimConfig(**{**base, "kv_cache": "none"}, placement_strategy="prefix-aware"),
+                      seed=0).run()
+    ttft = lambda r: sum(t.first_token_ms - t.arrival_ms for t in r.tasks)  # noqa: E731
+    assert ttft(runs["prefix-aware"]) < ttft(none)
+
+
+def test_compare_strategies_writes_one_row_per_strategy_and_capacity(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps({"timestamp": r.arrival_ms, "input_length": r.context_tokens,
+                                           "output_length": r.generated_tokens, "hash_ids": list(r.hash_ids)})
+                               for r in conversation_trace(turns=3, conversations=10)))
+    run = cli("replay", str(trace), "--compare-strategies", "--capacities", "4,0", "--sessions", "0",
+              "--pool-losses", "0", "--out", str(tmp_path / "cmp"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "cmp" / "strategies.json").read_text())
+    assert [(r["kv_cache_blocks"], r["strategy"]) for r in result["rows"]] == [
+        (c, s) for c in (4, 0) for s in ("vram-aware", "least-loaded", "round-robin", "random", "prefix-aware")]
+    assert all(r["completed"] == 30 for r in result["rows"])
+    assert "| unbounded | prefix-aware |" in (tmp_path / "cmp" / "strategies.md").read_text()
+    assert (tmp_path / "cmp" / "strategies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "--compare-strategies" in result["rerun"]
+    bad = cli("replay", str(trace), "--capacities", "4", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--compare-strategies" in bad.stderr
+
+
+def test_the_mooncake_trace_ships_with_its_prefix_blocks():
+    records = read_trace(ROOT / "bench" / "traces" / "mooncake_synthetic.jsonl")
+    assert len(records) == 3993 and all(r.hash_ids for r in records)
+    assert len(records[0].hash_ids) == -(-records[0].context_tokens // 512)  # blocks of 512 tokens
