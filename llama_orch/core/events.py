@@ -89,6 +89,7 @@ class StreamEnded(Event):
     attempt: int | None = None  # the Dispatch.attempt it belongs to; stale attempts are ignored
     tokens_out: int | None = None
     decode_ms: float | None = None
+    cached_tokens: int | None = None  # prompt tokens the engine found in its KV cache, when it says
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -348,9 +348,11 @@ class Orchestrator:
         decode_ms = event.decode_ms
         if decode_ms is None:
             decode_ms = now - (task.first_token_at if task.first_token_at is not None else now)
-        self._finish(task, Outcome.COMPLETED, now, out, data={
-            "tokens_out": task.tokens_out, "decode_ms": int(decode_ms), "decode_time_ms": int(decode_ms),
-            "kv_warmth": task.kv_warmth})
+        data = {"tokens_out": task.tokens_out, "decode_ms": int(decode_ms), "decode_time_ms": int(decode_ms),
+                "kv_warmth": task.kv_warmth}
+        if event.cached_tokens is not None:
+            data["cached_tokens"] = event.cached_tokens
+        self._finish(task, Outcome.COMPLETED, now, out, data=data)
 
     def _on_watched(self, event: TaskWatched, now: float, out: list[Command]) -> None:
         interval = self.config.metrics_interval_ms

@@ -620,13 +620,30 @@ cdef class TokenRelay:
             "predicted_ms": (<dict>timings).get("predicted_ms"),
             "prompt_ms": (<dict>timings).get("prompt_ms"),
             "stop_type": obj.get("stop_type"),
+            "cached_tokens": _llamacpp_cached(obj, <dict>timings),
         }
 
     cdef dict _openai_end(self):
         cdef object usage = self._usage if isinstance(self._usage, dict) else {}
+        cdef object details = (<dict>usage).get("prompt_tokens_details")
+        cdef object cached = (<dict>details).get("cached_tokens") if isinstance(details, dict) else None
         return {
             "kind": "end",
             "finish_reason": self._finish_reason,
             "tokens_predicted": (<dict>usage).get("completion_tokens"),
             "tokens_evaluated": (<dict>usage).get("prompt_tokens"),
+            "cached_tokens": cached if type(cached) is int and cached >= 0 else None,
         }
+
+
+cdef object _llamacpp_cached(dict obj, dict timings):
+    """Prompt tokens the engine did not evaluate again: ``timings.cache_n`` (llama-server since
+    late 2025), else the prompt's tokens minus those evaluated (``timings.prompt_n``)."""
+    cdef object cached = timings.get("cache_n")
+    if type(cached) is int and cached >= 0:
+        return cached
+    cdef object evaluated = obj.get("tokens_evaluated")
+    cdef object prompt_n = timings.get("prompt_n")
+    if type(evaluated) is int and type(prompt_n) is int and evaluated >= prompt_n >= 0:
+        return evaluated - prompt_n
+    return None

@@ -327,10 +327,13 @@ class TokenRelay:
     upstream did not say:
 
     * llamacpp end: ``{"kind": "end", "tokens_predicted", "tokens_evaluated",
-      "predicted_ms", "prompt_ms", "stop_type"}`` (the two ``_ms`` from ``timings``);
+      "predicted_ms", "prompt_ms", "stop_type", "cached_tokens"}`` (the two ``_ms``
+      from ``timings``; ``cached_tokens``, the prompt tokens the engine found in its
+      KV cache: ``timings.cache_n``, else ``tokens_evaluated - timings.prompt_n``);
     * openai end: ``{"kind": "end", "finish_reason", "tokens_predicted",
-      "tokens_evaluated"}`` (the last ``finish_reason`` seen; the counts from the
-      last ``usage`` seen);
+      "tokens_evaluated", "cached_tokens"}`` (the last ``finish_reason`` seen; the
+      counts from the last ``usage`` seen, ``cached_tokens`` from its
+      ``prompt_tokens_details``);
     * error: ``{"kind": "error", "message": str, "code", "type"}`` for an upstream
       ``{"error": ...}`` frame (or, openai, ``{"object": "error", ...}``), an
       ``event: error``, invalid JSON, a frame that is not a JSON object, or an
@@ -474,13 +477,29 @@ class TokenRelay:
             "predicted_ms": timings.get("predicted_ms"),
             "prompt_ms": timings.get("prompt_ms"),
             "stop_type": obj.get("stop_type"),
+            "cached_tokens": _llamacpp_cached(obj, timings),
         }
 
     def _openai_end(self) -> dict:
         usage = self._usage if isinstance(self._usage, dict) else {}
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
         return {
             "kind": "end",
             "finish_reason": self._finish_reason,
             "tokens_predicted": usage.get("completion_tokens"),
             "tokens_evaluated": usage.get("prompt_tokens"),
+            "cached_tokens": cached if type(cached) is int and cached >= 0 else None,
         }
+
+
+def _llamacpp_cached(obj: dict, timings: dict) -> int | None:
+    """Prompt tokens the engine did not evaluate again: ``timings.cache_n`` (llama-server since
+    late 2025), else the prompt's tokens minus those evaluated (``timings.prompt_n``)."""
+    cached = timings.get("cache_n")
+    if type(cached) is int and cached >= 0:
+        return cached
+    evaluated, prompt_n = obj.get("tokens_evaluated"), timings.get("prompt_n")
+    if type(evaluated) is int and type(prompt_n) is int and evaluated >= prompt_n >= 0:
+        return evaluated - prompt_n
+    return None

@@ -26,6 +26,7 @@ LLAMA_END = {
     "predicted_ms": 20.5,
     "prompt_ms": 1.2,
     "stop_type": "limit",
+    "cached_tokens": 0,  # tokens_evaluated - timings.prompt_n: nothing was found in the cache
 }
 LLAMA_ERROR = b'data: {"error":{"code":500,"message":"slot unavailable","type":"server_error"}}\n\n'
 
@@ -137,6 +138,7 @@ def test_llamacpp_final_frame_with_content(sse_impl):
         "predicted_ms": None,
         "prompt_ms": None,
         "stop_type": "eos",
+        "cached_tokens": None,
     }
 
 
@@ -158,6 +160,7 @@ def test_llamacpp_tolerates_done(sse_impl):
         "predicted_ms": None,
         "prompt_ms": None,
         "stop_type": None,
+        "cached_tokens": None,
     }
 
 
@@ -258,7 +261,7 @@ def test_openai_chat_stream(sse_impl):
     assert (n, final) == (0, None)
     usage = {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
     out, n, final = r.feed(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n" + DONE)
-    assert final == {"kind": "end", "finish_reason": "length", "tokens_predicted": 8, "tokens_evaluated": 5}
+    assert final == {"kind": "end", "finish_reason": "length", "tokens_predicted": 8, "tokens_evaluated": 5, "cached_tokens": None}
     assert r.feed(openai_chat("more")) == (b"", 0, None)
 
 
@@ -267,7 +270,7 @@ def test_openai_completions_stream_without_usage(sse_impl):
     out, n, final = r.feed(openai_text(" a") + openai_text(" b", finish="stop") + DONE)
     assert out == frames([" a", " b"], start=3)
     assert n == 2
-    assert final == {"kind": "end", "finish_reason": "stop", "tokens_predicted": 2, "tokens_evaluated": None}
+    assert final == {"kind": "end", "finish_reason": "stop", "tokens_predicted": 2, "tokens_evaluated": None, "cached_tokens": None}
 
 
 def test_openai_llamacpp_server_final_chunk(sse_impl):
@@ -275,7 +278,7 @@ def test_openai_llamacpp_server_final_chunk(sse_impl):
     r = sse_impl.TokenRelay("openai")
     last = openai_chat(None, finish="stop", usage={"completion_tokens": 2, "prompt_tokens": 4}, timings={})
     _, _, final = r.feed(openai_chat("x") + last + DONE)
-    assert final == {"kind": "end", "finish_reason": "stop", "tokens_predicted": 2, "tokens_evaluated": 4}
+    assert final == {"kind": "end", "finish_reason": "stop", "tokens_predicted": 2, "tokens_evaluated": 4, "cached_tokens": None}
 
 
 def test_openai_errors(sse_impl):
@@ -589,3 +592,23 @@ def test_slow_path_oracle_differs_only_in_bytes(sse_impl, monkeypatch):
     assert slow[0] == frames(["café"]) != fast[0]
     assert token_frame_data(slow[0]) == token_frame_data(fast[0])
     assert slow[1:] == fast[1:]
+
+
+@pytest.mark.parametrize("timings, cached", [
+    ({"cache_n": 71, "prompt_n": 1}, 71),      # llama-server reports what it found in its KV cache
+    ({"prompt_n": 2}, 70),                     # an older one: the prompt's tokens minus those evaluated
+    ({"cache_n": -1, "prompt_n": 80}, None),   # nonsense is not a count
+    ({}, None),
+])
+def test_the_prompt_tokens_found_in_the_engines_cache(sse_impl, timings, cached):
+    final = orjson.dumps({"content": "", "stop": True, "tokens_evaluated": 72, "timings": timings})
+    _, _, end = sse_impl.TokenRelay().feed(b"data: " + final + b"\n\n")
+    assert end["cached_tokens"] == cached
+
+
+def test_openai_cached_tokens_from_prompt_tokens_details(sse_impl):
+    r = sse_impl.TokenRelay("openai")
+    usage = {"prompt_tokens": 40, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 32}}
+    _, _, final = r.feed(openai_chat("x", finish="stop") + b"data: " + orjson.dumps(
+        {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage}) + b"\n\n" + DONE)
+    assert final["cached_tokens"] == 32

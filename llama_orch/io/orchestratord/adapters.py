@@ -16,7 +16,8 @@ events. Every upstream read is relayed as one buffer of our ``token`` frames (th
 - ``mock``: no engine at all; deterministic words at a fixed rate, in process. For load
   tests and benchmarks of the orchestrator itself.
 
-The sink hears ``tokens`` zero or more times, then exactly one of ``ended`` or ``failed``;
+The sink hears ``tokens`` zero or more times, then exactly one of ``ended`` (with the prompt
+tokens the engine found in its KV cache, when it says) or ``failed``;
 nothing at all once the adapter's task is cancelled (even when the sink itself cancelled it
 from inside ``tokens``). ``ended``'s ``tokens_out`` is the number of tokens relayed by this
 stream, the count the client saw indices for, whatever the engine's own count says (an
@@ -84,7 +85,7 @@ class Sink(Protocol):
 
     def tokens(self, frames: bytes, count: int) -> None: ...
 
-    def ended(self, *, tokens_out: int | None, decode_ms: float | None) -> None: ...
+    def ended(self, *, tokens_out: int | None, decode_ms: float | None, cached_tokens: int | None = None) -> None: ...
 
     def failed(self, *, code: str, message: str, before_first_token: bool) -> None: ...
 
@@ -115,10 +116,10 @@ class _Report:
             self.got_token = True
             self.sink.tokens(frames, count)
 
-    def ended(self, tokens_out: int, decode_ms: float | None) -> None:
+    def ended(self, tokens_out: int, decode_ms: float | None, cached_tokens: int | None = None) -> None:
         if not self.stopped:
             self.done = True
-            self.sink.ended(tokens_out=tokens_out, decode_ms=decode_ms)
+            self.sink.ended(tokens_out=tokens_out, decode_ms=decode_ms, cached_tokens=cached_tokens)
 
     def failed(self, code: str, message: str) -> None:
         if not self.stopped:
@@ -250,7 +251,7 @@ class HttpAdapter:
                         if final.get("kind") == "error":
                             report.failed("INTERNAL", f"engine error: {final.get('message')}")
                         else:
-                            report.ended(relay.tokens, final.get("predicted_ms"))
+                            report.ended(relay.tokens, final.get("predicted_ms"), final.get("cached_tokens"))
                         return
             raise _Refused("WORKER_RESET", f"engine closed the stream after {relay.tokens} tokens, before its final frame")
 

@@ -590,11 +590,13 @@ class _TaskSink:
                     stream.release()  # no retry after the first token: the prompt is not needed again
                 break
 
-    def ended(self, *, tokens_out: int | None, decode_ms: float | None) -> None:
+    def ended(self, *, tokens_out: int | None, decode_ms: float | None, cached_tokens: int | None = None) -> None:
         metrics = self.driver.metrics
         metrics.child(metrics.dispatched, self.pool_id, "completed").inc()
+        if cached_tokens:
+            metrics.child(metrics.prefix_cache_hit_tokens, self.pool_id).inc(cached_tokens)
         self.driver.handle(StreamEnded(task_id=self.task_id, attempt=self.attempt, tokens_out=tokens_out,
-                                       decode_ms=decode_ms))
+                                       decode_ms=decode_ms, cached_tokens=cached_tokens))
 
     def failed(self, *, code: str, message: str, before_first_token: bool) -> None:
         self.driver.narrate_failure(self.task_id, code, message, before_first_token)

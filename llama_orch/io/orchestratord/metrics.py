@@ -54,6 +54,8 @@ class OrchdMetrics:
                                          ["pool_id"], registry=r,
                                          buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500))
         self.dispatched = Counter("orchd_tasks_dispatched", "Dispatch attempts", ["pool_id", "outcome"], registry=r)
+        self.prefix_cache_hit_tokens = Counter("prefix_cache_hit_tokens", "Prompt tokens an engine found in its KV "
+                                               "cache (as the engine reports it)", ["pool_id"], registry=r)
         self.dispatch_latency = Histogram("orchd_dispatch_latency_ms", "Dispatch to the first token from that pool (ms)",
                                           ["pool_id"], registry=r,
                                           buckets=(5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))

@@ -413,9 +413,15 @@ class ChunkFramer:
         return last + DONE
 
 
-def usage_of(parsed: ParsedRequest, tokens_out: int) -> dict:
-    return {"prompt_tokens": parsed.prompt_tokens, "completion_tokens": tokens_out,
-            "total_tokens": parsed.prompt_tokens + tokens_out}
+def usage_of(parsed: ParsedRequest, tokens_out: int, final: dict) -> dict:
+    """OpenAI's usage block; ``prompt_tokens_details.cached_tokens`` when the engine said how
+    much of the prompt it found in its KV cache (the end event's ``cached_tokens``)."""
+    usage: dict = {"prompt_tokens": parsed.prompt_tokens, "completion_tokens": tokens_out,
+                   "total_tokens": parsed.prompt_tokens + tokens_out}
+    cached = final.get("cached_tokens")
+    if isinstance(cached, int):
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 async def follow(request: web.Request, stream: Stream, fast: Callable[[bytes], bytes | None] | None = None
@@ -558,7 +564,7 @@ class OpenAIFrontDoor:
                         rid, obj = f"cmpl-{spec.task_id}", "text_completion"
                         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
                     resp = _json({"id": rid, "object": obj, "created": int(time.time()), "model": parsed.model,
-                                  "choices": [choice], "usage": usage_of(parsed, tokens_out)})
+                                  "choices": [choice], "usage": usage_of(parsed, tokens_out, final)})
                     resp.headers.update(self._headers(request, spec.task_id))
                     return resp
         raise RuntimeError(f"task {spec.task_id}: stream ended without a terminal event")
@@ -588,7 +594,7 @@ class OpenAIFrontDoor:
                     else:
                         tokens_out = int(final.get("tokens_out", 0))
                         out.append(framer.closing(finish_reason(tokens_out, spec.max_tokens),
-                                                  usage_of(parsed, tokens_out) if parsed.include_usage else None))
+                                                  usage_of(parsed, tokens_out, final) if parsed.include_usage else None))
             if out:
                 await resp.write(b"".join(out))  # every chunk of one upstream read in one write
         await resp.write_eof()

@@ -7,7 +7,9 @@ as ChatML, llama-server's fallback for a model without a template), ``/completio
 frames, a final ``stop: true`` frame with ``timings``, no ``[DONE]``), ``/v1/completions`` and
 ``/v1/chat/completions`` (OpenAI chunks ending in ``data: [DONE]``; chat opens with a role
 chunk and carries ``usage`` only when ``stream_options.include_usage`` asks, as llama-server
-does). Requests beyond the slot count wait for a slot, as llama-server's do; a client that
+does). Each slot keeps its last prompt, as llama-server's do: a request takes the free slot
+sharing the longest prefix of words with it, and that prefix is reported as cached
+(``timings.cache_n``, ``usage.prompt_tokens_details.cached_tokens``) and not prefilled again. Requests beyond the slot count wait for a slot, as llama-server's do; a client that
 goes away frees its slot. A prompt of the context size or more is refused (HTTP 400
 ``exceed_context_size_error``), as llama-server refuses it.
 
@@ -66,6 +68,11 @@ class MockEngine:
         self.started = time.monotonic()
         self.slots = asyncio.Semaphore(config.slots)
         self.busy = [False] * config.slots
+        # As llama-server: each slot keeps the last prompt it served (and what it generated), a
+        # request takes the free slot sharing the longest prefix with it, and that prefix is not
+        # evaluated again (``timings.cache_n``; the prefill is charged for the rest).
+        self.kept: list[list[str]] = [[] for _ in range(config.slots)]
+        self.cached = [0] * config.slots
         self.rng = random.Random(config.seed)
         self.prompt_tokens_total = 0
         self.predicted_total = 0
@@ -166,7 +173,8 @@ class MockEngine:
         seed = body.get("seed")
         seed = seed if isinstance(seed, int) else 0
         prompt = body.get("prompt") or " ".join(m.get("content", "") for m in body.get("messages", []))
-        prompt_tokens = max(1, len(str(prompt).split()))
+        prompt_words = str(prompt).split()
+        prompt_tokens = max(1, len(prompt_words))
         if prompt_tokens >= self.config.ctx:
             return json_response({"error": {"code": 400, "type": "exceed_context_size_error",
                                             "message": "the request exceeds the available context size, try increasing it",
@@ -178,21 +186,39 @@ class MockEngine:
         self.deferred += 1
         async with self.slots:
             self.deferred -= 1
-            slot = self.busy.index(False)
-            self.busy[slot] = True
+            slot = self._take_slot(prompt_words, body.get("cache_prompt", True) is not False)
             try:
                 return await self._run(request, dialect, slot, words, prompt_tokens, stream, usage)
             finally:
                 self.busy[slot] = False
+                self.kept[slot] = prompt_words + words
 
-    def prefill_s(self, prompt_tokens: int) -> float:
-        return (self.config.first_token_ms + self.config.prefill_ms_per_token * prompt_tokens) / 1000.0
+    def _take_slot(self, prompt_words: list[str], reuse: bool) -> int:
+        best, best_common = -1, -1
+        for slot, kept in enumerate(self.kept):
+            if self.busy[slot]:
+                continue
+            common = 0
+            if reuse:
+                for a, b in zip(kept, prompt_words):
+                    if a != b:
+                        break
+                    common += 1
+            if common > best_common:
+                best, best_common = slot, common
+        self.busy[best] = True
+        # the last prompt token is always evaluated again (its logits start the generation)
+        self.cached[best] = min(best_common, max(0, len(prompt_words) - 1))
+        return best
+
+    def prefill_s(self, prompt_tokens: int, cached: int = 0) -> float:
+        return (self.config.first_token_ms + self.config.prefill_ms_per_token * (prompt_tokens - cached)) / 1000.0
 
     async def _run(self, request, dialect, slot, words, prompt_tokens, stream, usage) -> web.StreamResponse:
         self.prompt_tokens_total += prompt_tokens
         started = time.monotonic()
         if not stream:
-            await asyncio.sleep(self.prefill_s(prompt_tokens) + len(words) / self.config.tokens_per_s)
+            await asyncio.sleep(self.prefill_s(prompt_tokens, self.cached[slot]) + len(words) / self.config.tokens_per_s)
             self.predicted_total += len(words)
             text = "".join(" " + w for w in words)
             return json_response(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
@@ -206,7 +232,7 @@ class MockEngine:
 
     async def _stream(self, request, resp, dialect, slot, words, prompt_tokens, started, usage) -> None:
         loop = asyncio.get_running_loop()
-        first_due = loop.time() + self.prefill_s(prompt_tokens)
+        first_due = loop.time() + self.prefill_s(prompt_tokens, self.cached[slot])
         per_token = 1.0 / self.config.tokens_per_s
         if dialect == "openai-chat":
             role = {"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": None}
@@ -259,14 +285,16 @@ class MockEngine:
         return self._openai(dialect, [{"index": 0, "delta": {"content": text}, "finish_reason": None}])
 
     def _final(self, dialect, text, n, prompt_tokens, started, slot, *, stream: bool) -> dict:
-        prompt_ms = self.prefill_s(prompt_tokens) * 1000
+        cached = self.cached[slot]
+        prompt_ms = self.prefill_s(prompt_tokens, cached) * 1000
         ms = max(0.0, (time.monotonic() - started) * 1000 - prompt_ms)
         if dialect == "llamacpp":
             return {"index": 0, "content": text, "tokens": [], "id_slot": slot, "stop": True, "model": self.config.model,
                     "tokens_predicted": n, "tokens_evaluated": prompt_tokens, "stop_type": "limit",
-                    "timings": {"prompt_n": prompt_tokens, "prompt_ms": round(prompt_ms, 3), "predicted_n": n,
-                                "predicted_ms": ms}}
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+                    "timings": {"cache_n": cached, "prompt_n": prompt_tokens - cached, "prompt_ms": round(prompt_ms, 3),
+                                "predicted_n": n, "predicted_ms": ms}}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
         if dialect == "openai-text":
             choice = {"index": 0, "text": text, "finish_reason": "length"}
             return {"id": "cmpl-mock", "object": "text_completion", "model": self.config.model,

@@ -51,8 +51,8 @@ class RecordingSink:
         self.events += [orjson.loads(data) for _, data in events]
         self.calls.append(count)
 
-    def ended(self, *, tokens_out, decode_ms) -> None:
-        self.ends.append({"tokens_out": tokens_out, "decode_ms": decode_ms})
+    def ended(self, *, tokens_out, decode_ms, cached_tokens=None) -> None:
+        self.ends.append({"tokens_out": tokens_out, "decode_ms": decode_ms, "cached_tokens": cached_tokens})
 
     def failed(self, *, code, message, before_first_token) -> None:
         self.failures.append({"code": code, "message": message, "before_first_token": before_first_token})

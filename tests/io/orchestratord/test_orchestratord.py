@@ -740,3 +740,29 @@ async def test_a_queued_task_whose_readers_are_all_gone_is_not_dispatched(aiohtt
     assert end[-1] == "end" and "token" not in end
     assert driver.metrics.canceled.labels(reason="disconnect")._value.get() == 1
     assert driver.metrics.dispatched.labels(pool_id="pool-0", outcome="completed")._value.get() == sent_before
+
+
+async def test_what_the_engine_found_in_its_cache_reaches_the_end_event_the_metric_and_openai_usage(
+        aiohttp_server, aiohttp_client, tmp_path):
+    from llama_orch.core.placement import Strategy
+
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=1, tokens_per_s=5000,
+                           placement_strategy=Strategy.PREFIX_AWARE)
+    history = " ".join(f"w{i}" for i in range(300))  # a conversation's history, about 1,000 characters
+    first = task(prompt=history, max_tokens=4)
+    assert (await client.post("/v2/tasks", json=first)).status == 202
+    kind, end = (await events_of(client, first["task_id"]))[-1]
+    assert kind == "end" and end["cached_tokens"] == 0  # a fresh engine holds nothing
+    # the next turn resends the history: the engine's slot still holds it
+    second = task(prompt=history + " and more", max_tokens=4)
+    assert (await client.post("/v2/tasks", json=second)).status == 202
+    end = (await events_of(client, second["task_id"]))[-1]
+    assert end[0] == "end" and end[1]["cached_tokens"] == 300
+    # the prefix signature was computed from the prompt and recorded for the pool
+    placer = client.server.app[DRIVER].core.placer
+    assert placer.prefix.blocks("pool-0") > 0
+    metrics = await (await client.get("/metrics")).text()
+    assert 'prefix_cache_hit_tokens_total{pool_id="pool-0"} 300.0' in metrics
+    resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": history + " again", "max_tokens": 2})
+    usage = (await resp.json())["usage"]
+    assert resp.status == 200 and usage["prompt_tokens_details"] == {"cached_tokens": 300}
