@@ -188,3 +188,40 @@ def test_a_prefix_must_be_a_tuple(chain):
 
     with pytest.raises(UsageError, match="prefix"):
         TaskSpec(task_id="t", session_id="s", model_ref=MODEL, prefix=chain)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_the_pick_is_the_longest_held_prefix_among_first_choices_within_the_slack(data):
+    """Against a brute-force reference over random pools, leases, cached prefixes and avoids."""
+    n = data.draw(st.integers(1, 6))
+    slack = data.draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]))
+    p = placer(n=n, slack=slack)
+    chain = (1, 2, 3, 4)
+    held = {}
+    for i in range(n):
+        pool_id = f"p{i}"
+        depth = data.draw(st.integers(0, 4))
+        if depth:
+            p.record_prefix(pool_id, chain[:depth])
+            held[pool_id] = depth
+        for _ in range(data.draw(st.integers(0, 4))):
+            if p.leases(pool_id) < 4:
+                p.acquire(pool_id)
+    avoid = tuple(data.draw(st.lists(st.sampled_from([f"p{i}" for i in range(n)]), max_size=2, unique=True)))
+    spec = task(chain, placement=PlacementRequest(mode=PlacementMode.AUTO, avoid_pools=avoid))
+    decision = p.pick(spec)
+    free = {f"p{i}": 4 - p.leases(f"p{i}") for i in range(n)}
+    first = [pid for pid in free if free[pid] > 0 and pid not in avoid]
+    if not first:  # only an avoided pool (a fallback) or none at all: never chosen for its cache
+        assert not isinstance(decision, Pick) or decision.pool_id in avoid
+        return
+    load = {pid: p.leases(pid) / 4 for pid in first}
+    least = min(load.values())
+    within = [pid for pid in first if load[pid] <= least + slack + 1e-9]
+    best_depth = max((held.get(pid, 0) for pid in within), default=0)
+    chosen = picked(decision)
+    assert chosen in first and load[chosen] <= least + slack + 1e-9
+    assert held.get(chosen, 0) == best_depth
+    if best_depth == 0:
+        assert load[chosen] == least  # a new prefix goes to a least-loaded pool
