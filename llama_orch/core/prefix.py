@@ -16,9 +16,19 @@ the number of pools. A pool's entries are forgotten when its engine restarts or 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .errors import InvariantViolation
+
+
+def common_prefix_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items two sequences share (an engine slot's kept prompt and a new one)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class PrefixIndex:

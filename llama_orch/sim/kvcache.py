@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from ..core.prefix import common_prefix_length
+
 KV_CACHE_MODELS = ("none", "block-lru", "llamacpp-slots")
 
 
@@ -68,11 +70,7 @@ class SlotCaches:
         for slot, kept in enumerate(self._kept):
             if self._busy[slot]:
                 continue
-            hit = 0
-            for a, b in zip(kept, chain):
-                if a != b:
-                    break
-                hit += 1
+            hit = common_prefix_length(kept, chain)
             if hit > best_hit:
                 best, best_hit = slot, hit
         if best < 0:

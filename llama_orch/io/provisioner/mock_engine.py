@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from ...core.prefix import common_prefix_length
 from ..daemon import prepare
 from ..http import json_response
 
@@ -198,12 +199,7 @@ class MockEngine:
         for slot, kept in enumerate(self.kept):
             if self.busy[slot]:
                 continue
-            common = 0
-            if reuse:
-                for a, b in zip(kept, prompt_words):
-                    if a != b:
-                        break
-                    common += 1
+            common = common_prefix_length(kept, prompt_words) if reuse else 0
             if common > best_common:
                 best, best_common = slot, common
         self.busy[best] = True
