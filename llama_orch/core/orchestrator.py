@@ -297,10 +297,12 @@ class Orchestrator:
         self._arm(now + self.config.first_token_timeout_ms, _FIRST_TOKEN, task_id)
         if task.first_dispatched_at is None:
             task.first_dispatched_at = now
-            out.append(EmitEvent(task_id=task_id, kind="started", data={
-                "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms,
-                "pool_id": pool_id, "kv_warmth": kv_warmth,
-                "queued_ms": int(now - task.submitted_at)}))
+        # Every dispatch says where the task goes: a retry on another pool (before the first
+        # token, the only time there is one) gets a ``started`` of its own naming that pool.
+        out.append(EmitEvent(task_id=task_id, kind="started", data={
+            "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms,
+            "pool_id": pool_id, "kv_warmth": kv_warmth, "attempt": task.attempts,
+            "queued_ms": int(now - task.submitted_at)}))
         out.append(Dispatch(task_id=task_id, pool_id=pool_id, attempt=task.attempts, kv_warmth=kv_warmth,
                             engine_url=placer.snapshot(pool_id).engine_url))  # type: ignore[union-attr]
 

@@ -15,7 +15,8 @@ Rules
 - ``pin`` never falls back. ``prefer`` picks the best preferred candidate, else (with
   ``allow_fallback``) the best of the rest; ``avoid`` skips avoided pools unless nothing else
   fits and ``allow_fallback`` is true. A session sticks to its last pool while that pool is a
-  candidate; when it is not, the pick reports ``kv_warmth=False``.
+  candidate. ``kv_warmth`` is true only for a pick of the session's own last pool: a new
+  session, or one moved elsewhere, finds its cache cold.
 - Free slots are counted from the orchestrator's own leases (taken at dispatch, returned at
   the terminal event), so a stale snapshot cannot oversubscribe a pool.
 
@@ -450,7 +451,7 @@ class Placer:
                 return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=True,
                               message=f"pinned pool {placement.pin_pool_id} is gone")
             if p.usable and p.free > 0 and self._misfit(p, spec) is None and p.snapshot.pool_id not in exclude:
-                return Pick(pool_id=p.snapshot.pool_id, kv_warmth=session_pool in (None, p.snapshot.pool_id))
+                return Pick(pool_id=p.snapshot.pool_id, kv_warmth=session_pool == p.snapshot.pool_id)
             return NoPick(code="POOL_UNREADY", http_status=503, permanent=False,
                           message=f"pinned pool {p.snapshot.pool_id} is {self._unavailable(p) or 'unfit'}")
         group_key = self._group_key(spec)
@@ -467,7 +468,7 @@ class Placer:
         if spec.prefix and self.strategy is Strategy.PREFIX_AWARE:
             chosen = self._prefix_pick(spec, group, group_key, exclude, prefer, avoid)
             if chosen is not None:
-                return self._chose(chosen, session_pool in (None, chosen))
+                return self._chose(chosen, session_pool == chosen)
         fallback: str | None = None     # best fitting pool that is only not preferred
         last_resort: str | None = None  # best fitting avoided pool: used only if nothing else fits
         for pool_id in self._ordered(group):
@@ -482,12 +483,12 @@ class Placer:
                 if fallback is None:
                     fallback = pool_id
                 continue
-            return self._chose(pool_id, session_pool in (None, pool_id))
+            return self._chose(pool_id, session_pool == pool_id)
         if placement.allow_fallback:
             chosen = fallback if fallback is not None else last_resort
             if chosen is not None:
                 # falling back onto the session's own pool still finds its KV cache warm
-                return self._chose(chosen, session_pool in (None, chosen))
+                return self._chose(chosen, session_pool == chosen)
         return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no fitting pool has a free slot")
 
     def _prefix_pick(self, spec: TaskSpec, group: _Group, group_key: tuple[str, str], exclude: tuple[str, ...],

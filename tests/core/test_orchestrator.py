@@ -235,7 +235,9 @@ def test_retry_before_first_token_goes_to_another_pool():
     out = run(DispatchFailed(task_id="t1", code="WORKER_RESET", message="connection refused"), 5.0)
     again = only(out, Dispatch)
     assert again.pool_id != first and again.attempt == 2 and again.kv_warmth is False
-    assert not [c for c in out if isinstance(c, EmitEvent)]  # `started` is sent once
+    # the client hears where the task runs now: a `started` of the retry, naming the other pool
+    (started,) = [c for c in out if isinstance(c, EmitEvent)]
+    assert started.kind == "started" and started.data["pool_id"] == again.pool_id and started.data["attempt"] == 2
     assert core.placer.leases(first) == 0 and core.placer.leases(again.pool_id) == 1
 
 

@@ -90,7 +90,7 @@ def test_constructor_rejects_a_strategy_name_string():
 def test_vram_aware_picks_most_free_vram():
     placer = make(Strategy.VRAM_AWARE, snap("a", vram_free_bytes=4 * GB), snap("b", vram_free_bytes=8 * GB),
                   snap("c", vram_free_bytes=6 * GB))
-    assert placer.pick(task()) == Pick(pool_id="b", kv_warmth=True)
+    assert placer.pick(task()) == Pick(pool_id="b", kv_warmth=False)  # a new session: nothing is warm
     placer.update(snap("c", vram_free_bytes=9 * GB), 5)
     assert picked(placer.pick(task())) == "c"
 
@@ -240,7 +240,7 @@ def test_each_filter_excludes_the_pool_and_explain_says_why(name, over, setup, t
     if setup:
         setup(placer)
     spec = task(**task_kw)
-    assert placer.pick(spec) == Pick(pool_id="ok", kv_warmth=True)
+    assert placer.pick(spec) == Pick(pool_id="ok", kv_warmth=False)
     ex = placer.explain(spec)
     records = {c.pool_id: c for c in ex.candidates}
     assert list(records) == ["ok", "x"]
@@ -342,7 +342,7 @@ def test_explain_does_not_change_later_picks(strategy):
 
 def test_pin_picks_the_pinned_pool_even_when_others_score_better():
     placer = make(Strategy.VRAM_AWARE, snap("a", vram_free_bytes=1 * GB), snap("b", vram_free_bytes=20 * GB))
-    assert placer.pick(task(placement=pin("a"))) == Pick(pool_id="a", kv_warmth=True)
+    assert placer.pick(task(placement=pin("a"))) == Pick(pool_id="a", kv_warmth=False)
     assert placer.pick(task(placement=pin("a")), session_pool="b") == Pick(pool_id="a", kv_warmth=False)
     assert placer.pick(task(placement=pin("a")), session_pool="a") == Pick(pool_id="a", kv_warmth=True)
 
@@ -691,7 +691,7 @@ def ref_pick(strategy: Strategy, pools: dict, spec: TaskSpec, session_pool: str 
     if req.mode is PlacementMode.PIN:  # an excluded pinned pool is not picked: the task waits for it
         if req.pin_pool_id in exclude:
             return None
-        return (req.pin_pool_id, session_pool in (None, req.pin_pool_id)) if req.pin_pool_id in ok else None
+        return (req.pin_pool_id, session_pool == req.pin_pool_id) if req.pin_pool_id in ok else None
     ok -= set(exclude)
     prefer = set(req.prefer_pools) if req.mode is PlacementMode.PREFER and req.prefer_pools else None
     avoided = set(req.avoid_pools)
@@ -708,7 +708,7 @@ def ref_pick(strategy: Strategy, pools: dict, spec: TaskSpec, session_pool: str 
     for tier in tiers:
         if tier:
             best = min(tier, key=lambda pid: ref_key(strategy, pools[pid]))
-            return (best, session_pool in (None, best))
+            return (best, session_pool == best)
     return None
 
 

@@ -38,9 +38,10 @@ Cancelling the adapter's asyncio task closes the connection, which frees the eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import AsyncIterator, Protocol
 
 import aiohttp
 import orjson
@@ -181,8 +182,12 @@ class HttpAdapter:
     name = "http"
     dialect = "llamacpp"
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts = Timeouts()) -> None:
+    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts = Timeouts(),
+                 fresh: aiohttp.ClientSession | None = None) -> None:
         self.session = session
+        #: Where a request goes again when a pooled connection turns out closed: a session whose
+        #: every request opens a new connection (``force_close``); the main session when None.
+        self.fresh = fresh
         self.timeouts = timeouts
         # Every field given: the deadlines do the rest, whatever the session's defaults.
         self.client_timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_read=None,
@@ -220,6 +225,26 @@ class HttpAdapter:
             log.exception("adapter %s failed on task %s", self.name, request.task_id)
             report.failed("INTERNAL", f"adapter {self.name}: {type(exc).__name__}: {exc}")
 
+    @contextlib.asynccontextmanager
+    async def _post(self, url: str, data: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST on a pooled connection; when the engine had already closed it (it closes idle
+        keep-alive connections), the request never reached the engine: it goes once more on a
+        new connection, and nothing has failed (no failure reaches the pool's breaker)."""
+        try:
+            resp = await self.session.post(url, data=data, headers=JSON_HEADERS, timeout=self.client_timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):  # no connection at all: the engine is down
+                raise
+            log.info("engine closed a pooled connection before the request to %s (%s: %s); sending it on a new one",
+                     url, type(exc).__name__, exc)
+            resp = await (self.fresh or self.session).post(url, data=data, headers=JSON_HEADERS,
+                                                            timeout=self.client_timeout)
+        try:
+            yield resp
+        finally:
+            resp.release()  # an unread stream closes its connection, which frees the engine's slot
+            await resp.wait_for_close()
+
     async def _relay(self, request: UpstreamRequest, report: _Report, deadlines: _Deadlines,
                      scope: asyncio.Timeout, loop: asyncio.AbstractEventLoop) -> None:
         relay = TokenRelay(self.dialect, start_index=request.start_index)
@@ -227,8 +252,7 @@ class HttpAdapter:
         url = request.engine_url.rstrip("/") + path
         while True:
             # orjson, not aiohttp's ``json=`` (the standard library's encoder): the body is on every task's path
-            async with self.session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS,
-                                         timeout=self.client_timeout) as resp:
+            async with self._post(url, orjson.dumps(body)) as resp:
                 if resp.status != 200:
                     text = await _error_text(resp)
                     again = self.retry_body(request, body, resp.status, text)
@@ -293,8 +317,9 @@ class OpenAIAdapter(HttpAdapter):
     name = "openai"
     dialect = "openai"
 
-    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts = Timeouts()) -> None:
-        super().__init__(session, timeouts)
+    def __init__(self, session: aiohttp.ClientSession, timeouts: Timeouts = Timeouts(),
+                 fresh: aiohttp.ClientSession | None = None) -> None:
+        super().__init__(session, timeouts, fresh)
         #: Engines that refused ``stream_options``: asked without it from then on.
         self.no_stream_options: set[str] = set()
         #: The model ids each engine serves (its ``GET /v1/models``), asked once per engine.

@@ -266,6 +266,7 @@ class CoreDriver:
         self.core = core
         self.streams: dict[str, Stream] = {}
         self.session: aiohttp.ClientSession | None = None
+        self.fresh_session: aiohttp.ClientSession | None = None
         self.timeouts = timeouts
         self.adapters: dict[str, HttpAdapter | MockAdapter] = {}
         self.limits = limits
@@ -290,9 +291,12 @@ class CoreDriver:
 
     async def start(self) -> None:
         # One pooled session for every upstream: keep-alive connections per engine.
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s))
-        self.adapters = {"llamacpp": LlamaCppAdapter(self.session, self.timeouts),
-                         "openai": OpenAIAdapter(self.session, self.timeouts), "mock": MockAdapter()}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s)
+        self.session = aiohttp.ClientSession(timeout=timeout)
+        # a request whose pooled connection the engine had closed goes again on a new one
+        self.fresh_session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
+        self.adapters = {"llamacpp": LlamaCppAdapter(self.session, self.timeouts, self.fresh_session),
+                         "openai": OpenAIAdapter(self.session, self.timeouts, self.fresh_session), "mock": MockAdapter()}
         self.metrics.watch_gc(True)
 
     async def stop(self) -> None:
@@ -313,6 +317,8 @@ class CoreDriver:
         self.metrics.watch_gc(False)
         if self.session is not None:
             await self.session.close()
+        if self.fresh_session is not None:
+            await self.fresh_session.close()
 
     # -- events in, commands out --------------------------------------------------------------
 

@@ -532,3 +532,58 @@ def test_bad_sampler_settings_name_the_field(body, field):
     with pytest.raises(WireError) as err:
         parse_sampling(body)
     assert err.value.field == field
+
+
+# -- a pooled connection the engine had closed --------------------------------------------------
+
+class DropsReusedConnections(asyncio.Protocol):
+    """An engine that answers one streamed /completion per connection with keep-alive, and drops
+    a connection sent a second request without answering it: what a client meets when the engine
+    closes an idle keep-alive connection just as the client reuses it."""
+
+    answered = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport, self.buffer, self.served = transport, b"", False
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), b"0"))
+        if not sep or len(rest) < length:
+            return
+        self.buffer = rest[length:]
+        if self.served:
+            self.transport.abort()  # the request never reaches the engine
+            return
+        self.served = True
+        body = (b'data: {"content":" a","stop":false}\n\n'
+                b'data: {"content":"","stop":true,"tokens_predicted":1,"tokens_evaluated":2,'
+                b'"timings":{"cache_n":0,"prompt_n":2}}\n\n')
+        self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        type(self).answered += 1
+
+
+async def test_a_request_on_a_pooled_connection_the_engine_closed_goes_again_on_a_new_one(caplog):
+    loop = asyncio.get_running_loop()
+    DropsReusedConnections.answered = 0
+    server = await loop.create_server(DropsReusedConnections, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    caplog.set_level(logging.INFO, "llama_orch.adapters")
+    try:
+        async with aiohttp.ClientSession() as pooled, aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+            adapter = LlamaCppAdapter(pooled, FAST, fresh)
+            sinks = [RecordingSink() for _ in range(3)]
+            for n, sink in enumerate(sinks):
+                await adapter.stream(UpstreamRequest(task_id=f"t{n}", engine_url=url, model="m", prompt="hi",
+                                                     messages=None, max_tokens=1), sink)
+    finally:
+        server.close()
+        await server.wait_closed()
+    # every request was answered, none failed: no pool breaker hears of a failure
+    assert [len(s.ends) for s in sinks] == [1, 1, 1] and [s.failures for s in sinks] == [[], [], []]
+    assert DropsReusedConnections.answered == 3
+    assert "closed a pooled connection" in caplog.text
