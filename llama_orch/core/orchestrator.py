@@ -15,7 +15,9 @@ Rules (on top of those of admission, placement and the task lifecycle)
   first-token timeout) is retried on another pool, at most ``max_attempts`` attempts in all;
   with none free it waits in the queue, and goes back to a pool it failed on only after a
   newer snapshot of that pool (a pinned task waits for its pool the same way);
-  the failed pool's circuit breaker counts the failure. An engine that refuses the request
+  the failed pool's circuit breaker counts the failure, once per incident: the failures of
+  tasks dispatched before the pool's last counted failure are the same incident (one engine
+  crash fails every task it was running, and counts once). An engine that refuses the request
   itself (``INVALID_PARAMS``, e.g. a prompt over its context) ends the task with that code. After the first token a failure is
   terminal (``error`` event with the upstream's code).
 - Deadlines: the task's own (``deadline_ms`` from submission; queued: ``DEADLINE_UNMET``,
@@ -127,6 +129,7 @@ class Orchestrator:
         self.sessions = Sessions(config.budgets, max_sessions=config.max_sessions)
         self.in_flight: dict[str, set[str]] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
+        self._failure_counted_at: dict[str, float] = {}  # pool -> when its breaker last counted a failure
         self.outcomes: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._timers: list[tuple[float, int, int, str]] = []
@@ -167,6 +170,7 @@ class Orchestrator:
             self.placer.remove(event.pool_id)  # type: ignore[attr-defined]
             self._stale_armed.discard(event.pool_id)  # type: ignore[attr-defined]
             self.breakers.pop(event.pool_id, None)  # type: ignore[attr-defined]
+            self._failure_counted_at.pop(event.pool_id, None)  # type: ignore[attr-defined]
         elif kind is Tick:
             self._on_tick(now, out)
         else:
@@ -402,7 +406,7 @@ class Orchestrator:
             self._finish(task, Outcome.FAILED, now, out, code=code,
                          message=message or f"pool {failed_pool} refused the request", retriable=False)
             return
-        self._note_pool_failure(failed_pool, now)
+        self._note_pool_failure(failed_pool, now, task.dispatched_at)
         if task.phase is TaskPhase.STREAMING:
             self._finish(task, Outcome.FAILED, now, out, code=code or "WORKER_RESET",
                          message=message or f"stream from pool {failed_pool} broke after {task.tokens_out} tokens",
@@ -443,9 +447,13 @@ class Orchestrator:
         decision = self.placer.pick(spec, None, exclude=task.tried_pools)
         return decision if isinstance(decision, Pick) else None
 
-    def _note_pool_failure(self, pool_id: str | None, now: float) -> None:
+    def _note_pool_failure(self, pool_id: str | None, now: float, dispatched_at: float | None) -> None:
         if pool_id is None or pool_id not in self.placer:
             return
+        counted = self._failure_counted_at.get(pool_id)
+        if counted is not None and dispatched_at is not None and dispatched_at <= counted:
+            return  # sent before the failure already counted: the same incident
+        self._failure_counted_at[pool_id] = now
         breaker = self.breakers.get(pool_id)
         if breaker is None:
             c = self.config
@@ -576,7 +584,7 @@ class Orchestrator:
                 self._arm(due, _FIRST_TOKEN, key)  # an older timer of an earlier attempt
                 return
             out.append(CloseUpstream(task_id=key, pool_id=task.pool_id, reason="first-token timeout"))  # type: ignore[arg-type]
-            self._note_pool_failure(task.pool_id, now)
+            self._note_pool_failure(task.pool_id, now, task.dispatched_at)
             self._retry(task, "DECODE_TIMEOUT", "no first token within "
                         f"{self.config.first_token_timeout_ms:.0f} ms", now, out)
         elif kind == _BETWEEN_TOKENS:

@@ -294,6 +294,21 @@ def test_repeated_failures_open_the_pools_breaker_until_cooldown():
     assert core.placer.is_usable("pool-a")
 
 
+def test_one_engine_crash_is_one_failure_for_the_pools_breaker_however_many_tasks_it_ran():
+    core, run = make(pools=("pool-a", "pool-b"), slots=4, breaker_threshold=2)
+    pin = PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-a")
+    for i in range(3):  # three streams running on pool-a when its engine crashes
+        run(TaskSubmitted(spec=spec(f"t{i}", placement=pin)), i)
+        run(TokensReceived(task_id=f"t{i}", count=1), i + 0.5)
+    for i in range(3):
+        run(StreamFailed(task_id=f"t{i}", message="engine gone"), 10.0 + i * 0.01)
+    assert core.placer.is_usable("pool-a")  # one incident, below the threshold of two
+    # a task sent after that incident failing too is a second incident: the breaker opens
+    run(TaskSubmitted(spec=spec("t9", placement=pin)), 11.0)
+    run(StreamFailed(task_id="t9", message="engine gone again"), 12.0)
+    assert not core.placer.is_usable("pool-a")
+
+
 def test_stale_pool_stops_receiving_tasks_until_the_next_snapshot():
     core, run = make(pool_stale_ms=100.0)
     run(Tick(), 100.0)
