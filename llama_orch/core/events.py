@@ -52,6 +52,15 @@ class PoolLost(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PoolStale(Event):
+    """Nothing vouches for the pool now (its manager is judged gone): no new tasks go there until
+    its next snapshot, and what runs on it goes on while its engine answers."""
+
+    pool_id: str
+    reason: str = "stale"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolRemoved(Event):
     """The pool is gone for good (its manager no longer lists it)."""
 

@@ -47,7 +47,7 @@ from .commands import (
 )
 from .errors import InvariantViolation, UsageError
 from .events import (
-    DispatchFailed, Event, PoolLost, PoolRemoved, PoolUpdated, StreamEnded, StreamFailed,
+    DispatchFailed, Event, PoolLost, PoolRemoved, PoolStale, PoolUpdated, StreamEnded, StreamFailed,
     TaskCanceled, TaskSubmitted, TaskWatched, Tick, TokensReceived,
 )
 from .placement import Explanation, Pick, Placer, Strategy
@@ -165,6 +165,9 @@ class Orchestrator:
             self._on_pool_updated(event, now)  # type: ignore[arg-type]
         elif kind is PoolLost:
             self._on_pool_lost(event.pool_id, event.reason, now, out)  # type: ignore[attr-defined]
+        elif kind is PoolStale:
+            if event.pool_id in self.placer:  # type: ignore[attr-defined]
+                self.placer.set_flags(event.pool_id, stale=True)  # type: ignore[attr-defined]
         elif kind is PoolRemoved:
             self._on_pool_lost(event.pool_id, "removed", now, out)  # type: ignore[attr-defined]
             self.placer.remove(event.pool_id)  # type: ignore[attr-defined]

@@ -2,8 +2,11 @@
 
 Each manager in ``ORCHD_POOL_MANAGERS`` is polled (``GET /v2/pools``) every interval with a
 timeout, never on a client's request path. A pool it lists becomes ``PoolUpdated`` with a
-``PoolSnapshot``; a pool it stopped listing, ``PoolRemoved``; a manager that does not answer
-makes its pools ``PoolLost`` (its engines may be fine, but nobody vouches for them). The last
+``PoolSnapshot``; a pool it stopped listing, ``PoolRemoved``. A manager that does not answer
+(down, stalled, partitioned) sends nothing: its pools go stale in the core once no snapshot has
+come for ``pool_stale_ms`` (no new dispatches there), while streams already running on their
+engines go on as long as the engines answer. The data path does not depend on the control
+plane's liveness; an engine that fails is its adapter's to report. The last
 answer of each manager is kept, with its time and error, for ``GET /v2/pools`` and probes.
 The events go to a callback: the driver that owns the core.
 """
@@ -19,7 +22,7 @@ from typing import Callable
 import aiohttp
 import orjson
 
-from ...core.events import Event, PoolLost, PoolRemoved, PoolUpdated
+from ...core.events import Event, PoolRemoved, PoolStale, PoolUpdated
 from ...core.types import PoolSnapshot
 
 log = logging.getLogger("llama_orch.orchestratord.discovery")
@@ -110,13 +113,16 @@ class PoolDiscovery:
             self.emit(PoolRemoved(pool_id=pool_id))
 
     def suspend(self, url: str, reason: str) -> None:
-        """Stop trusting a manager's pools until ``resume``: they are lost for placement."""
+        """Stop polling a manager until ``resume`` (its node is judged gone): its pools are stale
+        for placement at once; what runs on them goes on while their engines answer."""
         manager = self.managers.get(url.rstrip("/"))
         if manager is None or manager.suspended is not None:
             return
         manager.suspended = reason
+        log.warning("pool-managerd %s suspended (%s): its pools %s take no new tasks; running streams go on",
+                    manager.url, reason, ", ".join(sorted(manager.pools)) or "(none)")
         for pool_id in sorted(manager.pools):
-            self.emit(PoolLost(pool_id=pool_id, reason=reason))
+            self.emit(PoolStale(pool_id=pool_id, reason=reason))
 
     def resume(self, url: str) -> bool:
         """Trust a suspended manager again; True when it was suspended (poll it now)."""
@@ -150,8 +156,9 @@ class PoolDiscovery:
             self._checked(manager.pools, False, started)
             if manager.reachable:
                 manager.reachable = False
-                for pool_id in sorted(manager.pools):
-                    self.emit(PoolLost(pool_id=pool_id, reason=f"pool-managerd {manager.url}: {manager.last_error}"))
+                log.warning("pool-managerd %s does not answer (%s): its pools %s take no new tasks once stale; "
+                            "running streams go on", manager.url, manager.last_error,
+                            ", ".join(sorted(manager.pools)) or "(none)")
             return
         if manager.suspended is not None or self.managers.get(manager.url) is not manager:
             return  # suspended or removed while the answer was on its way: it must not revive the pools

@@ -44,16 +44,17 @@ async def test_discovery_follows_a_pool_managerd(aiohttp_server, tmp_path):
         snap = next(e.snapshot for e in events if isinstance(e, PoolUpdated) and e.snapshot.ready)
         assert snap.slots_total == 2 and snap.model_ref == "file:/m/tiny.gguf" and snap.engine_url.startswith("http://")
         assert disc.owner_of("pool-0").reachable
-        await pmd.close()  # the manager goes away: its pools are lost, once
+        await pmd.close()  # the manager goes away: nothing is said of its pools (they go stale in the core)
+        seen = len(events)
 
-        async def lost():
-            return [e for e in events if isinstance(e, PoolLost)]
-        gone = await eventually(lost, what="PoolLost")
-        assert gone[0].pool_id == "pool-0" and "pool-managerd" in gone[0].reason
-        assert disc.managers[pmd_url].last_error and not disc.managers[pmd_url].reachable
+        async def unreachable():
+            return not disc.managers[pmd_url].reachable
+        await eventually(unreachable, what="the manager marked unreachable")
+        assert disc.managers[pmd_url].last_error
         await disc.poll_all()
         await disc.poll_all()
-        assert len(await lost()) == 1  # reported once, not at every failed poll
+        # no PoolLost: the engine may be fine, and streams running on it must go on
+        assert not [e for e in events[seen:] if not isinstance(e, PoolUpdated)] and len(events) == seen
     finally:
         await disc.stop()
 

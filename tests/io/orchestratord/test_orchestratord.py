@@ -40,6 +40,7 @@ async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=2, tokens_p
         return r.status == 200
     await eventually(ready, what="a ready pool")
     client.engine = engine  # the in-process mock engine, for tests that look at it
+    client.pmd = pmd  # and its pool-managerd
     return client
 
 
@@ -766,3 +767,27 @@ async def test_what_the_engine_found_in_its_cache_reaches_the_end_event_the_metr
     resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": history + " again", "max_tokens": 2})
     usage = (await resp.json())["usage"]
     assert resp.status == 200 and usage["prompt_tokens_details"] == {"cached_tokens": 300}
+
+
+
+async def test_a_silent_pool_managerd_stops_new_dispatches_but_not_the_streams_running(aiohttp_server,
+                                                                                       aiohttp_client, tmp_path):
+    """The data path does not hang on the control plane: with the pool's manager gone, a stream
+    on its healthy engine runs to its end; new tasks stop going there once the pool is stale."""
+    client = await cluster(aiohttp_server, aiohttp_client, tmp_path, slots=2, tokens_per_s=200, pool_stale_ms=300.0)
+    body = task(max_tokens=200)  # a second of streaming
+    assert (await client.post("/v2/tasks", json=body)).status == 202
+    resp = await client.get(f"/v2/tasks/{body['task_id']}/events")
+    parser, events, closed = SSEParser(), [], False
+    async for chunk in resp.content.iter_any():
+        events += [(name, orjson.loads(data)) for name, data in parser.feed(chunk)]
+        if not closed and any(name == "token" for name, _ in events):
+            await client.pmd.close()  # the manager goes silent mid-stream
+            closed = True
+    kind, end = events[-1]
+    assert closed and kind == "end" and end["tokens_out"] == 200, events[-1]
+
+    async def refused():
+        r = await client.post("/v2/tasks", json=task())
+        return r.status == 503 and (await r.json())["code"] == "POOL_UNREADY"
+    await eventually(refused, what="new tasks refused once the silent manager's pool is stale")
