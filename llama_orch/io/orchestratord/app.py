@@ -15,7 +15,9 @@ import argparse
 import asyncio
 import logging
 import random
+import signal
 import sys
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -55,6 +57,8 @@ log = logging.getLogger("llama_orch.orchestratord")
 
 DISCOVERY = web.AppKey("discovery", PoolDiscovery)
 PROFILE = web.AppKey("profile", str)
+#: Stop admitting, let admitted tasks finish within the grace, cancel the rest (SIGTERM's work).
+DRAIN = web.AppKey("drain", Callable[[web.Application], Awaitable[None]])
 
 
 def _rejection(decision: Rejected) -> web.Response:
@@ -319,6 +323,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     add_openapi_route(app, "orchestratord")
     serve_metrics_on(app, metrics_host, metrics_port, metrics, DRIVER)
     app.on_shutdown.append(drain_streams)
+    app[DRAIN] = drain_streams
     app.router.add_post("/v2/tasks", create_task)
     app.router.add_get("/v2/tasks/{task_id}/events", task_events)
     app.router.add_post("/v2/tasks/{task_id}/cancel", cancel_task)
@@ -365,6 +370,31 @@ def core_config(settings: OrchdSettings) -> tuple[OrchestratorConfig, Timeouts]:
     return config, timeouts
 
 
+async def drain_before_closing(app: web.Application) -> None:
+    """SIGTERM drains while the listening socket stays open, then exits. aiohttp's own handler
+    closes the socket first, so a client arriving during the drain would meet a refused
+    connection instead of the 503 "shutting down" (retry on another replica) and a failing
+    ``/readyz`` that tell it and its load balancer to go elsewhere. A second SIGTERM exits at once.
+    Installed at start-up, after ``run_app``'s own signal handlers, which it replaces."""
+    loop = asyncio.get_running_loop()
+    draining: list[asyncio.Future] = []  # a reference, so the drain is not collected while it runs
+
+    def exit_now() -> None:
+        raise web.GracefulExit()  # out of the loop: run_app's shutdown (sites, then the app) follows
+
+    def on_sigterm() -> None:
+        loop.add_signal_handler(signal.SIGTERM, exit_now)
+
+        async def drain_then_exit() -> None:
+            try:
+                await app[DRAIN](app)
+            finally:
+                loop.call_soon(exit_now)
+        draining.append(asyncio.ensure_future(drain_then_exit()))
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="orchestratord", description="llama-orch control plane")
@@ -385,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
                      profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
                      metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True)
+    app.on_startup.append(drain_before_closing)
     web.run_app(app, host=settings.host, port=settings.port, print=None,
                 shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5, backlog=settings.listen_backlog,
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
