@@ -676,6 +676,9 @@ class Orchestrator:
             data["pool_id"] = task.pool_id
             data["tokens_out"] = task.tokens_out
             data["tokens_per_s"] = round(rate * 1000.0, 1)
+            # how long the engine has been silent: a stalled engine shows here long before the
+            # between-token timeout ends the stream
+            data["silent_ms"] = int(max(0.0, now - (task.last_token_at or task.first_token_at)))  # type: ignore[operator]
             needed = left / rate if rate > 0 else remaining_ms * 2
         data["on_time_probability"] = on_time_probability(needed, remaining_ms)
         if self.sessions.policy.any:

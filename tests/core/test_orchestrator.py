@@ -449,6 +449,7 @@ def test_metrics_events_report_position_rate_and_on_time_probability():
     assert set(frames) == {"a", "b", "c"}
     a, b, c = frames["a"], frames["b"], frames["c"]
     assert a["phase"] == "streaming" and a["tokens_out"] == 10 and a["tokens_per_s"] == pytest.approx(16.7, abs=0.1)
+    assert a["silent_ms"] == 600  # the last token came at 400 ms: the engine has been silent since
     assert a["budget"] == {"tokens_remaining": 700}  # 3 tasks x 100 reserved
     assert (b["phase"], b["queue_position"], c["queue_position"]) == ("queued", 0, 1)
     assert b["predicted_start_ms"] < c["predicted_start_ms"]
