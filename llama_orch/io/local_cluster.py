@@ -413,6 +413,15 @@ class LocalCluster:
         self.pools = sorted(managed, key=lambda p: p.get("pool_id", ""))
         self._remember_engines(self.pools, "engine_pid")
 
+    def _remember_recorded_engines(self) -> None:
+        """The engines the provisioner recorded for adoption (``<state dir>/provisioner/*.json``):
+        every engine it started, restarts included, whether or not it is still alive to say so."""
+        for path in sorted((self.state_dir / "provisioner").glob("*.json")):
+            with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
+                pid = orjson.loads(path.read_bytes()).get("pid")
+                if isinstance(pid, int) and pid > 0:
+                    self.engine_pids.add(pid)
+
     def _remember_engines(self, pools: list[dict], key: str) -> None:
         self.engine_pids.update(p[key] for p in pools if isinstance(p.get(key), int))
 
@@ -437,6 +446,7 @@ class LocalCluster:
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
                     provisioned = (await _get_json(http, f"{self.provisioner_url}/v2/pools") or {}).get("pools") or []
                     self._remember_engines(provisioned, "pid")
+        self._remember_recorded_engines()  # and its state files know them even when it has died
         # The grace of each: orchestratord lets streams finish; the provisioner stops engines (10 s each).
         graces = {"orchestratord": self.config.shutdown_grace_s + 5, "pool-managerd": 15.0, "engine-provisioner": 25.0}
         for child in reversed(self.children):

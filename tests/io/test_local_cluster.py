@@ -1,5 +1,6 @@
 """``io.local_cluster`` and the ``llama-orch status`` table, without starting a cluster."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -93,3 +94,20 @@ def test_status_table_has_a_row_per_pool_and_the_last_errors_below():
     assert lines[2].split()[:5] == ["pool-1", "no", "0/2", "?", "/"]  # an unready pool takes no work
     assert lines[3] == "pool-1: last error: engine exited"
     assert lines[0].index("ENGINE") == lines[1].index("llamacpp") == lines[2].index("llamacpp")  # aligned
+
+
+async def test_stop_kills_an_engine_the_dead_provisioner_recorded_but_nobody_else_knew(tmp_path):
+    """An engine the provisioner restarted after start-up, the provisioner then dead: ``up`` finds it
+    in the provisioner's state files and kills it, rather than leaving it bound to its port."""
+    cluster = LocalCluster(ClusterConfig(state_dir=tmp_path))
+    engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "mock_engine"])
+    try:
+        (tmp_path / "provisioner").mkdir()
+        (tmp_path / "provisioner" / "pool-0-r0.json").write_bytes(orjson.dumps({"pid": engine.pid, "port": 1}))
+        (tmp_path / "provisioner" / "broken.json").write_text("{not json")  # ignored, not fatal
+        warnings = await cluster.stop()
+        assert engine.wait(timeout=10) == -signal.SIGKILL
+        assert warnings == [f"engine pid {engine.pid} outlived the provisioner: killed"]
+    finally:
+        if engine.poll() is None:
+            engine.kill()
