@@ -477,7 +477,7 @@ async def _run_cluster(cluster, args: argparse.Namespace) -> int:
     if args.once:
         return code
     print("llama-orch is running; Ctrl-C stops everything.", flush=True)
-    await cluster.watch()  # returns only by raising: a daemon died
+    await cluster.watch()  # returns only by raising: a daemon that keeps dying
     return 1
 
 

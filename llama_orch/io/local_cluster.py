@@ -206,6 +206,7 @@ class Child:
     log_path: Path
     url: str
     proc: subprocess.Popen | None = None
+    exits: list[float] = field(default_factory=list)  # when it exited on its own, lately (monotonic s)
 
     @property
     def pid(self) -> int | None:
@@ -360,13 +361,16 @@ class LocalCluster:
     def start(self) -> None:
         for child in self._children():
             self.children.append(child)
-            with child.log_path.open("wb") as log:  # this run's log only: its tail is what a failure shows
-                # Its own session: a Ctrl-C in the terminal reaches ``up`` alone, which then stops
-                # the daemons in order instead of all of them at once.
-                child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=log,
-                                              stderr=subprocess.STDOUT, start_new_session=True,
-                                              preexec_fn=_PREEXEC)
+            self._spawn(child, "wb")  # this run's log only: its tail is what a failure shows
             self.report(f"started {child.name} (pid {child.pid}, log {child.log_path})")
+
+    @staticmethod
+    def _spawn(child: Child, mode: str) -> None:
+        with child.log_path.open(mode) as log:
+            # Its own session: a Ctrl-C in the terminal reaches ``up`` alone, which then stops
+            # the daemons in order instead of all of them at once.
+            child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_PREEXEC)
 
     def check_children(self) -> None:
         """Raise ``ClusterError`` with the log tail of the first daemon that has exited."""
@@ -425,10 +429,33 @@ class LocalCluster:
     def _remember_engines(self, pools: list[dict], key: str) -> None:
         self.engine_pids.update(p[key] for p in pools if isinstance(p.get(key), int))
 
+    #: Waits before restarting a daemon that exited, by how often it has lately; past
+    #: ``CRASH_LOOP_EXITS`` exits within ``CRASH_LOOP_WINDOW_S`` it is not restarted again.
+    RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+    CRASH_LOOP_EXITS = 5
+    CRASH_LOOP_WINDOW_S = 60.0
+
     async def watch(self) -> None:
-        """Return (raising ``ClusterError``) when a daemon exits on its own while the cluster runs."""
+        """Keep the daemons running: one that exits on its own is started again (its log goes on),
+        after a wait that grows with its recent exits, so the rest of the cluster keeps serving.
+        One that keeps dying ends the cluster: ``ClusterError`` with its status and log tail."""
         while True:
-            self.check_children()
+            for child in self.children:
+                code = child.exited()
+                if code is None:
+                    continue
+                now = time.monotonic()
+                child.exits = [t for t in child.exits if now - t < self.CRASH_LOOP_WINDOW_S] + [now]
+                if len(child.exits) > self.CRASH_LOOP_EXITS:
+                    raise ClusterError(f"{child.name} exited {len(child.exits)} times within "
+                                       f"{self.CRASH_LOOP_WINDOW_S:.0f} s (last status {code}); the last lines of "
+                                       f"{child.log_path}:\n{log_tail(child.log_path)}")
+                wait = self.RESTART_BACKOFF_S[min(len(child.exits), len(self.RESTART_BACKOFF_S)) - 1]
+                self.report(f"{child.name} exited with status {code}; restarting it in {wait:g} s "
+                            f"(log {child.log_path})")
+                await asyncio.sleep(wait)  # the backoff itself, not a wait for anything
+                self._spawn(child, "ab")
+                self.report(f"restarted {child.name} (pid {child.pid})")
             await asyncio.sleep(0.2)
 
     # -- stopping ----------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """``io.local_cluster`` and the ``llama-orch status`` table, without starting a cluster."""
 
+import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support import eventually
 
 from llama_orch.cli import format_pools
 from llama_orch.core.errors import UsageError
@@ -111,3 +114,34 @@ async def test_stop_kills_an_engine_the_dead_provisioner_recorded_but_nobody_els
     finally:
         if engine.poll() is None:
             engine.kill()
+
+
+async def test_a_daemon_that_dies_is_restarted_and_one_that_keeps_dying_ends_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.setattr(LocalCluster, "RESTART_BACKOFF_S", (0.01,))
+    lines: list[str] = []
+    cluster = LocalCluster(ClusterConfig(state_dir=tmp_path), report=lines.append)
+    mark = tmp_path / "ran-once"
+    once = ("import pathlib, sys, time\n"
+            f"p = pathlib.Path({str(mark)!r})\n"
+            "if not p.exists():\n    p.touch()\n    sys.exit(3)\n"
+            "time.sleep(60)\n")
+    flaky = Child(name="pool-managerd", argv=[sys.executable, "-c", once], env=dict(os.environ),
+                  log_path=tmp_path / "pmd.log", url="")
+    cluster._spawn(flaky, "wb")
+    cluster.children.append(flaky)
+    first = flaky.pid
+    watch = asyncio.ensure_future(cluster.watch())
+    try:
+        await eventually(lambda: flaky.pid != first and flaky.exited() is None, what="the daemon restarted")
+        assert any("pool-managerd exited with status 3; restarting it" in line for line in lines), lines
+        assert not watch.done()  # the cluster goes on
+    finally:
+        watch.cancel()
+        flaky.proc.kill()
+        flaky.proc.wait()
+    dying = Child(name="orchestratord", argv=[sys.executable, "-c", "import sys; print('bad config'); sys.exit(2)"],
+                  env=dict(os.environ), log_path=tmp_path / "orchd.log", url="")
+    cluster.children[:] = [dying]
+    cluster._spawn(dying, "wb")
+    with pytest.raises(ClusterError, match=r"(?s)orchestratord exited 6 times within 60 s \(last status 2\).*bad config"):
+        await asyncio.wait_for(cluster.watch(), 30)
