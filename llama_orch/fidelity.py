@@ -418,7 +418,7 @@ async def run_fidelity(config: FidelityConfig, records: Sequence[TraceRecord], r
                            "rerun_sim": " ".join(["llama-orch replay", c.trace, f"--rate={rate:.6g}",
                                                   f"--length={c.length:g}", f"--limit={limit}", f"--seed={c.seed}",
                                                   *config_flags(settings)]),
-                           **compared, "cdf": {"live": _cdf_points(live), "sim": _cdf_points(simulated)}})
+                           **compared, "cdf": {"live": _values_by_metric(live), "sim": _values_by_metric(simulated)}})
             report(f"level {level:.0%}: " + _one_line(compared))
     finally:
         await cluster.stop()
@@ -426,7 +426,7 @@ async def run_fidelity(config: FidelityConfig, records: Sequence[TraceRecord], r
             "calibration": dataclasses.asdict(calib) if levels else None, "levels": levels}
 
 
-def _cdf_points(tasks: Sequence[LiveTask]) -> dict[str, list[float]]:
+def _values_by_metric(tasks: Sequence[LiveTask]) -> dict[str, list[float]]:
     return {metric: sorted(round(v, 3) for v in (getattr(t, metric) for t in tasks) if v is not None)
             for metric, _ in METRICS}
 

@@ -99,19 +99,15 @@ class PrefixIndex:
     def matches(self, chain: tuple[int, ...]) -> dict[str, int]:
         """Pool -> how many leading blocks of ``chain`` it holds (pools holding none are absent)."""
         found: dict[str, int] = {}
-        holders = self._holders
-        for depth in range(len(chain), 0, -1):
-            owners = holders.get(chain[depth - 1])
-            if owners:
-                for pool_id in owners:
-                    if pool_id not in found:
-                        found[pool_id] = depth
+        for depth, owners in self.deepest(chain):
+            for pool_id in owners:
+                found.setdefault(pool_id, depth)
         return found
 
     def deepest(self, chain: tuple[int, ...]) -> Iterator[tuple[int, set[str]]]:
         """``(depth, pools holding block depth-1)`` from the deepest block held down: the first
         depth at which some acceptable pool appears is the longest prefix any of them holds,
-        found without visiting every holder of every block (which ``matches`` does)."""
+        found without visiting every holder of every block (which the whole map, ``matches``, does)."""
         holders = self._holders
         for depth in range(len(chain), 0, -1):
             owners = holders.get(chain[depth - 1])

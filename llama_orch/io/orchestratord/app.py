@@ -310,7 +310,11 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
         await driver.stop()
 
     async def drain_streams(app: web.Application) -> None:
-        """SIGTERM: stop admitting, let admitted tasks finish within the grace, then cancel the rest."""
+        """SIGTERM: stop admitting, let admitted tasks finish within the grace, then cancel the rest.
+        Run twice on a daemon's SIGTERM (``drain_before_closing``, then aiohttp's shutdown): the
+        second finds the work done."""
+        if not driver.accepting and driver.idle.is_set():
+            return
         driver.accepting = False
         log.info("shutting down: %d tasks to finish (grace %.0f s)", len(driver.core.tasks), shutdown_grace_s)
         if not await within(driver.idle.wait(), shutdown_grace_s):
