@@ -146,7 +146,10 @@ def replay_command(trace: str, config, *, seed: int, rate: float, length: float,
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from .io.provisioner.tiny_model import write_tiny_model
 
-    path = write_tiny_model(args.out)
+    try:
+        path = write_tiny_model(args.out, layers=args.layers, embd=args.embd)
+    except ValueError as exc:
+        return _fail(str(exc))
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     return 0
 
@@ -202,9 +205,12 @@ class TaskResult:
 
 
 def _session(total: float | None = 10.0):
+    """The client's HTTP session; ``LLAMA_ORCH_API_KEY`` (when set) goes on every request."""
     import aiohttp
 
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total, sock_connect=5))
+    key = os.environ.get("LLAMA_ORCH_API_KEY")
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total, sock_connect=5),
+                                 headers={"Authorization": f"Bearer {key}"} if key else None)
 
 
 async def _get_pools(http, url: str) -> list[dict]:
@@ -577,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tm = sub.add_parser("make-tiny-model", help="write the small llama GGUF used by the tests and the demo")
     tm.add_argument("out", help="output path, e.g. tiny.gguf")
+    tm.add_argument("--layers", type=int, default=2, help="default 2 (the tiny model); more is slower per token")
+    tm.add_argument("--embd", type=int, default=64, help="embedding width, a multiple of 4 (default 64)")
     tm.set_defaults(func=_make_tiny_model)
 
     be = sub.add_parser("build-engine", help="build llama-server from source into the cache (once), print its path")
@@ -632,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default=url_default, help=url_help)
     st.add_argument("--json", action="store_true", help="the raw GET /v2/pools answer instead of the table")
     st.set_defaults(func=_status)
+
+    from .io.lab.commands import add_parser as add_lab_parser
+
+    add_lab_parser(sub)
 
     bn = sub.add_parser("bench", help="measure orchestratord against its baselines")
     bench_sub = bn.add_subparsers(dest="bench_command", required=True)

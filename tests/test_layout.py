@@ -134,8 +134,8 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
 # -- the checks themselves ----------------------------------------------------------------------
 
 
-def test_the_three_daemons_and_the_load_bench_have_a_wing_each():
-    assert WINGS == ["bench", "orchestratord", "pool_managerd", "provisioner"]
+def test_the_three_daemons_the_load_bench_and_the_lab_have_a_wing_each():
+    assert WINGS == ["bench", "lab", "orchestratord", "pool_managerd", "provisioner"]
     for wing in WINGS:
         doc = ast.get_docstring(ast.parse((PACKAGE / "io" / wing / "__init__.py").read_text()))
         assert doc and "owns" in doc and "talks to" in doc, f"{wing}/__init__.py must say what it owns and talks to"

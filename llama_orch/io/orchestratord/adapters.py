@@ -79,6 +79,8 @@ class UpstreamRequest:
     sampling: tuple[tuple[str, object], ...] = ()
     #: The ``i`` of the first token relayed (a stream resumed after ``start_index`` tokens).
     start_index: int = 0
+    #: The client's ``X-Correlation-Id``, sent on to the engine with the request.
+    correlation_id: str = ""
 
 
 class Sink(Protocol):
@@ -226,18 +228,19 @@ class HttpAdapter:
             report.failed("INTERNAL", f"adapter {self.name}: {type(exc).__name__}: {exc}")
 
     @contextlib.asynccontextmanager
-    async def _post(self, url: str, data: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _post(self, url: str, data: bytes, headers: dict[str, str] = JSON_HEADERS
+                    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST on a pooled connection; when the engine had already closed it (it closes idle
         keep-alive connections), the request never reached the engine: it goes once more on a
         new connection, and nothing has failed (no failure reaches the pool's breaker)."""
         try:
-            resp = await self.session.post(url, data=data, headers=JSON_HEADERS, timeout=self.client_timeout)
+            resp = await self.session.post(url, data=data, headers=headers, timeout=self.client_timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):  # no connection at all: the engine is down
                 raise
             log.info("engine closed a pooled connection before the request to %s (%s: %s); sending it on a new one",
                      url, type(exc).__name__, exc)
-            resp = await (self.fresh or self.session).post(url, data=data, headers=JSON_HEADERS,
+            resp = await (self.fresh or self.session).post(url, data=data, headers=headers,
                                                             timeout=self.client_timeout)
         try:
             yield resp
@@ -250,9 +253,10 @@ class HttpAdapter:
         relay = TokenRelay(self.dialect, start_index=request.start_index)
         path, body = await self.request_body(request)
         url = request.engine_url.rstrip("/") + path
+        headers = {**JSON_HEADERS, "X-Correlation-Id": request.correlation_id} if request.correlation_id else JSON_HEADERS
         while True:
             # orjson, not aiohttp's ``json=`` (the standard library's encoder): the body is on every task's path
-            async with self._post(url, orjson.dumps(body)) as resp:
+            async with self._post(url, orjson.dumps(body), headers) as resp:
                 if resp.status != 200:
                     text = await _error_text(resp)
                     again = self.retry_body(request, body, resp.status, text)

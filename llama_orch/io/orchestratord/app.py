@@ -75,7 +75,7 @@ def _rejection(decision: Rejected) -> web.Response:
 async def create_task(request: web.Request) -> web.Response:
     driver = request.app[DRIVER]
     try:
-        decision = driver.submit(await json_body(request))
+        decision = driver.submit(await json_body(request), request[CORRELATION_ID])
     except WireError as exc:
         return json_response({"code": "INVALID_PARAMS", "message": str(exc), "field": exc.field}, 400)
     if isinstance(decision, Rejected):

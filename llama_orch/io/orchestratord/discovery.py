@@ -87,9 +87,22 @@ class PoolDiscovery:
             await self._session.close()
 
     async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.poll_all()
+        """Every manager polled every interval on its own: one that is slow to answer (stopped,
+        partitioned: each poll waits out its timeout) must not delay the others' polls, or their
+        pools go stale too and every task is refused for one silent machine."""
+        polls: set[asyncio.Task] = set()
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                for manager in list(self.managers.values()):
+                    if not manager.lock.locked():  # still waiting for its last answer: not asked twice
+                        task = asyncio.ensure_future(self.poll(manager))
+                        polls.add(task)
+                        task.add_done_callback(polls.discard)
+        finally:
+            for task in list(polls):
+                task.cancel()
+            await asyncio.gather(*polls, return_exceptions=True)
 
     async def poll_all(self) -> None:
         await asyncio.gather(*(self.poll(m) for m in self.managers.values()))

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -44,6 +45,8 @@ from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, 
 from .metrics import OrchdMetrics
 from .prefix import prefix_chain, prompt_text
 from .wire import TaskPayload, parse_task_request
+
+log = logging.getLogger("llama_orch.orchestratord.tasks")
 
 LIVENESS_CHECK_S = 1.0
 
@@ -121,6 +124,7 @@ class Stream:
     payload: TaskPayload = NO_PAYLOAD  # what the adapter sends: dropped once dispatched
     limits: StreamLimits = StreamLimits()
     waiters: list[asyncio.Future] | None = None  # one future per waiting reader, resolved by the next change
+    correlation_id: str = ""  # the submitting request's: on every log line about the task, and to the engine
 
     @property
     def total(self) -> int:
@@ -322,12 +326,12 @@ class CoreDriver:
 
     # -- events in, commands out --------------------------------------------------------------
 
-    def submit(self, body: object) -> Admitted | Rejected:
+    def submit(self, body: object, correlation_id: str = "") -> Admitted | Rejected:
         """A ``POST /v2/tasks`` body: validate (``WireError`` is the handler's 400), then admit."""
         spec, payload = parse_task_request(body)
-        return self.admit(spec, payload)
+        return self.admit(spec, payload, correlation_id)
 
-    def admit(self, spec: TaskSpec, payload: TaskPayload) -> Admitted | Rejected:
+    def admit(self, spec: TaskSpec, payload: TaskPayload, correlation_id: str = "") -> Admitted | Rejected:
         """Every front door ends here: one admission decision; when admitted, ``streams[task_id]``
         carries the task's SSE frames until the terminal one."""
         if spec.workload not in SERVED_WORKLOADS:
@@ -347,7 +351,7 @@ class CoreDriver:
             chain = prefix_chain(prompt_text(payload.prompt, payload.messages), config.prefix_block_tokens)
             if chain:
                 spec = dataclasses.replace(spec, prefix=chain)
-        self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits)
+        self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits, correlation_id=correlation_id)
         decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
                         and isinstance(c, (Admitted, Rejected)))
         if isinstance(decision, Rejected):
@@ -469,6 +473,9 @@ class CoreDriver:
         stream = self.streams.get(cmd.task_id)
         if stream is None:
             return
+        if cmd.kind == "error":
+            log.info("task %s ended with %s: %s correlation_id=%s", cmd.task_id, cmd.data.get("code"),
+                     cmd.data.get("message"), stream.correlation_id or "-")
         stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
         stream.release()
         stream.upstream = None
@@ -573,7 +580,7 @@ class CoreDriver:
             task_id=cmd.task_id, engine_url=cmd.engine_url, model=task.spec.model_ref,
             prompt=payload.prompt if payload.prompt is not None else " ".join(payload.inputs),
             messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed,
-            sampling=payload.sampling, start_index=task.tokens_out)
+            sampling=payload.sampling, start_index=task.tokens_out, correlation_id=stream.correlation_id)
         stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd, stream)))
 
 
@@ -605,6 +612,9 @@ class _TaskSink:
                                        decode_ms=decode_ms, cached_tokens=cached_tokens))
 
     def failed(self, *, code: str, message: str, before_first_token: bool) -> None:
+        log.info("task %s attempt %d on pool %s failed %s the first token: %s: %s correlation_id=%s",
+                 self.task_id, self.attempt, self.pool_id, "before" if before_first_token else "after", code, message,
+                 self.stream.correlation_id or "-")
         self.driver.narrate_failure(self.task_id, code, message, before_first_token)
         metrics = self.driver.metrics
         metrics.child(metrics.dispatched, self.pool_id, "failed").inc()

@@ -503,7 +503,7 @@ class OpenAIFrontDoor:
             except orjson.JSONDecodeError:
                 raise OpenAIError(400, "the request body is not valid JSON", code="INVALID_PARAMS") from None
             parsed = parse_request(request, body, driver.core.placer, chat=chat)
-            decision = driver.admit(parsed.spec, parsed.payload)
+            decision = driver.admit(parsed.spec, parsed.payload, request.get(CORRELATION_ID, ""))
             if isinstance(decision, Rejected):
                 raise rejection_error(decision)
             task_id = decision.task_id

@@ -124,6 +124,34 @@ class PoolManager:
             self._spawn(loop_fn())
         if self.settings.orchestratord_url:
             self._spawn(self._registration_loop())
+        if self.settings.provisioner_url:
+            self._spawn(self._ask_for_handoffs())
+
+    #: Waits between asks for the provisioner's handoff files at start (it may be starting too).
+    ANNOUNCE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+    async def _ask_for_handoffs(self) -> None:
+        """A restarted pool-managerd finds no handoff file (its predecessor consumed them) while the
+        provisioner's engines run on: it asks the provisioner to write them again, until it answers."""
+        assert self.session is not None
+        url = f"{self.settings.provisioner_url}/v2/handoffs/announce"
+        for wait in (0.0, *self.ANNOUNCE_RETRY_S):
+            await asyncio.sleep(wait)  # a backoff between attempts, not a wait for a condition
+            try:
+                async with self.session.post(url) as resp:
+                    if resp.status == 200:
+                        announced = orjson.loads(await resp.read()).get("announced") or []
+                        log.info("engine-provisioner wrote the handoff files of %s again",
+                                 ", ".join(announced) or "no ready pool")
+                        return
+                    if resp.status == 404:
+                        log.info("engine-provisioner at %s cannot write handoff files again (HTTP 404)",
+                                 self.settings.provisioner_url)
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError, AttributeError):
+                pass
+        log.warning("engine-provisioner at %s did not answer; pools appear as it writes handoff files",
+                    self.settings.provisioner_url)
 
     async def stop(self) -> None:
         while self._tasks:  # again while a task being stopped spawned another

@@ -399,6 +399,15 @@ class PoolSupervisor:
             await engine.wait()
         log.info("pool %s: engine stopped (%s)", self.spec.pool_id, reason)
 
+    def announce(self) -> bool:
+        """Write the handoff file again when the engine is ready (a restarted pool-managerd, whose
+        predecessor consumed the first one, learns of the pool from it); False when not ready."""
+        if self.lifecycle.state is not PoolState.READY or self.engine is None or self.model_path is None \
+                or self.stopping:
+            return False
+        self._write_handoff()
+        return True
+
     def view(self) -> dict:
         e = self.engine
         return {"pool_id": self.spec.pool_id, "replica_id": self.spec.replica_id, "state": self.lifecycle.state.value,
@@ -550,6 +559,13 @@ async def _control_pools(request: web.Request) -> web.Response:
     return json_response({"pools": [s.view() for _, s in sorted(request.app[PROVISIONER].supervisors.items())]})
 
 
+async def _control_announce(request: web.Request) -> web.Response:
+    """Every ready pool's handoff file written again (pool-managerd asks when it starts)."""
+    announced = [pool_id for pool_id, s in sorted(request.app[PROVISIONER].supervisors.items()) if s.announce()]
+    log.info("handoff files written again for %s (asked by pool-managerd)", ", ".join(announced) or "no ready pool")
+    return json_response({"announced": announced})
+
+
 async def _control_reload(request: web.Request) -> web.Response:
     sup = _supervisor(request)
     ref = (await json_body(request)).get("new_model_ref")
@@ -575,6 +591,7 @@ def create_control_app(provisioner: Provisioner) -> web.Application:
     app[PROVISIONER] = provisioner
     app.router.add_get("/health", _control_health)
     app.router.add_get("/v2/pools", _control_pools)
+    app.router.add_post("/v2/handoffs/announce", _control_announce)
     app.router.add_post("/v2/pools/{pool_id}/reload", _control_reload)
     app.router.add_post("/v2/pools/{pool_id}/stop", _control_stop)
     return app

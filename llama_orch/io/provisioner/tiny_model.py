@@ -45,8 +45,13 @@ def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_model(path: str | os.PathLike[str]) -> Path:
-    """Write the tiny GGUF model to ``path`` atomically; return the path."""
+def write_tiny_model(path: str | os.PathLike[str], *, layers: int = N_LAYER, embd: int = N_EMBD) -> Path:
+    """Write the tiny GGUF model to ``path`` atomically; return the path. ``layers`` and ``embd``
+    (a multiple of the 4 heads) make a larger, slower one of the same kind: the multi-host lab
+    wants streams that last long enough to be cut mid-way."""
+    if layers < 1 or embd < N_HEAD or embd % N_HEAD:
+        raise ValueError(f"layers must be >= 1 and embd a positive multiple of {N_HEAD}, got {layers}, {embd}")
+    n_ff = N_FF * embd // N_EMBD
     import logging
 
     import numpy as np
@@ -67,14 +72,14 @@ def write_tiny_model(path: str | os.PathLike[str]) -> Path:
     os.close(fd)
     try:
         writer = GGUFWriter(tmp, "llama")
-        writer.add_name("llama-orch tiny")
+        writer.add_name("llama-orch tiny" if (layers, embd) == (N_LAYER, N_EMBD) else f"llama-orch small {layers}x{embd}")
         writer.add_context_length(N_CTX_TRAIN)
-        writer.add_embedding_length(N_EMBD)
-        writer.add_block_count(N_LAYER)
-        writer.add_feed_forward_length(N_FF)
+        writer.add_embedding_length(embd)
+        writer.add_block_count(layers)
+        writer.add_feed_forward_length(n_ff)
         writer.add_head_count(N_HEAD)
         writer.add_head_count_kv(N_HEAD)
-        writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+        writer.add_rope_dimension_count(embd // N_HEAD)
         writer.add_rope_freq_base(10000.0)
         writer.add_layer_norm_rms_eps(1e-5)
         writer.add_file_type(0)  # all F32
@@ -89,17 +94,17 @@ def write_tiny_model(path: str | os.PathLike[str]) -> Path:
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
 
-        writer.add_tensor("token_embd.weight", weights(n_vocab, N_EMBD, scale=1.0))
-        for i in range(N_LAYER):
-            writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor("token_embd.weight", weights(n_vocab, embd, scale=1.0))
+        for i in range(layers):
+            writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(embd, dtype=np.float32))
             for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-                writer.add_tensor(f"blk.{i}.{name}.weight", weights(N_EMBD, N_EMBD))
-            writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-            writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(N_FF, N_EMBD))
-            writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(N_FF, N_EMBD))
-            writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(N_EMBD, N_FF))
-        writer.add_tensor("output_norm.weight", np.full(N_EMBD, 4.0, dtype=np.float32))
-        output = weights(n_vocab, N_EMBD, scale=1.0)
+                writer.add_tensor(f"blk.{i}.{name}.weight", weights(embd, embd))
+            writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(embd, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", weights(n_ff, embd))
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", weights(n_ff, embd))
+            writer.add_tensor(f"blk.{i}.ffn_down.weight", weights(embd, n_ff))
+        writer.add_tensor("output_norm.weight", np.full(embd, 4.0, dtype=np.float32))
+        output = weights(n_vocab, embd, scale=1.0)
         readable = np.array([t == TokenType.NORMAL for t in types])
         output[~readable] = 0.0  # bytes and control tokens score 0: below most readable tokens
         writer.add_tensor("output.weight", output)

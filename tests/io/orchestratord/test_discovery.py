@@ -153,3 +153,41 @@ async def test_a_pool_handed_over_stays_with_its_new_owner_when_the_old_one_retu
         assert not [e for e in events if isinstance(e, (PoolLost, PoolRemoved))], events
     finally:
         await disc.stop()
+
+
+async def test_a_manager_that_never_answers_does_not_slow_the_polls_of_the_others(aiohttp_server):
+    """A stopped pool-managerd makes every poll of it wait its whole timeout: the healthy one must
+    still be polled every interval, or its pools go stale too (every task refused for one
+    silent machine, seen on the namespace lab with SIGSTOP)."""
+    import asyncio
+
+    hung = asyncio.Event()
+
+    async def never(request):
+        await hung.wait()
+        return web.json_response({"pools": []})
+
+    silent_app = web.Application()
+    silent_app.router.add_get("/v2/pools", never)
+    silent = await aiohttp_server(silent_app)
+    polls = []
+
+    async def listing(request):
+        polls.append(asyncio.get_running_loop().time())
+        return web.json_response({"pools": []})
+
+    healthy_app = web.Application()
+    healthy_app.router.add_get("/v2/pools", listing)
+    healthy = await aiohttp_server(healthy_app)
+    disc = PoolDiscovery([str(silent.make_url("")), str(healthy.make_url(""))], lambda e: None,
+                         interval_ms=50, timeout_ms=1000)
+    start_task = asyncio.ensure_future(disc.start())  # its first round waits for the silent one
+    try:
+        await eventually(lambda: len(polls) >= 12, what="12 polls of the healthy manager", timeout=5)
+        gaps = [b - a for a, b in zip(polls[1:], polls[2:])]
+        # every 50 ms, never one silent manager's 1,000 ms timeout
+        assert max(gaps) < 0.5, gaps
+    finally:
+        hung.set()
+        await start_task
+        await disc.stop()

@@ -241,3 +241,19 @@ def test_a_reload_still_starting_when_the_pool_is_stopped_brings_no_engine_back(
     assert after["model_ref"] == first["model"]["id"]  # the pool's model is what it was
     wait_until(lambda: _children(run.proc.pid) == [], what="no engine left running")
     assert run.stop() == 0
+
+
+def test_a_consumed_handoff_is_written_again_when_pool_managerd_asks(tmp_path, runs):
+    """A restarted pool-managerd finds the handoff dir empty (its predecessor consumed the files):
+    the provisioner writes every ready pool's file again on ``POST /v2/handoffs/announce``."""
+    import urllib.request
+
+    run = Run(tmp_path, "--mode", "mock", "--slots", "2", "--ctx", "512")
+    runs.append(run)
+    first = wait_until(lambda: run.handoff(), what="handoff")
+    (run.handoffs / "pool-0-r0.json").unlink()
+    req = urllib.request.Request(run.control + "/v2/handoffs/announce", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read()) == {"announced": ["pool-0"]}
+    again = run.handoff()
+    assert again is not None and (again["url"], again["pid"]) == (first["url"], first["pid"])
