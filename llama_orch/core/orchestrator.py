@@ -130,6 +130,7 @@ class Orchestrator:
         self.in_flight: dict[str, set[str]] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self._failure_counted_at: dict[str, float] = {}  # pool -> when its breaker last counted a failure
+        self._opened_on: dict[str, str | None] = {}  # pool -> its engine URL when its breaker opened
         self.outcomes: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._timers: list[tuple[float, int, int, str]] = []
@@ -174,6 +175,7 @@ class Orchestrator:
             self._stale_armed.discard(event.pool_id)  # type: ignore[attr-defined]
             self.breakers.pop(event.pool_id, None)  # type: ignore[attr-defined]
             self._failure_counted_at.pop(event.pool_id, None)  # type: ignore[attr-defined]
+            self._opened_on.pop(event.pool_id, None)  # type: ignore[attr-defined]
         elif kind is Tick:
             self._on_tick(now, out)
         else:
@@ -463,6 +465,8 @@ class Orchestrator:
             breaker = self.breakers[pool_id] = CircuitBreaker(
                 threshold=c.breaker_threshold, window_ms=c.breaker_window_ms, cooldown_ms=c.breaker_cooldown_ms)
         if breaker.record_failure(now) is BreakerState.OPEN:
+            snap = self.placer.snapshot(pool_id)
+            self._opened_on[pool_id] = snap.engine_url if snap is not None else None
             self.placer.set_flags(pool_id, breaker_open=True)
             self._arm(breaker.half_open_at(), _BREAKER, pool_id)  # type: ignore[arg-type]
 
@@ -496,6 +500,14 @@ class Orchestrator:
     def _on_pool_updated(self, event: PoolUpdated, now: float) -> None:
         snap = event.snapshot
         self.placer.update(snap, now)
+        opened_on = self._opened_on.get(snap.pool_id, snap.engine_url)
+        if snap.ready and snap.engine_url and snap.engine_url != opened_on:
+            # A new engine (another address) answers for the pool: the failures were the old
+            # one's. Its breaker closes now instead of after the cooldown (a crash is back in a
+            # second; the cooldown is ten).
+            del self._opened_on[snap.pool_id]
+            self.breakers.pop(snap.pool_id, None)
+            self.placer.set_flags(snap.pool_id, breaker_open=False)
         if snap.pool_id not in self._stale_armed:
             self._stale_armed.add(snap.pool_id)
             self._arm(now + self.config.pool_stale_ms, _POOL_STALE, snap.pool_id)

@@ -36,7 +36,7 @@ def suite():
 
 
 EXPECTED = ["steady (list)", "kill-pool-managerd (list)", "sigstop-pool-managerd (list)", "sigstop-engine (list)",
-            "engine-crash (list)", "link-down (list)", "drop-ctrl-to-gpu1 (list)", "drop-gpu1-to-ctrl (list)",
+            "engine-crash (list)", "link-down (list)", "drop-ctrl-to-gpu1 (list)", "new-connections-lost (list)", "drop-gpu1-to-ctrl (list)",
             "reset-gpu1 (list)", "loss-5pct (list)", "bandwidth-gpu1 (list)", "latency-200ms (list)", "trickle (list)",
             "orchestratord-restart (list)", "steady (push)", "kill-pool-managerd (push)",
             "orchestratord-restart (push)"]

@@ -309,6 +309,25 @@ def test_one_engine_crash_is_one_failure_for_the_pools_breaker_however_many_task
     assert not core.placer.is_usable("pool-a")
 
 
+def test_a_new_engine_closes_the_breaker_its_crashed_predecessor_opened():
+    """The provisioner restarts a crashed engine in about a second, on another port: the pool's
+    next ready snapshot naming that new engine closes the breaker at once (seen on the lab: a
+    crash kept its pool out for the whole 10 s cooldown). The same engine does not."""
+    core, run = make(pools=("pool-a", "pool-b"), breaker_threshold=1, breaker_cooldown_ms=10_000.0, max_attempts=1)
+    pin = PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-a")
+    run(TaskSubmitted(spec=spec("t1", placement=pin)), 0.0)
+    run(StreamFailed(task_id="t1", message="engine gone"), 1.0)
+    assert not core.placer.is_usable("pool-a")
+    old_url = core.placer.snapshot("pool-a").engine_url
+    run(PoolUpdated(snapshot=pool("pool-a", ready=False, engine_url=None)), 1.5)  # restarting
+    run(PoolUpdated(snapshot=pool("pool-a", engine_url=old_url)), 2.0)  # the same engine, ready again
+    assert not core.placer.is_usable("pool-a")
+    run(PoolUpdated(snapshot=pool("pool-a", engine_url="http://10.0.0.1:41001")), 2.5)  # a new one
+    assert core.placer.is_usable("pool-a")
+    out = run(TaskSubmitted(spec=spec("t2", placement=pin)), 3.0)
+    assert only(out, Dispatch).pool_id == "pool-a"
+
+
 def test_stale_pool_stops_receiving_tasks_until_the_next_snapshot():
     core, run = make(pool_stale_ms=100.0)
     run(Tick(), 100.0)

@@ -40,9 +40,11 @@ def unavailable_reason() -> str | None:
     for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("tc", "iproute2")):
         if shutil.which(tool) is None:
             return f"the multi-host lab needs `{tool}` (Debian package {package})"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns` does not work here: {probe.stderr.strip()}"
+    name = f"lo-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"`ip netns add` does not work here: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return None
 
 
@@ -201,6 +203,12 @@ class Topology:
         """One-way partition: every packet ``src`` sends to ``dst`` vanishes (``dst`` -> ``src`` still flows)."""
         self.nft(src, f"chain out {{\n type filter hook output priority 0;\n ip daddr {self.host(dst).address} drop\n}}")
 
+    def drop_new_to(self, src: str, dst: str) -> None:
+        """New TCP connections from ``src`` to ``dst`` vanish (their SYN is dropped); established
+        ones go on: the fault only a connect timeout can see."""
+        self.nft(src, f"chain out {{\n type filter hook output priority 0;\n"
+                      f" ip daddr {self.host(dst).address} tcp flags & (syn | ack) == syn drop\n}}")
+
     def reset_to(self, src: str, dst: str) -> None:
         """``dst``'s packets arriving at ``src`` are answered with a TCP reset: a loud failure."""
         self.nft(src, f"chain in {{\n type filter hook input priority 0;\n"
@@ -221,13 +229,12 @@ class Topology:
             f" iifname \"{h.device}\" tcp dport != {to_port} redirect to :{to_port}\n}}\n}}\n"))
 
     def bandwidth(self, host: str, rate: str) -> None:
-        """What ``host`` sends limited to ``rate`` (``tc tbf``; e.g. ``8kbit``), shared fairly between
-        its connections (``sfq`` under the limit: one stream's backlog must not starve the rest)."""
+        """What ``host`` sends limited to ``rate`` (``tc tbf``; e.g. ``8kbit``): one queue for every
+        connection (this kernel has no fair queueing qdisc), so one backlog starves the others."""
         h = self.host(host)
         self.bandwidth_clear(host)
-        run(["tc", "-n", h.netns, "qdisc", "add", "dev", h.device, "root", "handle", "1:", "tbf", "rate", rate,
+        run(["tc", "-n", h.netns, "qdisc", "add", "dev", h.device, "root", "tbf", "rate", rate,
              "burst", "1600", "limit", "1000000"])
-        run(["tc", "-n", h.netns, "qdisc", "add", "dev", h.device, "parent", "1:1", "handle", "10:", "sfq"])
 
     def bandwidth_clear(self, host: str) -> None:
         h = self.host(host)
