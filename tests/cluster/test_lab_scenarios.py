@@ -23,6 +23,9 @@ from llama_orch.io.lab.runner import run_suite
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "out" / "lab"
 
+# Both labs and every scenario run in the first test's fixture: about 12 minutes on 2 cores.
+pytestmark = pytest.mark.timeout(1800)
+
 if os.environ.get("LLAMA_ORCH_NO_EXTENSIONS") == "1":
     pytest.skip("the multi-host lab runs once per `make test`, in the compiled variant", allow_module_level=True)
 if (reason := unavailable_reason()) is not None:
