@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
+from support import wait_until
 
 from llama_orch.io.lab.netns import Topology, unavailable_reason
 
@@ -35,16 +35,6 @@ def pools_line(tmp_path) -> str:
     return lab("status", tmp_path=tmp_path).stdout
 
 
-def wait_for(check, what: str, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
-        time.sleep(0.2)
-
-
 def test_lab_up_a_task_a_partition_healed_and_down(tmp_path):
     up = subprocess.run([*CLI, "lab", "up", "--engine", "mock", "--dir", str(tmp_path / "lab"), "--prefix", PREFIX,
                          "--subnet", SUBNET], capture_output=True, text=True, timeout=300)
@@ -59,11 +49,11 @@ def test_lab_up_a_task_a_partition_healed_and_down(tmp_path):
 
         fault = lab("fault", "gpu1", "partition", tmp_path=tmp_path)
         assert fault.returncode == 0, fault.stderr
-        wait_for(lambda: "gpu1-a   unready" in (s := pools_line(tmp_path)) and "gpu2-a   ready" in s,
-                 "gpu1's pools unready, gpu2's ready, at orchestratord")
+        wait_until(lambda: "gpu1-a   unready" in (s := pools_line(tmp_path)) and "gpu2-a   ready" in s,
+                   what="gpu1's pools unready, gpu2's ready, at orchestratord")
         heal = lab("fault", "gpu1", "heal", tmp_path=tmp_path)
         assert heal.returncode == 0 and "reset" in heal.stdout, heal.stderr
-        wait_for(lambda: pools_line(tmp_path).count(" ready ") == 4, "every pool ready again after the heal")
+        wait_until(lambda: pools_line(tmp_path).count(" ready ") == 4, what="every pool ready again after the heal")
     finally:
         down = lab("down", tmp_path=tmp_path)
     assert down.returncode == 0, down.stderr

@@ -33,8 +33,15 @@ if (reason := unavailable_reason()) is not None:
 
 
 @pytest.fixture(scope="module")
-def suite():
-    results, problems = asyncio.run(run_suite(OUT, report=lambda line: print(f"lab: {line}", flush=True)))
+def suite(pytestconfig):
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def progress(line: str) -> None:  # a long run shows where it is, past pytest's capture
+        if "scenario" in line:
+            with capture.global_and_fixture_disabled():
+                print(f"lab: {line}", flush=True)
+
+    results, problems = asyncio.run(run_suite(OUT, report=progress))
     return {r.row["scenario"]: (r, problems[r.row["scenario"]]) for r in results}
 
 
@@ -49,8 +56,10 @@ def test_every_scenario_ran_and_the_report_was_written(suite):
     assert list(suite) == EXPECTED
     table = (OUT / "scenarios.md").read_text()
     assert all(name in table for name in EXPECTED)
-    for name in {n.split(" ")[0] for n in EXPECTED}:
+    for name in EXPECTED:
+        name = name.replace(" (", "-").rstrip(")")
         assert (OUT / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (OUT / f"{name}.tasks.json").stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", EXPECTED)

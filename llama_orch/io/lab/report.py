@@ -51,7 +51,11 @@ def write(out: Path, results: list, *, title: str, notes: list[str] = ()) -> Pat
     (out / "scenarios.md").write_text("\n".join(md) + "\n")
     (out / "scenarios.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
     for r in results:
-        timeline(r, out / f"{r.scenario.name}.png")
+        name = r.row["scenario"].replace(" (", "-").rstrip(")")
+        timeline(r, out / f"{name}.png")
+        # every task as the client saw it, and the fault's times: what a failed check is read from
+        (out / f"{name}.tasks.json").write_bytes(orjson.dumps(
+            {"fault_at": r.fault_at, "heal_at": r.heal_at, "records": r.records}, option=orjson.OPT_INDENT_2))
     return out / "scenarios.md"
 
 

@@ -27,7 +27,7 @@ async def run_suite(out: Path, *, engine: str = "llama-server", prefix: str = "l
     started = time.monotonic()
     for discovery in ("list", "push"):
         config = LabConfig(engine=engine, discovery=discovery, prefix=prefix, subnet=subnet,
-                           lab_dir=lab_dir or out / "lab")
+                           lab_dir=(lab_dir or out) / f"lab-{discovery}")  # each lab's logs kept
         lab = LabCluster(config, report=report)
         try:
             await lab.up()

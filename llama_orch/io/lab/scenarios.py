@@ -182,8 +182,10 @@ class Result:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Load:
-    rate: float = 5.0
-    max_tokens: int = 160
+    # About 1.4 cores of decoding on 2: the daemons must keep some CPU, or health checks and polls
+    # miss their deadlines with no fault at all
+    rate: float = 4.0
+    max_tokens: int = 120
     before_s: float = 3.0
     after_s: float = 4.0
     deadline_s: float = 40.0

@@ -46,7 +46,7 @@ from ..openapi_doc import add_openapi_route
 from ..waits import within
 from .adapters import Timeouts
 from .auth import api_key_middleware
-from .discovery import PoolDiscovery
+from .discovery import PoolDiscovery, pool_stale_ms
 from .driver import DRIVER, SERVED_WORKLOADS, CoreDriver, Cursor, StreamLimits
 from .nodes import add_node_routes
 from .openai_api import add_openai_routes
@@ -358,7 +358,7 @@ def core_config(settings: OrchdSettings) -> tuple[OrchestratorConfig, Timeouts]:
     """The core's configuration and the adapters' timeouts from the daemon's settings."""
     config = OrchestratorConfig(
         admission_capacity=settings.admission_capacity, admission_policy=QueuePolicy(settings.admission_policy),
-        placement_strategy=Strategy(settings.placement_strategy), pool_stale_ms=settings.poll_interval_ms * 3,
+        placement_strategy=Strategy(settings.placement_strategy), pool_stale_ms=pool_stale_ms(settings.poll_interval_ms),
         first_token_timeout_ms=settings.first_token_timeout_ms, token_timeout_ms=settings.token_timeout_ms,
         metrics_interval_ms=settings.metrics_interval_ms or None,
         prefix_block_tokens=settings.prefix_block_tokens, prefix_load_slack=settings.prefix_load_slack,

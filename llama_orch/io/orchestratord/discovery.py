@@ -56,9 +56,19 @@ class ManagerState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one poll at a time: answers apply in order
 
 
+#: How long one poll of a pool-managerd may take before it counts as unanswered.
+POLL_TIMEOUT_MS = 2000
+
+
+def pool_stale_ms(poll_interval_ms: int) -> int:
+    """When a pool not heard of counts as stale: three polls missed, and never before a poll sent
+    after its last snapshot could have timed out (with fast polling, a slow answer is not silence)."""
+    return max(3 * poll_interval_ms, poll_interval_ms + POLL_TIMEOUT_MS)
+
+
 class PoolDiscovery:
     def __init__(self, manager_urls: list[str], emit: Callable[[Event], None], *, interval_ms: int = 5000,
-                 timeout_ms: int = 2000, session: aiohttp.ClientSession | None = None,
+                 timeout_ms: int = POLL_TIMEOUT_MS, session: aiohttp.ClientSession | None = None,
                  on_check: Callable[[str, bool, float], None] | None = None) -> None:
         self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/"), static=True) for url in manager_urls}
         # Which manager speaks for each pool id: only it may update, lose or remove the pool. A
