@@ -312,8 +312,9 @@ class Orchestrator:
             "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms,
             "pool_id": pool_id, "kv_warmth": kv_warmth, "attempt": task.attempts,
             "queued_ms": int(now - task.submitted_at)}))
+        task.engine_url = engine_url = placer.snapshot(pool_id).engine_url  # type: ignore[union-attr]
         out.append(Dispatch(task_id=task_id, pool_id=pool_id, attempt=task.attempts, kv_warmth=kv_warmth,
-                            engine_url=placer.snapshot(pool_id).engine_url))  # type: ignore[union-attr]
+                            engine_url=engine_url))
 
     def _release(self, task: Task) -> None:
         pool_id = task.pool_id
@@ -411,7 +412,7 @@ class Orchestrator:
             self._finish(task, Outcome.FAILED, now, out, code=code,
                          message=message or f"pool {failed_pool} refused the request", retriable=False)
             return
-        self._note_pool_failure(failed_pool, now, task.dispatched_at)
+        self._note_pool_failure(task, now)
         if task.phase is TaskPhase.STREAMING:
             self._finish(task, Outcome.FAILED, now, out, code=code or "WORKER_RESET",
                          message=message or f"stream from pool {failed_pool} broke after {task.tokens_out} tokens",
@@ -452,9 +453,13 @@ class Orchestrator:
         decision = self.placer.pick(spec, None, exclude=task.tried_pools)
         return decision if isinstance(decision, Pick) else None
 
-    def _note_pool_failure(self, pool_id: str | None, now: float, dispatched_at: float | None) -> None:
+    def _note_pool_failure(self, task: Task, now: float) -> None:
+        pool_id, dispatched_at = task.pool_id, task.dispatched_at
         if pool_id is None or pool_id not in self.placer:
             return
+        snap = self.placer.snapshot(pool_id)
+        if snap is not None and snap.engine_url and task.engine_url and snap.engine_url != task.engine_url:
+            return  # the engine it ran on was already replaced: the new one did not fail
         counted = self._failure_counted_at.get(pool_id)
         if counted is not None and dispatched_at is not None and dispatched_at <= counted:
             return  # sent before the failure already counted: the same incident
@@ -465,7 +470,6 @@ class Orchestrator:
             breaker = self.breakers[pool_id] = CircuitBreaker(
                 threshold=c.breaker_threshold, window_ms=c.breaker_window_ms, cooldown_ms=c.breaker_cooldown_ms)
         if breaker.record_failure(now) is BreakerState.OPEN:
-            snap = self.placer.snapshot(pool_id)
             self._opened_on[pool_id] = snap.engine_url if snap is not None else None
             self.placer.set_flags(pool_id, breaker_open=True)
             self._arm(breaker.half_open_at(), _BREAKER, pool_id)  # type: ignore[arg-type]
@@ -599,7 +603,7 @@ class Orchestrator:
                 self._arm(due, _FIRST_TOKEN, key)  # an older timer of an earlier attempt
                 return
             out.append(CloseUpstream(task_id=key, pool_id=task.pool_id, reason="first-token timeout"))  # type: ignore[arg-type]
-            self._note_pool_failure(task.pool_id, now, task.dispatched_at)
+            self._note_pool_failure(task, now)
             self._retry(task, "DECODE_TIMEOUT", "no first token within "
                         f"{self.config.first_token_timeout_ms:.0f} ms", now, out)
         elif kind == _BETWEEN_TOKENS:

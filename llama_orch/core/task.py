@@ -47,7 +47,7 @@ class Task:
     __slots__ = (
         "spec", "task_id", "phase", "outcome", "submitted_at", "deadline_at", "pool_id", "attempts",
         "tokens_out", "dispatched_at", "first_token_at", "last_token_at", "tried_pools",
-        "queue_position", "predicted_start_ms", "kv_warmth", "first_dispatched_at", "failed_at",
+        "queue_position", "predicted_start_ms", "kv_warmth", "first_dispatched_at", "failed_at", "engine_url",
     )
 
     def __init__(self, spec: TaskSpec, now: float, *, queue_position: int, predicted_start_ms: int) -> None:
@@ -61,6 +61,7 @@ class Task:
         self.attempts = 0
         self.tokens_out = 0
         self.dispatched_at: float | None = None
+        self.engine_url: str | None = None  # the engine of the attempt in flight
         self.first_dispatched_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None

@@ -328,6 +328,20 @@ def test_a_new_engine_closes_the_breaker_its_crashed_predecessor_opened():
     assert only(out, Dispatch).pool_id == "pool-a"
 
 
+def test_a_failure_on_an_engine_already_replaced_does_not_count_against_the_new_one():
+    """A stalled engine is replaced by the provisioner while its streams wait out their timeouts:
+    those failures are the old engine's, and must not open the breaker over its healthy successor."""
+    core, run = make(pools=("pool-a", "pool-b"), slots=2, breaker_threshold=1, max_attempts=1)
+    pin = PlacementRequest(mode=PlacementMode.PIN, pin_pool_id="pool-a")
+    run(TaskSubmitted(spec=spec("t1", placement=pin)), 0.0)
+    run(PoolUpdated(snapshot=pool("pool-a", engine_url="http://10.0.0.1:41001")), 1.0)  # a new engine
+    run(StreamFailed(task_id="t1", message="old engine silent"), 2.0)
+    assert core.placer.is_usable("pool-a")
+    run(TaskSubmitted(spec=spec("t2", placement=pin)), 3.0)  # on the new engine: its failure counts
+    run(StreamFailed(task_id="t2", message="new engine broken too"), 4.0)
+    assert not core.placer.is_usable("pool-a")
+
+
 def test_stale_pool_stops_receiving_tasks_until_the_next_snapshot():
     core, run = make(pool_stale_ms=100.0)
     run(Tick(), 100.0)
