@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llama_orch.io.lab.agent import LoadPlan
-from llama_orch.io.lab.cluster import LabCluster, LabConfig
+from llama_orch.io.lab.cluster import LabCluster, LabConfig, LabError
 from llama_orch.io.lab.scenarios import Result, Scenario, account, check
 from llama_orch.io.lab.netns import Topology
 
@@ -70,3 +70,13 @@ def test_a_scenario_that_held_has_nothing_to_report():
     result.row = account(result)
     assert (result.row["route_away_s"], result.row["recover_s"]) == (0.2, 0.4)
     assert check(result, _lab()) == []
+
+
+def test_the_lab_never_clears_a_directory_that_is_not_a_labs(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    lab = LabCluster(LabConfig(lab_dir=tmp_path, prefix="lt", subnet="10.213.99"))
+    with pytest.raises(LabError, match="refusing to clear it"):
+        lab.check_lab_dir()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "lab.json").write_text("{}")  # an earlier lab's: cleared at the next up
+    lab.check_lab_dir()

@@ -197,6 +197,7 @@ class LabCluster:
     # -- up --------------------------------------------------------------------------------------------
 
     async def up(self) -> None:
+        self.check_lab_dir()  # before anything is made: a refused directory leaves nothing to undo
         try:
             await self._obtain()
             self.report(f"making hosts {', '.join(h.name for h in self.topology.hosts)} "
@@ -231,8 +232,14 @@ class LabCluster:
                 raise LabError("llama-server could not be built (its output is above)")
             self.engine_binary = Path(done.stdout.strip().splitlines()[-1])
 
+    def check_lab_dir(self) -> None:
+        """The lab's directory is cleared at each ``up``: it must be new, empty or an earlier lab's."""
+        if self.lab_dir.exists() and any(self.lab_dir.iterdir()) and not self.state_path.exists():
+            raise LabError(f"{self.lab_dir} is not empty and holds no lab (no lab.json): refusing to clear it; "
+                           "give a new or empty directory")
+
     def _provision_hosts(self) -> None:
-        if self.lab_dir.exists():
+        if self.lab_dir.exists():  # an earlier lab's (up() checked)
             shutil.rmtree(self.lab_dir)
         for h in self.topology.hosts:
             (self.host_dir(h.name) / "logs").mkdir(parents=True)
