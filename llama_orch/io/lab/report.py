@@ -84,6 +84,7 @@ def timeline(result, path: Path) -> None:
         ax.axvline(result.heal_at - t0, color="green", linestyle="--", label="heal")
     ax.set_xlabel("seconds since the load started")
     ax.set_ylabel("tasks in flight")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"{result.scenario.name}: {result.scenario.title}", fontsize=9)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(8, len(pools) + 3), fontsize=8)
     fig.tight_layout()
