@@ -1,4 +1,5 @@
-"""What every daemon does: logging in one format, uvloop as the event loop, background tasks.
+"""What every daemon does: logging in one format, uvloop as the event loop, background tasks;
+and what supervisors of daemons read when one fails: the tail of its log.
 
 JSON logs with correlation ids (roadmap) will replace the format here, in one place.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections import deque
 from collections.abc import Coroutine
+from pathlib import Path
 
 
 def prepare(prog: str) -> None:
@@ -55,3 +58,12 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a daemon's log, for the message that says it died."""
+    try:
+        with path.open("rb") as f:
+            return b"".join(deque(f, maxlen=lines)).decode(errors="replace").rstrip()
+    except OSError:
+        return "(no log)"

@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +36,7 @@ import aiohttp
 import orjson
 
 from ..core.errors import UsageError
+from .daemon import log_tail
 
 ENGINES = ("llama-server", "mock")
 HOST = "127.0.0.1"  # the home profile is loopback only: orchestratord refuses other addresses without auth
@@ -189,13 +189,6 @@ def _looks_like_engine(pid: int) -> bool:
         return True  # no /proc to ask: trust the pid we were given moments ago
     return b"llama-server" in cmdline or b"mock_engine" in cmdline
 
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        with path.open("rb") as f:
-            return b"".join(deque(f, maxlen=lines)).decode(errors="replace").rstrip()
-    except OSError:
-        return "(no log)"
 
 
 @dataclass(slots=True)

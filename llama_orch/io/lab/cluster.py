@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ from typing import Callable
 import aiohttp
 import orjson
 
+from ..daemon import log_tail
 from .netns import NetnsError, Topology, alive
 
 ORCHD_PORT = 8080
@@ -109,13 +109,6 @@ class LabProcess:
         return {"host": self.host, "name": self.name, "argv": self.argv, "env": self.env,
                 "log_path": str(self.log_path), "pid": self.pid}
 
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        with path.open("rb") as f:
-            return b"".join(deque(f, maxlen=lines)).decode(errors="replace").rstrip()
-    except OSError:
-        return "(no log)"
 
 
 class Agent:
