@@ -343,6 +343,7 @@ class Orchestrator:
             if breaker is not None and breaker.state is not BreakerState.CLOSED:
                 breaker.record_success()
                 self.placer.set_flags(task.pool_id, breaker_open=False)  # type: ignore[arg-type]
+                self._opened_on.pop(task.pool_id, None)  # type: ignore[arg-type]
         elif phase is not TaskPhase.STREAMING:
             return  # a late read from an attempt already given up (the task is queued again)
         task.last_token_at = now
