@@ -1,5 +1,6 @@
 """What every daemon does: logging in one format, uvloop as the event loop, background tasks;
-and what supervisors of daemons read when one fails: the tail of its log.
+the ``READY`` line and signal wait of processes a parent starts and waits on (the bench's, the
+lab's); and what supervisors of daemons read when one fails: the tail of its log.
 
 JSON logs with correlation ids (roadmap) will replace the format here, in one place.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
@@ -67,3 +69,13 @@ def log_tail(path: Path, lines: int = 20) -> str:
             return b"".join(deque(f, maxlen=lines)).decode(errors="replace").rstrip()
     except OSError:
         return "(no log)"
+
+
+async def announce_until_signalled(what: str) -> None:
+    """Print ``READY <what>`` (the parent reads it), then wait for SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {what}", flush=True)
+    await stop.wait()

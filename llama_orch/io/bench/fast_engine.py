@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from .process import announce_until_signalled, run
+from ..daemon import announce_until_signalled
+from .process import run
 
 MODES = ("burst", "per-token", "paced")
 MAX_HEAD_BYTES = 64 << 10

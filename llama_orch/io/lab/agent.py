@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import itertools
 import random
-import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from ...ext.sse import SSEParser
+from ..daemon import announce_until_signalled
 
 MAX_TASKS = 5000
 MAX_DURATION_S = 300.0
@@ -337,12 +337,7 @@ async def serve(socket_path: str) -> None:
     runner = web.AppRunner(create_app(), access_log=None)
     await runner.setup()
     await web.UnixSite(runner, socket_path).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"READY agent on {socket_path}", flush=True)
-    await stop.wait()
+    await announce_until_signalled(f"agent on {socket_path}")
     await runner.cleanup()
 
 

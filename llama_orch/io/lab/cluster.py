@@ -437,18 +437,6 @@ class LabCluster:
                     return pid
         raise LabError(f"no engine pid recorded for {pool_id} in {self.host_dir(host) / 'state'}")
 
-    def grep_logs(self, needle: str, hosts: list[str] | None = None) -> dict[str, int]:
-        """How many lines of each host's logs contain ``needle``, by ``host/log``."""
-        found: dict[str, int] = {}
-        raw = needle.encode()
-        for host in hosts or [h.name for h in self.topology.hosts]:
-            for path in (self.host_dir(host) / "logs").glob("*.log"):
-                with contextlib.suppress(OSError):
-                    n = sum(1 for line in path.open("rb") if raw in line)
-                    if n:
-                        found[f"{host}/{path.name}"] = n
-        return found
-
     # -- down --------------------------------------------------------------------------------------------
 
     async def down(self) -> list[str]:

@@ -21,6 +21,8 @@ import socket
 import struct
 import sys
 
+from ..daemon import announce_until_signalled
+
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 CHUNK = 65536
 
@@ -105,14 +107,10 @@ async def serve(port: int, delay_ms: float, pace_ms: float) -> None:
     loop.add_signal_handler(signal.SIGUSR1, proxy.delay, True)
     loop.add_signal_handler(signal.SIGHUP, proxy.pace)
     loop.add_signal_handler(signal.SIGUSR2, proxy.delay, False)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     server = await asyncio.start_server(proxy.handle, "0.0.0.0", port)
-    print(f"READY delay proxy on :{port} ({delay_ms:g} ms each way on SIGUSR1, chunks {pace_ms:g} ms apart on "
-          "SIGHUP, both off on SIGUSR2)", flush=True)
     async with server:
-        await stop.wait()
+        await announce_until_signalled(f"delay proxy on :{port} ({delay_ms:g} ms each way on SIGUSR1, chunks "
+                                       f"{pace_ms:g} ms apart on SIGHUP, both off on SIGUSR2)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ the heal). ``check`` lists what broke the scenario's promises; the test asserts 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -61,7 +62,6 @@ def _signal(host: str, daemon: str, sig: int) -> Action:
 
 def _engine_signal(pool_id: str, sig: int) -> Action:
     async def act(lab: LabCluster) -> None:
-        import os
         os.kill(lab.engine_pid(pool_id), sig)
     return act
 

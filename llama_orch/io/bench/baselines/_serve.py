@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from ..process import announce_until_signalled, run
+from ...daemon import announce_until_signalled
+from ..process import run
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 ENGINES = web.AppKey("engines", itertools.cycle)
