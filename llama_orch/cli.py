@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import re
 import shlex
 import sys
 import time
@@ -205,12 +206,23 @@ class TaskResult:
 
 
 def _session(total: float | None = 10.0):
-    """The client's HTTP session; ``LLAMA_ORCH_API_KEY`` (when set) goes on every request."""
+    """The client's HTTP session; ``LLAMA_ORCH_API_KEY`` (when set) goes on every request.
+    ``LLAMA_ORCH_CA`` is the CA to trust for an https orchestratord (default: the system's), and
+    ``LLAMA_ORCH_CERT`` with ``LLAMA_ORCH_KEY`` a client certificate to present."""
+    import ssl
+
     import aiohttp
 
     key = os.environ.get("LLAMA_ORCH_API_KEY")
+    context: ssl.SSLContext | bool = True
+    ca, cert, cert_key = (os.environ.get(f"LLAMA_ORCH_{name}") for name in ("CA", "CERT", "KEY"))
+    if ca or cert:
+        context = ssl.create_default_context(cafile=ca or None)
+        if cert:
+            context.load_cert_chain(cert, cert_key or None)
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total, sock_connect=5),
-                                 headers={"Authorization": f"Bearer {key}"} if key else None)
+                                 headers={"Authorization": f"Bearer {key}"} if key else None,
+                                 connector=aiohttp.TCPConnector(ssl=context))
 
 
 async def _get_pools(http, url: str) -> list[dict]:
@@ -446,7 +458,10 @@ def _banner(cluster, elapsed_s: float) -> str:
     url = cluster.orchestratord_url
     flag = "" if url == DEFAULT_URL else f" --url {url}"
     prog = _invoked_as()
-    lines.append(f'try, in another terminal while this one serves:\n      {prog} submit "Why is the sky blue?"{flag}')
+    lines.append("try, in another terminal while this one serves:")
+    if cluster.certs:
+        lines.append(f"      export LLAMA_ORCH_CA={cluster.certs['client'].ca}")
+    lines.append(f'      {prog} submit "Why is the sky blue?"{flag}')
     lines.append(f"      {prog} status{flag}")
     return "\n".join(lines)
 
@@ -471,6 +486,8 @@ async def _run_cluster(cluster, args: argparse.Namespace) -> int:
     cluster.start()
     await cluster.wait_ready()
     print(_banner(cluster, time.monotonic() - started), flush=True)
+    if cluster.certs:  # the sample below, like the commands the banner shows, trusts the cluster's CA
+        os.environ["LLAMA_ORCH_CA"] = str(cluster.certs["client"].ca)
     code = 0
     if args.sample is not None or args.once:
         prompt = args.sample or DEFAULT_SAMPLE
@@ -487,6 +504,31 @@ async def _run_cluster(cluster, args: argparse.Namespace) -> int:
     return 1
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from .io.certs import ENV_PREFIXES, SERVICES, make_dev_certs
+
+    if args.days < 1:
+        return _fail(f"--days must be >= 1, got {args.days}")
+    services = tuple(dict.fromkeys(args.service)) or SERVICES
+    bad = [s for s in services if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", s)]
+    if bad:
+        return _fail(f"--service {bad[0]!r}: expected a name of letters, digits, '.', '_' or '-'")
+    directory = Path(args.dir).expanduser()
+    try:
+        made = make_dev_certs(directory, services=services, hosts=tuple(args.host), days=args.days)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot write certificates to {directory}: {exc}")
+    print(f"CA: {directory / 'ca.pem'} (key {directory / 'ca-key.pem'}: keep it off the servers)")
+    for name, cert in made.items():
+        prefix = ENV_PREFIXES.get(name)
+        print(f"{name}:")
+        if prefix is not None:
+            print("  " + " ".join(f"{k}={v}" for k, v in cert.env(prefix).items()))
+        else:
+            print(f"  cert {cert.cert}, key {cert.key}, CA {cert.ca}")
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from .io.local_cluster import ClusterConfig
 
@@ -496,7 +538,8 @@ def _up(args: argparse.Namespace) -> int:
         config = ClusterConfig(pools=args.pools, engine=args.engine, model=args.model, slots=args.slots, ctx=args.ctx,
                                port=args.port, pool_managerd_port=args.pool_managerd_port,
                                provisioner_port=args.provisioner_port, state_dir=Path(args.state_dir),
-                               cache_dir=Path(args.cache_dir).expanduser(), ready_timeout_s=args.ready_timeout_s)
+                               cache_dir=Path(args.cache_dir).expanduser(), ready_timeout_s=args.ready_timeout_s,
+                               tls=args.tls)
     except UsageError as exc:
         return _fail(str(exc))
     return asyncio.run(_up_async(config, args))
@@ -619,7 +662,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--once", action="store_true",
                     help=f"run the sample task (default prompt {DEFAULT_SAMPLE!r}), then stop everything and exit "
                          "(0 when the sample streamed to its end)")
+    up.add_argument("--tls", action="store_true",
+                    help="mTLS between the daemons and https for clients, with a development CA and certificates "
+                         "made in <state-dir>/certs (llama-orch certs)")
     up.set_defaults(func=_up)
+
+    ce = sub.add_parser("certs", help="make a development CA and a certificate for each daemon (mTLS)",
+                        description="Writes ca.pem/ca-key.pem (reused when DIR has them) and <service>.pem/"
+                                    "<service>-key.pem for each service, usable as server and client certificates, "
+                                    "then prints the environment variables that point each daemon at its files. "
+                                    "For development and tests: production certificates come from your own CA.")
+    ce.add_argument("dir", help="where to write the files (created; keys are mode 0600)")
+    ce.add_argument("--host", action="append", default=[],
+                    help="a host name or address the certificates are valid for, besides loopback (repeatable)")
+    ce.add_argument("--service", action="append", default=[],
+                    help="issue for these services only (repeatable; default: orchestratord, pool-managerd, "
+                         "engine-provisioner and client, for operators' tools and scrapers)")
+    ce.add_argument("--days", type=int, default=90, help="validity of the service certificates (default 90)")
+    ce.set_defaults(func=_certs)
 
     url_default = os.environ.get("LLAMA_ORCH_URL", DEFAULT_URL)
     url_help = f"orchestratord's base URL (env LLAMA_ORCH_URL, default {DEFAULT_URL})"

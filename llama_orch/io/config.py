@@ -13,8 +13,11 @@ import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from .tls import TlsFiles
 
 T = TypeVar("T")
 
@@ -177,9 +180,12 @@ class PoolManagerSettings:
     advertise_url: str | None = None
     orchestratord_api_key: str | None = None
     metrics_port: int | None = None
+    tls: "TlsFiles | None" = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "PoolManagerSettings":
+        from .tls import TlsFiles
+
         env = Env(environ, {"POOL_MANAGERD_BIND_ADDR": flags.get("bind"), "POOL_MANAGERD_RUNTIME_DIR": flags.get("runtime_dir")})
         host, port = env.address("POOL_MANAGERD_BIND_ADDR", "POOL_MANAGERD_ADDR", default="127.0.0.1:9200")
         return cls(
@@ -199,6 +205,7 @@ class PoolManagerSettings:
             advertise_url=env.url("POOL_MANAGERD_ADVERTISE_URL", default=None),
             orchestratord_api_key=env.text("POOL_MANAGERD_ORCHESTRATORD_API_KEY", default="") or None,
             metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
+            tls=TlsFiles.from_env("POOL_MANAGERD", env.environ),
         )
 
 
@@ -235,9 +242,13 @@ class OrchdSettings:
     retained_stream_bytes: int = 256 << 20
     listen_backlog: int = 1024
     access_log: bool = True
+    tls: "TlsFiles | None" = None
+    tls_client_cert: str = "optional"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
+        from .tls import TlsFiles
+
         env = Env(environ, {"ORCHD_BIND_ADDR": flags.get("bind"), "ORCHD_POOL_MANAGERS": flags.get("pool_managers")})
         host, port = env.address("ORCHD_BIND_ADDR", "ORCHD_ADDR", default="127.0.0.1:8080")
         if env.environ.get("ORCHD_OIDC_ISSUER") or env.environ.get("ORCHD_OIDC_AUDIENCE"):
@@ -315,4 +326,8 @@ class OrchdSettings:
             api_keys=api_keys,
             metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
             profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),
+            tls=TlsFiles.from_env("ORCHD", env.environ),
+            # optional: the port is also the clients', who bring API keys or tokens, not certificates
+            tls_client_cert=env.get("ORCHD_TLS_CLIENT_CERT", default="optional", parse=choice("optional", "required"),
+                                    expected="optional or required"),
         )

@@ -25,6 +25,7 @@ import fcntl
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ class ClusterConfig:
     shutdown_grace_s: float = 5.0  # orchestratord lets running streams finish this long on Ctrl-C
     engine_args: tuple[str, ...] = ()  # more flags for every engine (the mock's speed, llama-server's own)
     orchd_env: tuple[tuple[str, str], ...] = ()  # more ORCHD_* settings (capacity, placement strategy)
+    tls: bool = False  # mTLS on every hop between the daemons, with a development CA in <state dir>/certs
 
     def __post_init__(self) -> None:
         if self.pools < 1:
@@ -227,20 +229,32 @@ class LocalCluster:
         self.engine_pids: set[int] = set()
         self._lock_file = None
         self._hurry = False
+        self.certs_dir = self.state_dir / "certs"
+        self.certs: dict = {}  # service name -> ServiceCert, with --tls
+        self.ssl: ssl.SSLContext | bool = True  # what this supervisor's own checks present and trust
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls else "http"
+
+    def http(self) -> aiohttp.ClientSession:
+        """A session for this supervisor's checks of its daemons (with the ``client`` certificate under --tls)."""
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2),
+                                     connector=aiohttp.TCPConnector(ssl=self.ssl))
 
     # -- where things are ------------------------------------------------------------------------
 
     @property
     def orchestratord_url(self) -> str:
-        return f"http://{HOST}:{self.ports['--port']}"
+        return f"{self.scheme}://{HOST}:{self.ports['--port']}"
 
     @property
     def pool_managerd_url(self) -> str:
-        return f"http://{HOST}:{self.ports['--pool-managerd-port']}"
+        return f"{self.scheme}://{HOST}:{self.ports['--pool-managerd-port']}"
 
     @property
     def provisioner_url(self) -> str:
-        return f"http://{HOST}:{self.ports['--provisioner-port']}"
+        return f"{self.scheme}://{HOST}:{self.ports['--provisioner-port']}"
 
     def child(self, name: str) -> Child:
         return next(c for c in self.children if c.name == name)
@@ -254,6 +268,8 @@ class LocalCluster:
         for stale in self.handoff_dir.glob("*.json"):  # a killed run's pools must not look alive
             stale.unlink(missing_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.tls:
+            self._make_certs()
         await self._obtain_model()
         if self.config.engine == "llama-server":
             await self._obtain_engine()
@@ -318,6 +334,19 @@ class LocalCluster:
             raise ClusterError(str(exc)) from None
         self.report(f"llama-server {path}")
 
+    def _make_certs(self) -> None:
+        from .certs import make_dev_certs
+
+        self.certs = make_dev_certs(self.certs_dir)
+        client = self.certs["client"]
+        context = ssl.create_default_context(cafile=str(client.ca))
+        context.load_cert_chain(client.cert, client.key)
+        self.ssl = context
+        self.report(f"mTLS: development CA and certificates in {self.certs_dir}")
+
+    def _tls_env(self, service: str, prefix: str) -> dict[str, str]:
+        return self.certs[service].env(prefix) if self.config.tls else {}
+
     # -- the daemons -------------------------------------------------------------------------------
 
     def _children(self) -> list[Child]:
@@ -333,7 +362,7 @@ class LocalCluster:
                   "--cache-dir", str(c.cache_dir), "--handoff-dir", str(self.handoff_dir),
                   "--state-dir", str(self.state_dir / "provisioner"),
                   "--control-bind", control, "--start-timeout-s", str(c.ready_timeout_s)],
-            env=base)
+            env=dict(base, **self._tls_env("engine-provisioner", "ENGINE_PROVISIONER")))
         pool_managerd = Child(
             name="pool-managerd", log_path=self.log_dir / "pool-managerd.log", url=self.pool_managerd_url,
             argv=[sys.executable, "-m", "llama_orch.io.pool_managerd"],
@@ -341,13 +370,14 @@ class LocalCluster:
                      POOL_MANAGERD_RUNTIME_DIR=str(self.handoff_dir),
                      POOL_MANAGERD_PROVISIONER_URL=self.provisioner_url,
                      POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL=f"{self.orchestratord_url}/callbacks/pool-ready",
-                     POOL_MANAGERD_WATCH_INTERVAL_MS="250"))
+                     POOL_MANAGERD_WATCH_INTERVAL_MS="250", **self._tls_env("pool-managerd", "POOL_MANAGERD")))
         orchestratord = Child(
             name="orchestratord", log_path=self.log_dir / "orchestratord.log", url=self.orchestratord_url,
             argv=[sys.executable, "-m", "llama_orch.io.orchestratord"],
             env=dict(base, ORCHD_BIND_ADDR=f"{HOST}:{self.ports['--port']}", ORCHD_POOL_MANAGERS=self.pool_managerd_url,
                      ORCHD_POOL_POLL_INTERVAL_MS=str(c.poll_interval_ms), ORCHD_PROFILE="home",
-                     ORCHD_SHUTDOWN_GRACE_MS=str(int(c.shutdown_grace_s * 1000)), **dict(c.orchd_env)))
+                     ORCHD_SHUTDOWN_GRACE_MS=str(int(c.shutdown_grace_s * 1000)),
+                     **self._tls_env("orchestratord", "ORCHD"), **dict(c.orchd_env)))
         # Started back to front (the slow one first); stopped front to back.
         return [provisioner, pool_managerd, orchestratord]
 
@@ -380,7 +410,7 @@ class LocalCluster:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ready_timeout_s
         shown: tuple = ()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        async with self.http() as http:
             while True:
                 self.check_children()
                 pools = (await _get_json(http, f"{self.orchestratord_url}/v2/pools") or {}).get("pools") or []
@@ -463,7 +493,7 @@ class LocalCluster:
         warnings: list[str] = []
         if self.children:
             with contextlib.suppress(Exception):  # the provisioner knows the current engines (restarts included)
-                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+                async with self.http() as http:
                     provisioned = (await _get_json(http, f"{self.provisioner_url}/v2/pools") or {}).get("pools") or []
                     self._remember_engines(provisioned, "pid")
         self._remember_recorded_engines()  # and its state files know them even when it has died

@@ -43,12 +43,13 @@ from ..http import (
     serve_metrics_on,
 )
 from ..openapi_doc import add_openapi_route
+from ..tls import TlsContexts, require_peer_certificate
 from ..waits import within
 from .adapters import Timeouts
 from .auth import api_key_middleware
 from .discovery import PoolDiscovery, pool_stale_ms
 from .driver import DRIVER, SERVED_WORKLOADS, CoreDriver, Cursor, StreamLimits
-from .nodes import add_node_routes
+from .nodes import NODE_PATHS, add_node_routes
 from .openai_api import add_openai_routes
 from .wire import WireError
 
@@ -153,8 +154,17 @@ async def list_pools(request: web.Request) -> web.Response:
                       "engine": snap.engine, "engine_version": snap.engine_version, "engine_url": snap.engine_url,
                       "ctx_max": snap.ctx_max, "device_mask": snap.device_mask, "replica_id": snap.replica_id,
                       "vram_total_bytes": snap.vram_total_bytes, "vram_free_bytes": snap.vram_free_bytes,
-                      "manager_url": snap.manager_url, "last_error": snap.last_error})
+                      "manager_url": snap.manager_url, "last_error": _last_error(request, snap)})
     return json_response({"pools": pools})
+
+
+def _last_error(request: web.Request, snap) -> str | None:
+    """The pool's own error, or its manager's while orchestratord cannot reach it (a TLS failure
+    says so there, rather than the pool looking merely silent)."""
+    manager = request.app[DISCOVERY].owner_of(snap.pool_id)
+    if manager is not None and not manager.reachable and manager.last_error:
+        return manager.last_error
+    return snap.last_error
 
 
 def _snapshot(request: web.Request):
@@ -170,7 +180,7 @@ async def pool_health(request: web.Request) -> web.Response:
     placer, snap = _snapshot(request)
     leases = placer.leases(snap.pool_id)
     return json_response({"pool_id": snap.pool_id, "live": snap.live, "ready": placer.is_usable(snap.pool_id),
-                          "draining": snap.draining, "last_error": snap.last_error,
+                          "draining": snap.draining, "last_error": _last_error(request, snap),
                           "metrics": {"slots_total": snap.slots_total, "leases": leases,
                                       "slots_free": max(0, snap.slots_total - leases),
                                       "vram_free_bytes": snap.vram_free_bytes}})
@@ -289,15 +299,19 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
                node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
                api_keys: tuple[str, ...] = (), metrics_host: str = "127.0.0.1",
                metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits(),
-               tune_gc: bool = False) -> web.Application:
+               tune_gc: bool = False, tls: TlsContexts | None = None) -> web.Application:
     """orchestratord's app. ``tune_gc`` (the daemon's, not a test's: it freezes the whole process's
     heap) settles the garbage collector once the app is built (``daemon.settle_gc``)."""
-    app = web.Application(middlewares=[correlation, *([api_key_middleware(api_keys)] if api_keys else [])])
+    middlewares = [correlation, *([require_peer_certificate(NODE_PATHS)] if tls is not None else []),
+                   *([api_key_middleware(api_keys)] if api_keys else [])]
+    app = web.Application(middlewares=middlewares)
     app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts,
-                                      limits=stream_limits)
+                                      limits=stream_limits, tls=tls)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
-                                   on_check=driver.metrics.health_check)
+                                   on_check=driver.metrics.health_check, tls=tls)
+    if tls is not None:
+        driver.metrics.registry.register(tls.collector("orchestratord"))
 
     async def resources(app: web.Application):
         if tune_gc:
@@ -305,7 +319,10 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
             driver.collect_when_idle = True
         await driver.start()
         await app[DISCOVERY].start()
+        reloader = asyncio.ensure_future(tls.watch()) if tls is not None else None
         yield
+        if reloader is not None:
+            reloader.cancel()
         await app[DISCOVERY].stop()
         await driver.stop()
 
@@ -414,13 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.pool_managers:
         log.warning("no pool managers configured (ORCHD_POOL_MANAGERS): every task will get 503 until one is")
     config, timeouts = core_config(settings)
-    log.info("listening on %s:%s, pool managers %s", settings.host, settings.port, ", ".join(settings.pool_managers))
+    tls = TlsContexts(settings.tls, client_cert=settings.tls_client_cert) if settings.tls is not None else None
+    log.info("listening on %s://%s:%s, pool managers %s", "https" if tls else "http", settings.host, settings.port,
+             ", ".join(settings.pool_managers))
     app = create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
                      profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
-                     metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True)
+                     metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True,
+                     tls=tls)
     app.on_startup.append(drain_before_closing)
-    web.run_app(app, host=settings.host, port=settings.port, print=None,
+    web.run_app(app, host=settings.host, port=settings.port, print=None, ssl_context=tls.server if tls else None,
                 shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5, backlog=settings.listen_backlog,
                 handler_cancellation=True,  # a client that leaves cancels its handler, hence its task
                 access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,

@@ -24,6 +24,7 @@ import orjson
 
 from ...core.events import Event, PoolRemoved, PoolStale, PoolUpdated
 from ...core.types import PoolSnapshot
+from ..tls import TlsContexts, connector, describe_failure
 
 log = logging.getLogger("llama_orch.orchestratord.discovery")
 
@@ -69,7 +70,8 @@ def pool_stale_ms(poll_interval_ms: int) -> int:
 class PoolDiscovery:
     def __init__(self, manager_urls: list[str], emit: Callable[[Event], None], *, interval_ms: int = 5000,
                  timeout_ms: int = POLL_TIMEOUT_MS, session: aiohttp.ClientSession | None = None,
-                 on_check: Callable[[str, bool, float], None] | None = None) -> None:
+                 on_check: Callable[[str, bool, float], None] | None = None,
+                 tls: TlsContexts | None = None) -> None:
         self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/"), static=True) for url in manager_urls}
         # Which manager speaks for each pool id: only it may update, lose or remove the pool. A
         # manager's ``pools`` hold exactly the pools it owns.
@@ -80,11 +82,12 @@ class PoolDiscovery:
         self.timeout = aiohttp.ClientTimeout(total=timeout_ms / 1000)
         self._session = session
         self._own_session = session is None
+        self.tls = tls
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(connector=connector(self.tls))
         await self.poll_all()  # one round before serving, so the first requests see pools
         self._task = asyncio.ensure_future(self._loop())
 
@@ -175,13 +178,17 @@ class PoolDiscovery:
                 del pools[pool_id]
             snapshots = [snapshot_from_status(p, manager.url) for p in pools.values()]
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
-            manager.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            error = describe_failure(self.tls, "pool-managerd", exc)
             self._checked(manager.pools, False, started)
-            if manager.reachable:
-                manager.reachable = False
+            if error.startswith("TLS:") and error != manager.last_error:
+                # not "down": it answered, and the certificates disagree. Each new failure is logged.
+                log.error("pool-managerd %s: %s; its pools %s take no new tasks once stale. Check both sides' "
+                          "certificates and CA", manager.url, error, ", ".join(sorted(manager.pools)) or "(none)")
+            elif manager.reachable and not error.startswith("TLS:"):
                 log.warning("pool-managerd %s does not answer (%s): its pools %s take no new tasks once stale; "
-                            "running streams go on", manager.url, manager.last_error,
-                            ", ".join(sorted(manager.pools)) or "(none)")
+                            "running streams go on", manager.url, error, ", ".join(sorted(manager.pools)) or "(none)")
+            manager.reachable = False
+            manager.last_error = error
             return
         if manager.suspended is not None or self.managers.get(manager.url) is not manager:
             return  # suspended or removed while the answer was on its way: it must not revive the pools

@@ -41,6 +41,7 @@ from ...core.placement import Strategy
 from ...core.types import TaskSpec
 from ...ext.sse import frame_event
 from ..daemon import FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
+from ..tls import TlsContexts, connector
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .metrics import OrchdMetrics
 from .prefix import prefix_chain, prompt_text
@@ -266,8 +267,9 @@ def _with_id(frame: bytes, n: int) -> bytes:
 
 class CoreDriver:
     def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(),
-                 limits: StreamLimits = StreamLimits()) -> None:
+                 limits: StreamLimits = StreamLimits(), tls: TlsContexts | None = None) -> None:
         self.core = core
+        self.tls = tls
         self.streams: dict[str, Stream] = {}
         self.session: aiohttp.ClientSession | None = None
         self.fresh_session: aiohttp.ClientSession | None = None
@@ -296,9 +298,9 @@ class CoreDriver:
     async def start(self) -> None:
         # One pooled session for every upstream: keep-alive connections per engine.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s)
-        self.session = aiohttp.ClientSession(timeout=timeout)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector(self.tls))
         # a request whose pooled connection the engine had closed goes again on a new one
-        self.fresh_session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(force_close=True))
+        self.fresh_session = aiohttp.ClientSession(timeout=timeout, connector=connector(self.tls, force_close=True))
         self.adapters = {"llamacpp": LlamaCppAdapter(self.session, self.timeouts, self.fresh_session),
                          "openai": OpenAIAdapter(self.session, self.timeouts, self.fresh_session), "mock": MockAdapter()}
         self.metrics.watch_gc(True)

@@ -26,6 +26,10 @@ log = logging.getLogger("llama_orch.orchestratord.nodes")
 STALE_AFTER_MS = 30_000
 HEARTBEAT_INTERVAL_MS = 10_000
 MAX_NODES = 1024
+#: Routes only pool-managerd calls (registration, heartbeats, deregistration, the pool-ready
+#: callback): with mTLS on, they need the node's client certificate. ``GET /v2/nodes`` is the
+#: operator's, and authenticates as clients do.
+NODE_PATHS = ("/v2/nodes/", "/callbacks/")
 
 
 class NodeService:

@@ -53,6 +53,7 @@ from ..daemon import prepare, spawn
 from ..handoff import Handoff, HandoffError, read_handoff
 from ..http import AccessLogger, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
 from ..openapi_doc import add_openapi_route
+from ..tls import TlsContexts, connector, describe_failure
 from ..waits import within
 from .gpu import GpuDiscovery, select, vram_of
 
@@ -104,6 +105,9 @@ class PoolManager:
         self._discovering: asyncio.Future | None = None
         self._orchd_headers: dict[str, str] = {}
         self._rng = random.Random(0)
+        self.tls = TlsContexts(settings.tls) if settings.tls is not None else None
+        if self.tls is not None:
+            self.metrics.registry.register(self.tls.collector("pool-managerd"))
 
     @staticmethod
     def now() -> float:
@@ -112,7 +116,8 @@ class PoolManager:
     # -- lifecycle of the manager ---------------------------------------------------------------
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_ms / 1000))
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.settings.health_timeout_ms / 1000),
+                                             connector=connector(self.tls))
         key = self.settings.orchestratord_api_key
         self._orchd_headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.apply_gpus(self.gpu.discover())
@@ -122,6 +127,8 @@ class PoolManager:
         self.scan()
         for loop_fn in (self._watch_loop, self._timer_loop, self._gpu_loop):
             self._spawn(loop_fn())
+        if self.tls is not None:
+            self._spawn(self.tls.watch())
         if self.settings.orchestratord_url:
             self._spawn(self._registration_loop())
         if self.settings.provisioner_url:
@@ -362,7 +369,7 @@ class PoolManager:
         """Tell orchestratord the pool is ready; retry with capped exponential backoff."""
         delay = 0.2
         body = {"pool_id": pool.handoff.pool_id, "node_id": self.settings.node_id,
-                "status_url": f"http://{self.settings.host}:{self.settings.port}/v2/pools/{pool.handoff.pool_id}/status"}
+                "status_url": f"{self.advertise_url}/v2/pools/{pool.handoff.pool_id}/status"}
         while pool.generation == generation and pool.lifecycle.ready:
             try:
                 assert self.session is not None
@@ -371,7 +378,8 @@ class PoolManager:
                         return
                     log.warning("pool-ready callback for %s: HTTP %s", pool.handoff.pool_id, resp.status)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                log.warning("pool-ready callback for %s failed: %s", pool.handoff.pool_id, exc)
+                log.warning("pool-ready callback for %s failed: %s", pool.handoff.pool_id,
+                            describe_failure(self.tls, "orchestratord", exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
@@ -379,7 +387,8 @@ class PoolManager:
 
     @property
     def advertise_url(self) -> str:
-        return self.settings.advertise_url or f"http://{self.settings.host}:{self.settings.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return self.settings.advertise_url or f"{scheme}://{self.settings.host}:{self.settings.port}"
 
     async def _registration_loop(self) -> None:
         """Register, then heartbeat; register again whenever orchestratord forgot this node."""
@@ -407,7 +416,7 @@ class PoolManager:
                         if resp.status != 200:
                             raise ValueError(f"heartbeat answered HTTP {resp.status}")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                log.warning("orchestratord %s: %s", base, exc)
+                log.warning("orchestratord %s: %s", base, describe_failure(self.tls, "orchestratord", exc))
                 if not registered:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, interval_s)
@@ -595,7 +604,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pool-managerd: error: {exc}", file=sys.stderr)
         return 2
-    log.info("listening on %s:%s, watching %s", settings.host, settings.port, settings.runtime_dir)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+    app = create_app(settings)
+    tls = app[MANAGER].tls
+    log.info("listening on %s://%s:%s, watching %s", "https" if tls else "http", settings.host, settings.port,
+             settings.runtime_dir)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, ssl_context=tls.server if tls else None,
                 handle_signals=True, shutdown_timeout=10, access_log_class=AccessLogger)
     return 0

@@ -43,6 +43,7 @@ from ...core.events import (
 )
 from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
 from ..config import ConfigError, Env, parse_address
+from ..tls import TlsContexts, TlsFiles
 from ..daemon import prepare, spawn
 from ..handoff import Handoff, write_handoff
 from ..http import fail, json_body, json_response, pool_or_404
@@ -90,6 +91,7 @@ class ProvisionerSettings:
     control: tuple[str, int] = ("127.0.0.1", 9300)
     health_interval_ms: float = 1000.0
     build: BuildSpec | None = None  # None: default_spec(pool's GPU mask), as `llama-orch build-engine`
+    tls: TlsFiles | None = None  # the control API's mTLS (ENGINE_PROVISIONER_TLS_CERT/KEY/CA)
     policy: PoolPolicy = field(default_factory=lambda: PoolPolicy(health_interval_ms=1000.0, backoff_base_ms=500.0,
                                                                  backoff_max_ms=30_000.0, breaker_threshold=5))
 
@@ -699,6 +701,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine-provisioner: error: {exc}", file=sys.stderr)
         return 2
     try:
+        tls = TlsFiles.from_env("ENGINE_PROVISIONER", os.environ)
+    except ConfigError as exc:
+        print(f"engine-provisioner: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         control = parse_address(args.control_bind)
     except ValueError:
         print(f"engine-provisioner: error: --control-bind / ENGINE_PROVISIONER_CONTROL_ADDR={args.control_bind!r}: "
@@ -706,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = ProvisionerSettings(handoff_dir=Path(args.handoff_dir).expanduser(), cache_dir=cache,
                                    state_dir=Path(args.state_dir).expanduser() if args.state_dir else cache / "state",
-                                   start_timeout_s=args.start_timeout_s, control=control)
+                                   start_timeout_s=args.start_timeout_s, control=control, tls=tls)
     return asyncio.run(_serve(specs, settings))
 
 
@@ -715,14 +722,16 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
     runner = web.AppRunner(create_control_app(provisioner), access_log=None)
     await runner.setup()
     host, port = settings.control
+    tls = TlsContexts(settings.tls) if settings.tls is not None else None
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=tls.server if tls else None).start()
     except OSError as exc:
         print(f"engine-provisioner: error: cannot listen on {host}:{port} for the control API: {exc.strerror}",
               file=sys.stderr)
         await runner.cleanup()
         return 2
-    log.info("control API on http://%s:%s", host, port)
+    log.info("control API on %s://%s:%s", "https" if tls else "http", host, port)
+    reloader = asyncio.ensure_future(tls.watch()) if tls is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -741,6 +750,8 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
             await asyncio.gather(starting, return_exceptions=True)
     finally:
         log.info("stopping engines")
+        if reloader is not None:
+            reloader.cancel()
         await provisioner.stop()
         await runner.cleanup()
     return 0
