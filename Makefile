@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 TRACE  ?= conv
 OUT    ?= out/replay
 
-.PHONY: run replay test test-compiled test-pure bench-smoke bench bench-load build engine clean
+.PHONY: run replay test test-compiled test-pure test-tls bench-smoke bench bench-load build engine clean
 
 # The whole cluster on this machine (2 pools of the real llama-server, the tiny model), one streamed
 # sample task, then it keeps serving until Ctrl-C. POOLS=1, UP_ARGS="--engine mock --once" etc.
@@ -24,10 +24,15 @@ replay: build
 
 test: build engine
 	$(BIN)/python -c "import llama_orch.ext.queue as q, llama_orch.ext.sse as s; print('ext implementations:', q.IMPLEMENTATION, s.IMPLEMENTATION)"
-	$(MAKE) --no-print-directory test-compiled test-pure bench-smoke
+	$(MAKE) --no-print-directory test-compiled test-tls test-pure bench-smoke
 
 test-compiled:
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The end-to-end tests of the daemons once more, every hop over mTLS (a development CA per run).
+TLS_E2E := tests/e2e/test_cluster.py tests/e2e/test_openai_client.py tests/e2e/test_worker_node.py tests/e2e/test_two_pools.py
+test-tls:
+	LLAMA_ORCH_TEST_TLS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(TLS_E2E)
 
 test-pure:
 	LLAMA_ORCH_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests

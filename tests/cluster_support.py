@@ -1,13 +1,23 @@
-"""Helpers for the end-to-end tests: a worker node of real processes, free ports, the engine."""
+"""Helpers for the end-to-end tests: a worker node of real processes, free ports, the engine.
+
+With ``LLAMA_ORCH_TEST_TLS=1`` (``make test`` runs the e2e suite once so) every daemon serves
+mTLS with a development CA made for this test process, and ``client_session``/``client_ssl``
+give the tests a client certificate from it: the same tests then prove every hop over TLS.
+"""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import random
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -15,6 +25,36 @@ import aiohttp
 from support import eventually
 
 CACHE = Path(os.environ.get("LLAMA_ORCH_CACHE_DIR", "~/.cache/llama-orch")).expanduser()
+TLS = os.environ.get("LLAMA_ORCH_TEST_TLS") == "1"
+SCHEME = "https" if TLS else "http"
+
+
+@functools.cache
+def dev_certs() -> dict:
+    from llama_orch.io.certs import make_dev_certs
+
+    directory = Path(tempfile.mkdtemp(prefix="llama-orch-test-certs-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return make_dev_certs(directory)
+
+
+def tls_env(service: str, prefix: str) -> dict[str, str]:
+    """A daemon's ``{prefix}_TLS_*`` variables in TLS mode, else none."""
+    return dev_certs()[service].env(prefix) if TLS else {}
+
+
+def client_ssl() -> ssl.SSLContext | bool:
+    """What the tests' own clients present and trust: the client certificate in TLS mode."""
+    if not TLS:
+        return True
+    client = dev_certs()["client"]
+    context = ssl.create_default_context(cafile=str(client.ca))
+    context.load_cert_chain(client.cert, client.key)
+    return context
+
+
+def client_session(**kwargs) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl()), **kwargs)
 
 
 _PORTS = random.Random()  # its own: a plugin that reseeds ``random`` per test must not repeat the ports
@@ -52,11 +92,12 @@ class Node:
         self.tmp = tmp_path
         self.runtime = tmp_path / "engines"
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{SCHEME}://127.0.0.1:{self.port}"
         self.control = f"127.0.0.1:{free_port()}"
         env = dict(os.environ, POOL_MANAGERD_BIND_ADDR=f"127.0.0.1:{self.port}", POOL_MANAGERD_RUNTIME_DIR=str(self.runtime),
                    POOL_MANAGERD_WATCH_INTERVAL_MS="100", POOL_MANAGERD_HEALTH_INTERVAL_MS="100",
-                   POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS="1000", POOL_MANAGERD_PROVISIONER_URL=f"http://{self.control}")
+                   POOL_MANAGERD_GPU_DISCOVERY_INTERVAL_MS="1000", POOL_MANAGERD_PROVISIONER_URL=f"{SCHEME}://{self.control}",
+                   **tls_env("pool-managerd", "POOL_MANAGERD"))
         if callback_url:
             env["POOL_MANAGERD_ORCHESTRATORD_CALLBACK_URL"] = callback_url
         self.procs: list[subprocess.Popen] = []
@@ -75,7 +116,8 @@ class Node:
                                  "--cache-dir", str(CACHE), "--handoff-dir", str(self.runtime),
                                  "--state-dir", str(self.tmp / "provisioner-state"),
                                  "--control-bind", self.control, *args],
-                                dict(os.environ), "provisioner.log")
+                                dict(os.environ, **tls_env("engine-provisioner", "ENGINE_PROVISIONER")),
+                                "provisioner.log")
         return self.prov
 
     def logs(self) -> str:
@@ -96,10 +138,10 @@ class Orchd:
 
     def __init__(self, tmp_path, node: "Node | list[Node]", **env: str) -> None:
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{SCHEME}://127.0.0.1:{port}"
         nodes = node if isinstance(node, list) else [node]
         full = dict(os.environ, ORCHD_BIND_ADDR=f"127.0.0.1:{port}", ORCHD_POOL_MANAGERS=",".join(n.url for n in nodes),
-                    ORCHD_POOL_POLL_INTERVAL_MS="100", **env)
+                    ORCHD_POOL_POLL_INTERVAL_MS="100", **tls_env("orchestratord", "ORCHD"), **env)
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_orch.io.orchestratord"], env=full,
                                      stdout=(tmp_path / "orchestratord.log").open("ab"), stderr=subprocess.STDOUT)
 

@@ -130,6 +130,40 @@ async def test_up_with_llama_server_then_submit_status_and_ctrl_c(llama_server, 
             await up.wait()
 
 
+def test_up_tls_serves_every_daemon_over_mtls_and_the_sample_streams(tmp_path):
+    port = free_port()
+    out = subprocess.run(up_args(tmp_path, port, "--engine", "mock", "--tls", "--once", "--sample-tokens", "8"),
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    certs = tmp_path / "state" / "certs"
+    daemons = dict(re.findall(r"^\s+(orchestratord|pool-managerd|engine-provisioner)\s+(\S+)\s+pid", out.stdout, re.M))
+    assert daemons == {"orchestratord": f"https://127.0.0.1:{port}", "pool-managerd": daemons["pool-managerd"],
+                       "engine-provisioner": daemons["engine-provisioner"]}, out.stdout
+    assert all(url.startswith("https://") for url in daemons.values()), daemons
+    assert f"export LLAMA_ORCH_CA={certs / 'ca.pem'}" in out.stdout
+    assert re.search(r"^tokens_out=8 ", out.stderr, re.M), out.stderr  # the sample streamed, over https
+    for name in ("orchestratord", "pool-managerd", "engine-provisioner", "client"):
+        assert (certs / f"{name}.pem").exists() and (certs / f"{name}-key.pem").stat().st_mode & 0o077 == 0
+    logs = tmp_path / "state" / "logs"
+    assert "listening on https://" in (logs / "orchestratord.log").read_text()
+    assert "listening on https://" in (logs / "pool-managerd.log").read_text()
+    assert "control API on https://" in (logs / "engine-provisioner.log").read_text()
+    assert "TLS:" not in "".join(p.read_text() for p in logs.glob("*.log"))  # no hop failed its handshake
+
+
+def test_certs_writes_a_ca_and_prints_each_daemons_variables(tmp_path):
+    out = subprocess.run([*CLI, "certs", str(tmp_path / "c"), "--host", "gpu-1.internal", "--service", "pool-managerd"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert f"POOL_MANAGERD_TLS_CERT={tmp_path / 'c' / 'pool-managerd.pem'}" in out.stdout
+    assert f"POOL_MANAGERD_TLS_CA={tmp_path / 'c' / 'ca.pem'}" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["ca-key.pem", "ca.pem", "pool-managerd-key.pem",
+                                                                  "pool-managerd.pem"]
+    bad = subprocess.run([*CLI, "certs", str(tmp_path / "d"), "--service", "../x"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "--service '../x'" in bad.stderr and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("flag", ["--port", "--pool-managerd-port", "--provisioner-port"])
 def test_a_busy_port_is_one_line_naming_the_flag_and_exit_2(tmp_path, flag):
     with socket.socket() as holder:

@@ -3,13 +3,14 @@
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 
 import aiohttp
 import orjson
 import pytest
-from cluster_support import Node, Orchd, task
+from cluster_support import TLS, Node, Orchd, client_session, task, dev_certs
 from support import eventually
 
 from llama_orch.ext.sse import SSEParser
@@ -17,7 +18,7 @@ from llama_orch.ext.sse import SSEParser
 
 @pytest.fixture
 async def session():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+    async with client_session(timeout=aiohttp.ClientTimeout(total=60)) as s:
         yield s
 
 
@@ -28,6 +29,13 @@ async def test_tokens_from_a_real_engine_through_orchestratord(llama_server, tmp
     try:
         node.provision("--pool-id", "pool-0", "--slots", "2", "--ctx", "1024")
         await orchd.wait_ready(session, node)
+        if TLS:  # the TLS run: every daemon on https, and a client without a certificate gets no answer
+            assert orchd_url.startswith("https://") and node.url.startswith("https://")
+            bare = ssl.create_default_context(cafile=str(dev_certs()["client"].ca))
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=bare)) as stranger:
+                with pytest.raises(aiohttp.ClientError):
+                    async with stranger.get(f"{node.url}/v2/pools") as r:
+                        pytest.fail(f"pool-managerd answered a client without a certificate: HTTP {r.status}")
 
         body = task()
         async with session.post(f"{orchd_url}/v2/tasks", json=body, headers={"X-Correlation-Id": "corr-e2e-1"}) as r:

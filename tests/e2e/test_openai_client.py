@@ -6,7 +6,7 @@ back to chatml)."""
 import aiohttp
 import openai
 import pytest
-from cluster_support import CACHE, Node, Orchd
+from cluster_support import CACHE, TLS, Node, Orchd, client_session, client_ssl
 
 MODEL = f"file:{CACHE / 'models' / 'tiny.gguf'}"
 
@@ -16,9 +16,10 @@ async def test_the_official_openai_client_against_a_real_cluster(llama_server, t
     orchd = Orchd(tmp_path, node)
     try:
         node.provision("--pool-id", "pool-0", "--slots", "2", "--ctx", "1024")
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with client_session(timeout=aiohttp.ClientTimeout(total=60)) as session:
             await orchd.wait_ready(session, node)
-        client = openai.AsyncOpenAI(base_url=f"{orchd.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai.AsyncOpenAI(base_url=f"{orchd.url}/v1", api_key="unused", max_retries=0, timeout=60,
+                                    http_client=openai.DefaultAsyncHttpxClient(verify=client_ssl()) if TLS else None)
 
         assert [m.id for m in (await client.models.list()).data] == [MODEL]
 

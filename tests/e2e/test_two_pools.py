@@ -39,7 +39,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from cluster_support import CACHE, Node, Orchd, task
+from cluster_support import CACHE, Node, Orchd, client_session, client_ssl, task
 from multidict import CIMultiDict
 from support import eventually, wait_until
 
@@ -59,7 +59,8 @@ MOCK_CTX = FOREVER + 1024  # a mock engine stops at its context, as llama-server
 def get_json(url: str, timeout: float = 2.0):
     """GET ``url`` as JSON, or None while it does not answer 200 (sync: fixtures, teardown)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        context = client_ssl()
+        with urllib.request.urlopen(url, timeout=timeout, context=context if context is not True else None) as resp:
             return json.loads(resp.read()) if resp.status == 200 else None
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -198,7 +199,7 @@ def real_slot_caches(llama_server, tmp_path):
 
 @pytest.fixture
 async def session():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+    async with client_session(timeout=aiohttp.ClientTimeout(total=60)) as s:
         yield s
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from cluster_support import Node
+from cluster_support import Node, client_session
 from support import eventually
 
 from llama_orch.ext.sse import TokenRelay
@@ -19,7 +19,7 @@ from llama_orch.io.provisioner.supervisor import pid_alive
 
 @pytest.fixture
 async def session():
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+    async with client_session(timeout=aiohttp.ClientTimeout(total=30)) as s:
         yield s
 
 
