@@ -43,7 +43,7 @@ from ..http import (
     serve_metrics_on,
 )
 from ..openapi_doc import add_openapi_route
-from ..tls import TlsContexts, require_peer_certificate
+from ..tls import TlsContexts, describe_failure, require_peer_certificate
 from ..waits import within
 from .adapters import Timeouts
 from .auth import api_key_middleware
@@ -199,7 +199,8 @@ async def _forward(request: web.Request, action: str) -> web.Response:
         async with driver.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
             return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        fail(503, "POOL_UNAVAILABLE", f"pool-managerd {snap.manager_url} did not answer: {exc}")
+        fail(503, "POOL_UNAVAILABLE", f"pool-managerd {snap.manager_url}: "
+                                      f"{describe_failure(driver.tls, 'pool-managerd', exc)}")
 
 
 async def pool_drain(request: web.Request) -> web.Response:

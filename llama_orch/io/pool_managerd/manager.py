@@ -155,8 +155,12 @@ class PoolManager:
                         log.info("engine-provisioner at %s cannot write handoff files again (HTTP 404)",
                                  self.settings.provisioner_url)
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError, AttributeError):
-                pass
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError, AttributeError) as exc:
+                error = describe_failure(self.tls, "engine-provisioner", exc)
+                if error.startswith("TLS:"):  # retrying will not mend a certificate
+                    log.error("engine-provisioner at %s: %s; pools appear as it writes handoff files",
+                              self.settings.provisioner_url, error)
+                    return
         log.warning("engine-provisioner at %s did not answer; pools appear as it writes handoff files",
                     self.settings.provisioner_url)
 
@@ -363,7 +367,8 @@ class PoolManager:
                     log.warning("pool %s: provisioner refused to stop the engine: HTTP %s",
                                 pool.handoff.pool_id, resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            log.warning("pool %s: could not ask the provisioner to stop the engine: %s", pool.handoff.pool_id, exc)
+            log.warning("pool %s: could not ask the provisioner to stop the engine: %s", pool.handoff.pool_id,
+                        describe_failure(self.tls, "engine-provisioner", exc))
 
     async def _callback(self, pool: Pool, generation: int) -> None:
         """Tell orchestratord the pool is ready; retry with capped exponential backoff."""
@@ -559,7 +564,8 @@ async def _reload(m: PoolManager, pool: Pool, ref: str) -> web.Response:
         async with m.session.post(url, json={"new_model_ref": ref}) as resp:
             return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        fail(503, "PROVISIONER_UNAVAILABLE", f"engine-provisioner at {m.settings.provisioner_url}: {exc}")
+        fail(503, "PROVISIONER_UNAVAILABLE", f"engine-provisioner at {m.settings.provisioner_url}: "
+                                             f"{describe_failure(m.tls, 'engine-provisioner', exc)}")
 
 
 async def metrics(request: web.Request) -> web.Response:
