@@ -1,23 +1,93 @@
-"""What every daemon does: logging in one format, uvloop as the event loop, background tasks;
-the ``READY`` line and signal wait of processes a parent starts and waits on (the bench's, the
-lab's); and what supervisors of daemons read when one fails: the tail of its log.
+"""What every daemon does: logging in one of two formats, uvloop as the event loop, background
+tasks; the ``READY`` line and signal wait of processes a parent starts and waits on (the bench's,
+the lab's); and what supervisors of daemons read when one fails: the tail of its log.
 
-JSON logs with correlation ids (roadmap) will replace the format here, in one place.
+Logs are human text by default, or JSON lines with ``LOG_FORMAT=json`` (one object per line:
+``ts``, ``level``, ``daemon``, ``logger``, ``msg``, and the record's context: ``correlation_id``
+(of the request being served, from ``CORRELATION``), and whatever the call site passed in
+``extra``: ``task_id``, ``pool_id``, ``replica_id``, ``outcome``, timings in ``*_ms``; the trace and
+span ids when tracing is on). A log aggregator filters on those fields instead of parsing text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
+import os
 import signal
+import sys
+import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+
+import orjson
+
+#: The correlation id of the request being handled (set by ``http.correlation``), for every log
+#: line written while handling it.
+CORRELATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("correlation_id", default=None)
+LOG_FORMATS = ("text", "json")
+#: The attributes every ``LogRecord`` has: anything else on a record came from ``extra``.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+#: Set by ``io.tracing`` when tracing is on: the current (trace id, span id) in hex, or None.
+trace_ids: Callable[[], tuple[str, str] | None] = lambda: None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; the context fields of the record, never its arguments raw."""
+
+    def __init__(self, daemon: str) -> None:
+        super().__init__()
+        self.daemon = daemon
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict = {"ts": _iso(record.created), "level": record.levelname, "daemon": self.daemon,
+                      "logger": record.name, "msg": record.getMessage()}
+        correlation = CORRELATION.get()
+        if correlation is not None:
+            line["correlation_id"] = correlation
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_FIELDS:
+                line[key] = value
+        ids = trace_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def _iso(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+def log_format(environ=None) -> str:
+    """``LOG_FORMAT``: text (the default) or json; anything else stops the daemon, named."""
+    from .config import ConfigError
+
+    value = (os.environ if environ is None else environ).get("LOG_FORMAT", "text").strip().lower() or "text"
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT={value!r}: expected text or json")
+    return value
 
 
 def prepare(prog: str) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prog} %(levelname)s %(message)s")
+    """Logging and the event loop of a daemon. A bad ``LOG_FORMAT`` exits with status 2, named."""
+    from .config import ConfigError
+
+    try:
+        fmt = log_format()
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if fmt == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter(prog))
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prog} %(levelname)s %(message)s")
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency; without it the default loop still works

@@ -16,6 +16,8 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .daemon import CORRELATION
+
 _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound, 409: web.HTTPConflict,
     429: web.HTTPTooManyRequests, 500: web.HTTPInternalServerError, 503: web.HTTPServiceUnavailable,
@@ -37,7 +39,9 @@ class AccessLogger(AbstractAccessLogger):
         version = request.version
         self.logger.info('%s "%s %s HTTP/%d.%d" %d %d %.6f s correlation_id=%s', request.remote, request.method,
                          request.path_qs, version.major, version.minor, response.status, response.body_length, time,
-                         response.headers.get("X-Correlation-Id", "-"))
+                         response.headers.get("X-Correlation-Id", "-"),
+                         extra={"correlation_id": response.headers.get("X-Correlation-Id"), "method": request.method,
+                                "path": request.path, "status": response.status, "duration_ms": round(time * 1000, 3)})
 
 
 def retry_headers(retry_after_ms: int) -> dict[str, str]:
@@ -49,6 +53,8 @@ async def correlation(request: web.Request, handler):
     """Echo the client's ``X-Correlation-Id`` (or a new UUIDv4) on every non-204 response."""
     cid = request.headers.get("X-Correlation-Id") or str(uuid.uuid4())
     request[CORRELATION_ID] = cid
+    # this handler's task is this request's alone: its log lines carry the id (JSON logs)
+    CORRELATION.set(cid)
     try:
         resp = await handler(request)
     except web.HTTPException as exc:

@@ -151,6 +151,31 @@ def test_up_tls_serves_every_daemon_over_mtls_and_the_sample_streams(tmp_path):
     assert "TLS:" not in "".join(p.read_text() for p in logs.glob("*.log"))  # no hop failed its handshake
 
 
+def test_log_format_json_gives_every_daemon_json_lines_with_the_task_context(tmp_path):
+    import json
+    import os
+
+    out = subprocess.run(up_args(tmp_path, free_port(), "--engine", "mock", "--once", "--sample-tokens", "8"),
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=dict(os.environ, LOG_FORMAT="json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    logs = tmp_path / "state" / "logs"
+    lines = {}
+    for name in ("orchestratord", "pool-managerd", "engine-provisioner"):
+        lines[name] = [json.loads(line) for line in (logs / f"{name}.log").read_text().splitlines()
+                       if line.startswith("{")]  # the engines' own output (not ours) may be in the provisioner's log
+        assert lines[name] and all(r["daemon"] == name and r["level"] and r["ts"].endswith("Z") for r in lines[name])
+    ends = [r for r in lines["orchestratord"] if r.get("outcome") == "completed"]
+    assert len(ends) == 1, lines["orchestratord"]
+    end = ends[0]
+    assert end["pool_id"] == "pool-0" and end["replica_id"] == "r0" and end["tokens_out"] == 8
+    assert end["total_ms"] > 0 and end["decode_ms"] >= 0 and end["task_id"] and end["correlation_id"]
+    access = [r for r in lines["orchestratord"] if r.get("path") == f"/v2/tasks/{end['task_id']}/events"]
+    assert access and access[0]["status"] == 200 and access[0]["duration_ms"] > 0
+    bad = subprocess.run([sys.executable, "-m", "llama_orch.io.orchestratord"], capture_output=True, text=True,
+                         timeout=30, env=dict(os.environ, LOG_FORMAT="yaml"))
+    assert bad.returncode == 2 and bad.stderr.strip() == "orchestratord: error: LOG_FORMAT='yaml': expected text or json"
+
+
 def test_certs_writes_a_ca_and_prints_each_daemons_variables(tmp_path):
     out = subprocess.run([*CLI, "certs", str(tmp_path / "c"), "--host", "gpu-1.internal", "--service", "pool-managerd"],
                          capture_output=True, text=True, timeout=30)

@@ -440,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                      profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
                      metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True,
                      tls=tls)
+    app[DRIVER].task_log = settings.access_log
     app.on_startup.append(drain_before_closing)
     web.run_app(app, host=settings.host, port=settings.port, print=None, ssl_context=tls.server if tls else None,
                 shutdown_timeout=settings.shutdown_grace_ms / 1000 + 5, backlog=settings.listen_backlog,

@@ -126,6 +126,7 @@ class Stream:
     limits: StreamLimits = StreamLimits()
     waiters: list[asyncio.Future] | None = None  # one future per waiting reader, resolved by the next change
     correlation_id: str = ""  # the submitting request's: on every log line about the task, and to the engine
+    admitted_at: float = 0.0  # loop time (ms) of the submission: the task-end line's total_ms
 
     @property
     def total(self) -> int:
@@ -281,6 +282,7 @@ class CoreDriver:
         self._sweeper: asyncio.TimerHandle | None = None
         self.metrics = OrchdMetrics()
         self.accepting = True  # False once SIGTERM arrived: running tasks finish, new ones are refused
+        self.task_log = False  # a log line for every task's end, not only failed ones (the daemon's ORCHD_ACCESS_LOG)
         self.idle = asyncio.Event()  # set while no task is admitted and unfinished
         self.idle.set()
         self.collect_when_idle = False  # the daemon's: full GC collections only while nothing is in flight
@@ -353,7 +355,8 @@ class CoreDriver:
             chain = prefix_chain(prompt_text(payload.prompt, payload.messages), config.prefix_block_tokens)
             if chain:
                 spec = dataclasses.replace(spec, prefix=chain)
-        self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits, correlation_id=correlation_id)
+        self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits, correlation_id=correlation_id,
+                                            admitted_at=self.now())
         decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
                         and isinstance(c, (Admitted, Rejected)))
         if isinstance(decision, Rejected):
@@ -475,13 +478,29 @@ class CoreDriver:
         stream = self.streams.get(cmd.task_id)
         if stream is None:
             return
-        if cmd.kind == "error":
-            log.info("task %s ended with %s: %s correlation_id=%s", cmd.task_id, cmd.data.get("code"),
-                     cmd.data.get("message"), stream.correlation_id or "-")
+        if self.task_log or cmd.kind == "error":
+            self._log_end(cmd, stream)
         stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
         stream.release()
         stream.upstream = None
         self._retain(cmd.task_id, stream)
+
+    def _log_end(self, cmd: Finish, stream: Stream) -> None:
+        """One line per task at its end: what an operator greps (text) or filters on (JSON logs)."""
+        data = cmd.data
+        snap = self.core.placer.snapshot(cmd.pool_id) if cmd.pool_id is not None else None
+        fields = {"task_id": cmd.task_id, "correlation_id": stream.correlation_id or None, "pool_id": cmd.pool_id,
+                  "replica_id": snap.replica_id if snap is not None else None, "outcome": cmd.outcome.value,
+                  "tokens_out": data.get("tokens_out"), "decode_ms": data.get("decode_ms"),
+                  "total_ms": round(self.now() - stream.admitted_at, 1)}
+        if cmd.kind == "error":
+            fields["code"] = data.get("code")
+            log.info("task %s ended with %s: %s correlation_id=%s", cmd.task_id, data.get("code"), data.get("message"),
+                     stream.correlation_id or "-", extra=fields)
+        else:
+            log.info("task %s ended %s on pool %s: %s tokens, %s ms in all correlation_id=%s", cmd.task_id,
+                     cmd.outcome.value, cmd.pool_id or "-", data.get("tokens_out", 0), fields["total_ms"],
+                     stream.correlation_id or "-", extra=fields)
 
     def _retain(self, task_id: str, stream: Stream) -> None:
         """Keep a finished stream for late readers, within a count, a byte total and an age; forget the oldest."""
@@ -616,7 +635,9 @@ class _TaskSink:
     def failed(self, *, code: str, message: str, before_first_token: bool) -> None:
         log.info("task %s attempt %d on pool %s failed %s the first token: %s: %s correlation_id=%s",
                  self.task_id, self.attempt, self.pool_id, "before" if before_first_token else "after", code, message,
-                 self.stream.correlation_id or "-")
+                 self.stream.correlation_id or "-",
+                 extra={"task_id": self.task_id, "correlation_id": self.stream.correlation_id or None,
+                        "pool_id": self.pool_id, "attempt": self.attempt, "outcome": "attempt_failed", "code": code})
         self.driver.narrate_failure(self.task_id, code, message, before_first_token)
         metrics = self.driver.metrics
         metrics.child(metrics.dispatched, self.pool_id, "failed").inc()
