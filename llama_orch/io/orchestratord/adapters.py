@@ -41,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, fields
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Mapping, Protocol
 
 import aiohttp
 import orjson
@@ -81,6 +81,8 @@ class UpstreamRequest:
     start_index: int = 0
     #: The client's ``X-Correlation-Id``, sent on to the engine with the request.
     correlation_id: str = ""
+    #: W3C ``traceparent`` of the ``forward_to_engine`` span (tracing on), sent on to the engine.
+    trace_headers: Mapping[str, str] | None = None
 
 
 class Sink(Protocol):
@@ -254,6 +256,8 @@ class HttpAdapter:
         path, body = await self.request_body(request)
         url = request.engine_url.rstrip("/") + path
         headers = {**JSON_HEADERS, "X-Correlation-Id": request.correlation_id} if request.correlation_id else JSON_HEADERS
+        if request.trace_headers:
+            headers = {**headers, **request.trace_headers}
         while True:
             # orjson, not aiohttp's ``json=`` (the standard library's encoder): the body is on every task's path
             async with self._post(url, orjson.dumps(body), headers) as resp:

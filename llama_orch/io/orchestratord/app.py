@@ -44,6 +44,8 @@ from ..http import (
 )
 from ..openapi_doc import add_openapi_route
 from ..tls import TlsContexts, describe_failure, require_peer_certificate
+from ..tracing import Tracing, end, incoming_context
+from ..tracing import setup as setup_tracing
 from ..waits import within
 from .adapters import Timeouts
 from .auth import api_key_middleware
@@ -112,6 +114,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     driver.reader_joined(tid, stream, transport)  # before the first await: a reader leaving meanwhile must count this one
     finished = False
+    span = driver.tracing.start("sse_stream", parent=stream.span, attributes={"task_id": tid, "verbose": verbose}) \
+        if driver.tracing is not None and stream.span is not None else None
     try:
         await resp.prepare(request)
         while True:
@@ -130,6 +134,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         log.info("task %s: SSE reader went away (%s)", tid, type(exc).__name__)
     finally:
         driver.reader_left(tid, stream, transport, early=not finished)
+        end(span, outcome="complete" if finished else "reader_left")
     return resp
 
 
@@ -300,17 +305,20 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
                node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
                api_keys: tuple[str, ...] = (), metrics_host: str = "127.0.0.1",
                metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits(),
-               tune_gc: bool = False, tls: TlsContexts | None = None) -> web.Application:
+               tune_gc: bool = False, tls: TlsContexts | None = None,
+               tracing: Tracing | None = None) -> web.Application:
     """orchestratord's app. ``tune_gc`` (the daemon's, not a test's: it freezes the whole process's
     heap) settles the garbage collector once the app is built (``daemon.settle_gc``)."""
-    middlewares = [correlation, *([require_peer_certificate(NODE_PATHS)] if tls is not None else []),
+    middlewares = [correlation, *([incoming_context()] if tracing is not None else []),
+                   *([require_peer_certificate(NODE_PATHS)] if tls is not None else []),
                    *([api_key_middleware(api_keys)] if api_keys else [])]
     app = web.Application(middlewares=middlewares)
     app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts,
-                                      limits=stream_limits, tls=tls)
+                                      limits=stream_limits, tls=tls, tracing=tracing)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
-                                   on_check=driver.metrics.health_check, tls=tls)
+                                   on_check=driver.metrics.health_check, tls=tls, tracing=tracing)
+    driver.poll_span_of = app[DISCOVERY].poll_span
     if tls is not None:
         driver.metrics.registry.register(tls.collector("orchestratord"))
 
@@ -326,6 +334,8 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
             reloader.cancel()
         await app[DISCOVERY].stop()
         await driver.stop()
+        if tracing is not None:
+            tracing.shutdown()  # what is still batched goes out
 
     async def drain_streams(app: web.Application) -> None:
         """SIGTERM: stop admitting, let admitted tasks finish within the grace, then cancel the rest.
@@ -433,13 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("no pool managers configured (ORCHD_POOL_MANAGERS): every task will get 503 until one is")
     config, timeouts = core_config(settings)
     tls = TlsContexts(settings.tls, client_cert=settings.tls_client_cert) if settings.tls is not None else None
+    tracing = setup_tracing("orchestratord")
     log.info("listening on %s://%s:%s, pool managers %s", "https" if tls else "http", settings.host, settings.port,
              ", ".join(settings.pool_managers))
     app = create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
                      profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
                      metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True,
-                     tls=tls)
+                     tls=tls, tracing=tracing)
     app[DRIVER].task_log = settings.access_log
     app.on_startup.append(drain_before_closing)
     web.run_app(app, host=settings.host, port=settings.port, print=None, ssl_context=tls.server if tls else None,

@@ -21,10 +21,12 @@ from typing import Callable
 
 import aiohttp
 import orjson
+from opentelemetry.trace import SpanKind
 
 from ...core.events import Event, PoolRemoved, PoolStale, PoolUpdated
 from ...core.types import PoolSnapshot
 from ..tls import TlsContexts, connector, describe_failure
+from ..tracing import MAX_ATTRIBUTE, Tracing, end
 
 log = logging.getLogger("llama_orch.orchestratord.discovery")
 
@@ -55,6 +57,7 @@ class ManagerState:
     suspended: str | None = None  # why its pools are not trusted now (a stale pushed node), else None
     static: bool = False  # configured (ORCHD_POOL_MANAGERS): never removed by a node's deregistration
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one poll at a time: answers apply in order
+    last_poll_span: object = None  # the last poll's span context (tracing on): placements link to it
 
 
 #: How long one poll of a pool-managerd may take before it counts as unanswered.
@@ -71,7 +74,7 @@ class PoolDiscovery:
     def __init__(self, manager_urls: list[str], emit: Callable[[Event], None], *, interval_ms: int = 5000,
                  timeout_ms: int = POLL_TIMEOUT_MS, session: aiohttp.ClientSession | None = None,
                  on_check: Callable[[str, bool, float], None] | None = None,
-                 tls: TlsContexts | None = None) -> None:
+                 tls: TlsContexts | None = None, tracing: Tracing | None = None) -> None:
         self.managers = {url.rstrip("/"): ManagerState(url.rstrip("/"), static=True) for url in manager_urls}
         # Which manager speaks for each pool id: only it may update, lose or remove the pool. A
         # manager's ``pools`` hold exactly the pools it owns.
@@ -83,6 +86,7 @@ class PoolDiscovery:
         self._session = session
         self._own_session = session is None
         self.tls = tls
+        self.tracing = tracing
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -167,8 +171,14 @@ class PoolDiscovery:
         if manager.suspended is not None:
             return
         started = time.monotonic()
+        span, headers = None, None
+        if self.tracing is not None:  # one trace per poll: pool-managerd's get_status is its child
+            span = self.tracing.start("pool_health_check", kind=SpanKind.CLIENT,
+                                      attributes={"server.address": manager.url, "pools": len(manager.pools)})
+            headers = self.tracing.inject({}, span)
+            manager.last_poll_span = span.get_span_context()
         try:
-            async with self._session.get(f"{manager.url}/v2/pools", timeout=self.timeout) as resp:
+            async with self._session.get(f"{manager.url}/v2/pools", timeout=self.timeout, headers=headers) as resp:
                 if resp.status != 200:
                     raise ValueError(f"GET /v2/pools answered HTTP {resp.status}")
                 listing = orjson.loads(await resp.read())
@@ -179,6 +189,7 @@ class PoolDiscovery:
             snapshots = [snapshot_from_status(p, manager.url) for p in pools.values()]
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
             error = describe_failure(self.tls, "pool-managerd", exc)
+            end(span, outcome="error", error=error[:MAX_ATTRIBUTE])
             self._checked(manager.pools, False, started)
             if error.startswith("TLS:") and error != manager.last_error:
                 # not "down": it answered, and the certificates disagree. Each new failure is logged.
@@ -190,6 +201,7 @@ class PoolDiscovery:
             manager.reachable = False
             manager.last_error = error
             return
+        end(span, outcome="ok", attributes={"pools": len(pools)})
         if manager.suspended is not None or self.managers.get(manager.url) is not manager:
             return  # suspended or removed while the answer was on its way: it must not revive the pools
         for pool_id in sorted(set(manager.pools) - set(pools)):
@@ -227,6 +239,11 @@ class PoolDiscovery:
             ms = (time.monotonic() - started) * 1000.0
             for pool_id in pool_ids:
                 self.on_check(pool_id, ok, ms)
+
+    def poll_span(self, pool_id: str):
+        """The span context of the last poll of the pool's manager (tracing on), for links."""
+        manager = self.owner_of(pool_id)
+        return manager.last_poll_span if manager is not None else None
 
     def owner_of(self, pool_id: str) -> ManagerState | None:
         url = self.owners.get(pool_id)

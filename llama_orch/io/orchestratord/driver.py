@@ -18,11 +18,12 @@ import dataclasses
 import gc
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import aiohttp
 import orjson
 from aiohttp import web
+from opentelemetry.trace import Link, SpanKind
 
 from ...core.commands import Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected
 from ...core.events import (
@@ -42,6 +43,7 @@ from ...core.types import TaskSpec
 from ...ext.sse import frame_event
 from ..daemon import FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
 from ..tls import TlsContexts, connector
+from ..tracing import Tracing, end, wall_ns_ago
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .metrics import OrchdMetrics
 from .prefix import prefix_chain, prompt_text
@@ -127,6 +129,8 @@ class Stream:
     waiters: list[asyncio.Future] | None = None  # one future per waiting reader, resolved by the next change
     correlation_id: str = ""  # the submitting request's: on every log line about the task, and to the engine
     admitted_at: float = 0.0  # loop time (ms) of the submission: the task-end line's total_ms
+    span: Any = None  # the task's trace span (tracing on), ended with its terminal event
+    attempt_spans: tuple | None = None  # (dispatch, forward_to_engine) of the attempt under way
 
     @property
     def total(self) -> int:
@@ -268,9 +272,12 @@ def _with_id(frame: bytes, n: int) -> bytes:
 
 class CoreDriver:
     def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(),
-                 limits: StreamLimits = StreamLimits(), tls: TlsContexts | None = None) -> None:
+                 limits: StreamLimits = StreamLimits(), tls: TlsContexts | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.core = core
         self.tls = tls
+        self.tracing = tracing
+        self.poll_span_of: Callable[[str], Any] = lambda pool_id: None  # the pool's last health check (tracing)
         self.streams: dict[str, Stream] = {}
         self.session: aiohttp.ClientSession | None = None
         self.fresh_session: aiohttp.ClientSession | None = None
@@ -355,12 +362,25 @@ class CoreDriver:
             chain = prefix_chain(prompt_text(payload.prompt, payload.messages), config.prefix_block_tokens)
             if chain:
                 spec = dataclasses.replace(spec, prefix=chain)
-        self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits, correlation_id=correlation_id,
-                                            admitted_at=self.now())
+        stream = self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits,
+                                                     correlation_id=correlation_id, admitted_at=self.now())
+        tracing = self.tracing
+        if tracing is not None:
+            # a child of the client's traceparent (the current context: ``tracing_middleware``)
+            stream.span = tracing.start("task", kind=SpanKind.SERVER, attributes={
+                "task_id": spec.task_id, "priority": spec.priority.value, "engine": spec.engine,
+                "correlation_id": correlation_id or None})
+            admission = tracing.start("admission", parent=stream.span)
         decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
                         and isinstance(c, (Admitted, Rejected)))
         if isinstance(decision, Rejected):
             self.streams.pop(spec.task_id, None)
+        if tracing is not None:
+            if isinstance(decision, Rejected):
+                end(admission, outcome="rejected", error=decision.code)
+                end(stream.span, outcome="rejected", error=decision.code)
+            else:
+                end(admission, outcome="admitted", attributes={"queue_position": decision.queue_position})
         return decision
 
     def handle(self, event: Event) -> tuple:
@@ -480,6 +500,11 @@ class CoreDriver:
             return
         if self.task_log or cmd.kind == "error":
             self._log_end(cmd, stream)
+        if stream.span is not None:
+            error = cmd.data.get("code") if cmd.kind == "error" else None
+            self._end_attempt_spans(stream, cmd.outcome.value, error)
+            end(stream.span, outcome=cmd.outcome.value, error=error,
+                attributes={"pool_id": cmd.pool_id, "tokens_out": cmd.data.get("tokens_out")})
         stream.push(frame_event(cmd.kind, orjson.dumps(dict(cmd.data))), last=True)
         stream.release()
         stream.upstream = None
@@ -493,6 +518,8 @@ class CoreDriver:
                   "replica_id": snap.replica_id if snap is not None else None, "outcome": cmd.outcome.value,
                   "tokens_out": data.get("tokens_out"), "decode_ms": data.get("decode_ms"),
                   "total_ms": round(self.now() - stream.admitted_at, 1)}
+        if stream.span is not None:
+            fields["trace_id"] = f"{stream.span.get_span_context().trace_id:032x}"
         if cmd.kind == "error":
             fields["code"] = data.get("code")
             log.info("task %s ended with %s: %s correlation_id=%s", cmd.task_id, data.get("code"), data.get("message"),
@@ -595,14 +622,50 @@ class CoreDriver:
             self.handle(DispatchFailed(task_id=cmd.task_id, attempt=cmd.attempt, code="WORKER_RESET",
                                        message=f"pool {cmd.pool_id} has no engine URL"))
             return
-        adapter = self.adapters[adapter_for(snap.engine, cmd.engine_url)]
+        adapter_name = adapter_for(snap.engine, cmd.engine_url)
+        adapter = self.adapters[adapter_name]
         payload = stream.payload
+        trace_headers = None
+        if self.tracing is not None and stream.span is not None:
+            trace_headers = self._trace_dispatch(cmd, stream, snap, adapter_name)
         request = UpstreamRequest(
             task_id=cmd.task_id, engine_url=cmd.engine_url, model=task.spec.model_ref,
             prompt=payload.prompt if payload.prompt is not None else " ".join(payload.inputs),
             messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed,
-            sampling=payload.sampling, start_index=task.tokens_out, correlation_id=stream.correlation_id)
+            sampling=payload.sampling, start_index=task.tokens_out, correlation_id=stream.correlation_id,
+            trace_headers=trace_headers)
         stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd, stream)))
+
+    def _trace_dispatch(self, cmd: Dispatch, stream: Stream, snap, adapter_name: str) -> dict[str, str]:
+        """The spans of one attempt: placement (from admission, or at once for a retry; linked to
+        the chosen pool's last health check), adapter_bind, then dispatch and forward_to_engine,
+        open until the attempt ends. Returns the ``traceparent`` headers for the engine."""
+        tracing = self.tracing
+        assert tracing is not None
+        now = self.now()
+        waited = now - stream.admitted_at if cmd.attempt == 1 else 0.0
+        checked = self.poll_span_of(cmd.pool_id)
+        pool = {"pool_id": cmd.pool_id, "replica_id": snap.replica_id, "engine": snap.engine,
+                "engine_version": snap.engine_version}
+        placement = tracing.start("placement", parent=stream.span, start_time=wall_ns_ago(waited),
+                                  attributes={**pool, "attempt": cmd.attempt, "queue_ms": round(waited, 1)},
+                                  links=[Link(checked)] if checked is not None else None)
+        end(placement, outcome="placed")
+        end(tracing.start("adapter_bind", parent=stream.span, attributes={**pool, "adapter": adapter_name}))
+        self._end_attempt_spans(stream, "superseded", None)
+        dispatch = tracing.start("dispatch", parent=stream.span, attributes={**pool, "attempt": cmd.attempt})
+        forward = tracing.start("forward_to_engine", parent=dispatch, kind=SpanKind.CLIENT,
+                                attributes={**pool, "server.address": cmd.engine_url})
+        stream.attempt_spans = (dispatch, forward)
+        return dict(tracing.inject({}, forward))
+
+    @staticmethod
+    def _end_attempt_spans(stream: Stream, outcome: str, error: str | None) -> None:
+        spans = stream.attempt_spans
+        if spans is not None:
+            stream.attempt_spans = None
+            for span in reversed(spans):
+                end(span, outcome=outcome, error=error)
 
 
 class _TaskSink:
@@ -627,6 +690,8 @@ class _TaskSink:
     def ended(self, *, tokens_out: int | None, decode_ms: float | None, cached_tokens: int | None = None) -> None:
         metrics = self.driver.metrics
         metrics.child(metrics.dispatched, self.pool_id, "completed").inc()
+        if self.stream.attempt_spans is not None:
+            self.driver._end_attempt_spans(self.stream, "completed", None)
         if cached_tokens:
             metrics.child(metrics.prefix_cache_hit_tokens, self.pool_id).inc(cached_tokens)
         self.driver.handle(StreamEnded(task_id=self.task_id, attempt=self.attempt, tokens_out=tokens_out,
@@ -639,6 +704,8 @@ class _TaskSink:
                  extra={"task_id": self.task_id, "correlation_id": self.stream.correlation_id or None,
                         "pool_id": self.pool_id, "attempt": self.attempt, "outcome": "attempt_failed", "code": code})
         self.driver.narrate_failure(self.task_id, code, message, before_first_token)
+        if self.stream.attempt_spans is not None:
+            self.driver._end_attempt_spans(self.stream, "failed", code)
         metrics = self.driver.metrics
         metrics.child(metrics.dispatched, self.pool_id, "failed").inc()
         event = DispatchFailed if before_first_token else StreamFailed

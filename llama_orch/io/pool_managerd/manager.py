@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ from ..handoff import Handoff, HandoffError, read_handoff
 from ..http import AccessLogger, correlation, fail, json_body, json_response, pool_or_404, serve_metrics_on
 from ..openapi_doc import add_openapi_route
 from ..tls import TlsContexts, connector, describe_failure
+from ..tracing import Tracing, server_spans
+from ..tracing import setup as setup_tracing
 from ..waits import within
 from .gpu import GpuDiscovery, select, vram_of
 
@@ -106,6 +109,7 @@ class PoolManager:
         self._orchd_headers: dict[str, str] = {}
         self._rng = random.Random(0)
         self.tls = TlsContexts(settings.tls) if settings.tls is not None else None
+        self.tracing: Tracing | None = None  # create_app's: spans of requests served and calls made
         if self.tls is not None:
             self.metrics.registry.register(self.tls.collector("pool-managerd"))
 
@@ -179,6 +183,16 @@ class PoolManager:
 
     def _spawn(self, coro) -> asyncio.Task:
         return spawn(coro, self._tasks, log)
+
+    @contextlib.contextmanager
+    def _outgoing(self, name: str, headers: Mapping[str, str] | None = None, **attributes):
+        """Headers for a call to a peer: with tracing on, a CLIENT span around it and its traceparent."""
+        out = dict(headers or {})
+        if self.tracing is None:
+            yield out
+            return
+        with self.tracing.client_span(name, out, attributes=attributes):
+            yield out
 
     # -- handoff watcher ------------------------------------------------------------------------
 
@@ -362,8 +376,10 @@ class PoolManager:
         url = f"{self.settings.provisioner_url}/v2/pools/{pool.handoff.pool_id}/stop"
         try:
             assert self.session is not None
-            async with self.session.post(url, timeout=aiohttp.ClientTimeout(total=60)) as resp:
-                if resp.status >= 300:
+            with self._outgoing("stop_engine", pool_id=pool.handoff.pool_id) as headers:
+                async with self.session.post(url, timeout=aiohttp.ClientTimeout(total=60), headers=headers) as resp:
+                    status = resp.status
+            if status >= 300:
                     log.warning("pool %s: provisioner refused to stop the engine: HTTP %s",
                                 pool.handoff.pool_id, resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -378,10 +394,12 @@ class PoolManager:
         while pool.generation == generation and pool.lifecycle.ready:
             try:
                 assert self.session is not None
-                async with self.session.post(self.settings.callback_url, json=body, headers=self._orchd_headers) as resp:
-                    if resp.status < 300:
-                        return
-                    log.warning("pool-ready callback for %s: HTTP %s", pool.handoff.pool_id, resp.status)
+                with self._outgoing("pool_ready_callback", self._orchd_headers, pool_id=pool.handoff.pool_id) as headers:
+                    async with self.session.post(self.settings.callback_url, json=body, headers=headers) as resp:
+                        status = resp.status
+                if status < 300:
+                    return
+                log.warning("pool-ready callback for %s: HTTP %s", pool.handoff.pool_id, status)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 log.warning("pool-ready callback for %s failed: %s", pool.handoff.pool_id,
                             describe_failure(self.tls, "orchestratord", exc))
@@ -405,21 +423,25 @@ class PoolManager:
             try:
                 assert self.session is not None
                 if not registered:
-                    async with self.session.post(f"{base}/v2/nodes/register", headers=self._orchd_headers, json={
-                            "node_id": node, "base_url": self.advertise_url, "pools": pools}) as resp:
-                        if resp.status != 200:
-                            raise ValueError(f"register answered HTTP {resp.status}")
-                        interval_s = max(0.05, orjson.loads(await resp.read()).get("heartbeat_interval_ms", 10_000) / 1000)
+                    with self._outgoing("register_node", self._orchd_headers, node_id=node) as headers:
+                        async with self.session.post(f"{base}/v2/nodes/register", headers=headers, json={
+                                "node_id": node, "base_url": self.advertise_url, "pools": pools}) as resp:
+                            if resp.status != 200:
+                                raise ValueError(f"register answered HTTP {resp.status}")
+                            answer = orjson.loads(await resp.read())
+                    interval_s = max(0.05, answer.get("heartbeat_interval_ms", 10_000) / 1000)
                     registered, delay = True, 0.2
                     log.info("registered with orchestratord %s as node %s (%s)", base, node, self.advertise_url)
                 else:
-                    async with self.session.post(f"{base}/v2/nodes/{node}/heartbeat", json={"pools": pools},
-                                                 headers=self._orchd_headers) as resp:
-                        if resp.status == 404:
-                            registered = False  # orchestratord restarted: register again at once
-                            continue
-                        if resp.status != 200:
-                            raise ValueError(f"heartbeat answered HTTP {resp.status}")
+                    with self._outgoing("heartbeat", self._orchd_headers, node_id=node) as headers:
+                        async with self.session.post(f"{base}/v2/nodes/{node}/heartbeat", json={"pools": pools},
+                                                     headers=headers) as resp:
+                            status = resp.status
+                    if status == 404:
+                        registered = False  # orchestratord restarted: register again at once
+                        continue
+                    if status != 200:
+                        raise ValueError(f"heartbeat answered HTTP {status}")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 log.warning("orchestratord %s: %s", base, describe_failure(self.tls, "orchestratord", exc))
                 if not registered:
@@ -561,8 +583,9 @@ async def _reload(m: PoolManager, pool: Pool, ref: str) -> web.Response:
     url = f"{m.settings.provisioner_url}/v2/pools/{pool.handoff.pool_id}/reload"
     try:
         assert m.session is not None
-        async with m.session.post(url, json={"new_model_ref": ref}) as resp:
-            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+        with m._outgoing("reload_engine", pool_id=pool.handoff.pool_id) as headers:
+            async with m.session.post(url, json={"new_model_ref": ref}, headers=headers) as resp:
+                return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         fail(503, "PROVISIONER_UNAVAILABLE", f"engine-provisioner at {m.settings.provisioner_url}: "
                                              f"{describe_failure(m.tls, 'engine-provisioner', exc)}")
@@ -575,14 +598,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(m.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None) -> web.Application:
-    app = web.Application(middlewares=[correlation])
+#: Span names of pool-managerd's routes (the contract's tree: orchestratord's health check -> get_status).
+SPAN_NAMES = {"/v2/pools": "get_status", "/v2/pools/{pool_id}/status": "get_status", "/health": "health",
+              "/v2/pools/{pool_id}/drain": "drain", "/v2/pools/{pool_id}/reload": "reload",
+              "/v2/pools/{pool_id}/undrain": "undrain"}
+
+
+def create_app(settings: PoolManagerSettings, *, gpu: GpuDiscovery | None = None,
+               tracing: Tracing | None = None) -> web.Application:
+    app = web.Application(middlewares=[correlation, *([server_spans(tracing, SPAN_NAMES)] if tracing else [])])
     app[MANAGER] = PoolManager(settings, gpu=gpu)
+    app[MANAGER].tracing = tracing
 
     async def manager_ctx(app: web.Application):
         await app[MANAGER].start()
         yield
         await app[MANAGER].stop()
+        if tracing is not None:
+            tracing.shutdown()
 
     app.cleanup_ctx.append(manager_ctx)
     app.router.add_get("/health", health)
@@ -610,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pool-managerd: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    app = create_app(settings, tracing=setup_tracing("pool-managerd"))
     tls = app[MANAGER].tls
     log.info("listening on %s://%s:%s, watching %s", "https" if tls else "http", settings.host, settings.port,
              settings.runtime_dir)

@@ -44,6 +44,8 @@ from ...core.events import (
 from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
 from ..config import ConfigError, Env, parse_address
 from ..tls import TlsContexts, TlsFiles
+from ..tracing import Tracing, server_spans
+from ..tracing import setup as setup_tracing
 from ..daemon import prepare, spawn
 from ..handoff import Handoff, write_handoff
 from ..http import fail, json_body, json_response, pool_or_404
@@ -588,8 +590,10 @@ async def _control_stop(request: web.Request) -> web.Response:
     return json_response(sup.view())
 
 
-def create_control_app(provisioner: Provisioner) -> web.Application:
-    app = web.Application()
+def create_control_app(provisioner: Provisioner, tracing: Tracing | None = None) -> web.Application:
+    names = {"/v2/pools/{pool_id}/reload": "reload_engine", "/v2/pools/{pool_id}/stop": "stop_engine",
+             "/v2/handoffs/announce": "announce_handoffs"}
+    app = web.Application(middlewares=[server_spans(tracing, names)] if tracing is not None else [])
     app[PROVISIONER] = provisioner
     app.router.add_get("/health", _control_health)
     app.router.add_get("/v2/pools", _control_pools)
@@ -719,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
     provisioner = Provisioner(specs, settings)
-    runner = web.AppRunner(create_control_app(provisioner), access_log=None)
+    tracing = setup_tracing("engine-provisioner")
+    runner = web.AppRunner(create_control_app(provisioner, tracing), access_log=None)
     await runner.setup()
     host, port = settings.control
     tls = TlsContexts(settings.tls) if settings.tls is not None else None
@@ -754,4 +759,6 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
             reloader.cancel()
         await provisioner.stop()
         await runner.cleanup()
+        if tracing is not None:
+            tracing.shutdown()
     return 0
