@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import gc
 import logging
@@ -41,7 +42,7 @@ from ...core.orchestrator import Orchestrator
 from ...core.placement import Strategy
 from ...core.types import TaskSpec
 from ...ext.sse import frame_event
-from ..daemon import FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
+from ..daemon import CORRELATION, FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
 from ..tls import TlsContexts, connector
 from ..tracing import Tracing, end, wall_ns_ago
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
@@ -634,7 +635,12 @@ class CoreDriver:
             messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed,
             sampling=payload.sampling, start_index=task.tokens_out, correlation_id=stream.correlation_id,
             trace_headers=trace_headers)
-        stream.upstream = asyncio.ensure_future(adapter.stream(request, _TaskSink(self, cmd, stream)))
+        # Its own context: a dispatch may happen while another request is served (a cancel frees
+        # the slot this task takes), and the adapter's log lines must carry this task's correlation id.
+        context = contextvars.copy_context()
+        context.run(CORRELATION.set, stream.correlation_id or None)
+        stream.upstream = asyncio.get_running_loop().create_task(
+            adapter.stream(request, _TaskSink(self, cmd, stream)), context=context)
 
     def _trace_dispatch(self, cmd: Dispatch, stream: Stream, snap, adapter_name: str) -> dict[str, str]:
         """The spans of one attempt: placement (from admission, or at once for a retry; linked to
