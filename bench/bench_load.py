@@ -22,7 +22,7 @@ def test_bench_load_quick_runs_every_case_and_writes_its_report(tmp_path: Path) 
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "load.json").read_text())
     assert set(results["cases"]) == {"closed-50", "closed-8", "open-1000", "open-500-paced", "relay-tokens",
-                                     "admission"}
+                                     "admission", "tracing"}
     for name, case in results["cases"].items():
         assert set(case["targets"]) == set(case["case"]["targets"]), name
         for target, figures in case["targets"].items():
@@ -38,5 +38,6 @@ def test_bench_load_quick_runs_every_case_and_writes_its_report(tmp_path: Path) 
     assert {p["offered"] for p in results["sweep"]["points"]["orchd-v2"]} == set(results["sweep"]["rates"])
     table = (out / "load.md").read_text()
     assert "## Against the targets" in table and "orchd-v1 / relay tasks/s" in table
+    assert "tracing on (every span exported) / off, tasks/s" in table
     for png in ("load_latency_cdf.png", "load_vs_offered.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -51,6 +51,10 @@ TARGETS = {
     "orchd-v2": ("orchd", "v2", "orchd-sse"),
     "bare": ("bare", "admit", "orchd-sse"),
     "orchd-admit": ("orchd", "admit", "orchd-sse"),
+    # the tracing case: the same daemon exporting every span over OTLP/HTTP to a loopback sink, and
+    # (``--before TREE``) the daemon of another checkout, e.g. the commit before tracing existed
+    "orchd-v2-traced": ("orchd-traced", "v2", "orchd-sse"),
+    "orchd-v2-before": ("orchd-before", "v2", "orchd-sse"),
 }
 
 
@@ -70,15 +74,17 @@ class Case:
     max_tasks: int | None = None
     orchd_env: tuple[tuple[str, str], ...] = ()
     idle_s: float = 0.0  # after the runs: orchestratord's CPU and memory with no traffic for this long
+    before: str | None = None  # the checkout whose orchestratord is the orchd-v2-before target
 
 
 STREAM_TARGETS = ("engine", "relay", "orchd-v1", "two-step", "orchd-v2")
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, before: Path | None = None) -> list[Case]:
     """The runs of one ``bench load``: the issue's table, then a sweep of offered load."""
     d, w, r = (0.6, 0.3, 1) if quick else (5.0, 1.0, 3)
     queued = 2_000 if quick else 100_000
+    tracing_targets = ("orchd-v2", "orchd-v2-traced", *(("orchd-v2-before",) if before is not None else ()))
     return [
         Case(name="closed-50", title="closed loop, 64 in flight, 50 tokens in one burst", targets=STREAM_TARGETS,
              tokens=50, concurrency=64, duration_s=d, warmup_s=w, rounds=r),
@@ -97,6 +103,10 @@ def cases(quick: bool) -> list[Case]:
              concurrency=64, engine_mode="paced", engine_args=("--first-token-ms", "3600000"),
              duration_s=d if quick else 15.0, warmup_s=w, rounds=r, max_tasks=queued // max(1, r),
              orchd_env=(("ORCHD_ADMISSION_CAPACITY", str(queued * 2)),), idle_s=1.0 if quick else 5.0),
+        Case(name="tracing", title="closed loop, 64 in flight, 50 tokens: tracing off, on (every span exported)"
+                                   + (", and the checkout before" if before is not None else ""),
+             targets=tracing_targets, tokens=50, concurrency=64, duration_s=d, warmup_s=w,
+             rounds=r if quick else 5, before=str(before) if before is not None else None),
     ]
 
 
@@ -236,13 +246,22 @@ def start_case(case: Case, procs: Processes) -> dict[str, str]:
             upstream = [] if name == "bare" else ["--engines", engine_list]
             urls[name] = procs.start(name, f"llama_orch.io.bench.baselines.{module}", ["--port", "0", *upstream],
                                      server=True).url
-    if "orchd" in needed:
-        port = _free_port()
-        env = {"ORCHD_POOL_POLL_INTERVAL_MS": "1000", "ORCHD_ADMISSION_CAPACITY": "100000",
-               "ORCHD_STREAM_TIMEOUT_MS": "3600000", **dict(case.orchd_env)}
-        urls["orchd"] = procs.start("orchd", "llama_orch.io.orchestratord",
-                                    ["--bind", f"127.0.0.1:{port}", "--pool-managers", engine_list], server=True,
-                                    env=env, ready="http", url=f"http://127.0.0.1:{port}").url
+    env = {"ORCHD_POOL_POLL_INTERVAL_MS": "1000", "ORCHD_ADMISSION_CAPACITY": "100000",
+           "ORCHD_STREAM_TIMEOUT_MS": "3600000", **dict(case.orchd_env)}
+    variants = {"orchd": {}, "orchd-before": {}}
+    if "orchd-traced" in needed:
+        sink = procs.start("otlp-sink", "llama_orch.io.bench.otlp_sink", ["--port", "0"], server=False).url
+        variants["orchd-traced"] = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_SERVICE_NAME": "orchestratord-bench"}
+    if "orchd-before" in needed:
+        if case.before is None:
+            raise ValueError("the orchd-v2-before target needs --before TREE")
+        variants["orchd-before"] = {"PYTHONPATH": case.before}  # that checkout's llama_orch, built in place
+    for name, more in variants.items():
+        if name in needed:
+            port = _free_port()
+            urls[name] = procs.start(name, "llama_orch.io.orchestratord",
+                                     ["--bind", f"127.0.0.1:{port}", "--pool-managers", engine_list], server=True,
+                                     env={**env, **more}, ready="http", url=f"http://127.0.0.1:{port}").url
     return urls
 
 
@@ -435,7 +454,7 @@ def run_sweep(quick: bool, logs: Path, progress: Callable[[str], None], keep: li
 
 
 def bench_load(out: Path, *, quick: bool = False, only: tuple[str, ...] = (), sweep: bool = True,
-               progress: Callable[[str], None] = print) -> dict:
+               progress: Callable[[str], None] = print, before: Path | None = None) -> dict:
     """Run every case (or ``only`` those), write ``load.json``, ``load.md`` and the plots to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
@@ -444,7 +463,7 @@ def bench_load(out: Path, *, quick: bool = False, only: tuple[str, ...] = (), sw
     results: dict = {"quick": quick, "cpus": len(os.sched_getaffinity(0)), "pinned": bool(server_cpu),
                      "python": sys.version.split()[0], "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cases": {}}
     records: list[dict] = []
-    for case in cases(quick):
+    for case in cases(quick, before):
         if only and case.name not in only:
             continue
         started = time.monotonic()
@@ -465,6 +484,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--only", default="", help="comma-separated case names: " +
                         ", ".join([c.name for c in cases(False)] + ["sweep"]))
     parser.add_argument("--no-sweep", action="store_true", help="skip the offered-load sweep")
+    parser.add_argument("--before", metavar="TREE", default=None,
+                        help="another checkout (extensions built in place) whose orchestratord the tracing case "
+                             "runs beside this one's, e.g. `git worktree add TREE <commit>`: the cost of tracing "
+                             "when it is off")
 
 
 def run_from_args(args) -> int:
@@ -476,7 +499,11 @@ def run_from_args(args) -> int:
         return 2
     out = Path(args.out)
     started = time.monotonic()
-    results = bench_load(out, quick=args.quick, only=only, sweep=not args.no_sweep,
+    before = Path(args.before).expanduser().resolve() if args.before else None
+    if before is not None and not (before / "llama_orch" / "io" / "orchestratord").is_dir():
+        print(f"bench load: --before {args.before}: not a llama-orch checkout", file=sys.stderr)
+        return 2
+    results = bench_load(out, quick=args.quick, only=only, sweep=not args.no_sweep, before=before,
                          progress=lambda line: print(f"[{time.monotonic() - started:6.1f} s] {line}", flush=True))
     print(table(results))
     print(f"written: {out / 'load.json'}, {out / 'load.md'}, {out / 'load_latency_cdf.png'}"

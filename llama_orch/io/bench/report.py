@@ -13,7 +13,8 @@ import statistics
 from pathlib import Path
 
 #: orchestratord's target -> the baseline it is held against (targets are named in ``load``)
-BASELINE_OF = {"orchd-v1": "relay", "orchd-v2": "two-step", "orchd-admit": "bare"}
+BASELINE_OF = {"orchd-v1": "relay", "orchd-v2": "two-step", "orchd-admit": "bare", "orchd-v2-traced": "orchd-v2",
+               "orchd-v2-before": "orchd-v2"}
 
 
 def _med(fig: dict | None) -> float | None:
@@ -112,6 +113,14 @@ def headline(results: dict) -> list[tuple[str, str, str, str]]:
                          met(None if per is None else per <= 1024)))
             rows.append(("idle with the queue full: CPU share", f"{idle['cpu_share'] * 100:.1f}%", "< 5%",
                          met(idle["cpu_share"] < 0.05)))
+    case = cases.get("tracing")
+    if case is not None:
+        r = ratio(case, "orchd-v2-traced")
+        rows.append(("tracing on (every span exported) / off, tasks/s", f"{_fmt(r, 3)}x", "", ""))
+        before = ratio(case, "orchd-v2-before")  # the checkout before over this one, tracing off
+        if before is not None:
+            rows.append(("tracing off / the checkout before, tasks/s", f"{_fmt(1 / before, 3)}x", ">= 0.98x",
+                         met(1 / before >= 0.98)))
     pauses = [c["gc"] for c in cases.values() if c.get("gc")]
     if pauses:
         over = sum(p.get("over_10ms", 0) for p in pauses)
