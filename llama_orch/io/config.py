@@ -9,15 +9,13 @@ setting, the first one set wins. A flag given on the command line beats the envi
 from __future__ import annotations
 
 import ipaddress
-import re
 import os
+import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
+from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlparse
-
-if TYPE_CHECKING:
-    from .tls import TlsFiles
 
 T = TypeVar("T")
 
@@ -163,6 +161,40 @@ def _default_node_id() -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TlsFiles:
+    """A daemon's mTLS files (``io.tls`` makes its SSL contexts from them)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def from_env(cls, prefix: str, environ: Mapping[str, str]) -> "TlsFiles | None":
+        """``{prefix}_TLS_CERT/KEY/CA``: all three or none; each must exist and the set must load."""
+        names = {part: f"{prefix}_TLS_{part.upper()}" for part in ("cert", "key", "ca")}
+        given = {part: environ.get(name, "") for part, name in names.items()}
+        if not any(given.values()):
+            return None
+        missing = [names[p] for p, v in given.items() if not v]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: mTLS needs {names['cert']}, {names['key']} and "
+                              f"{names['ca']} together (missing: {', '.join(missing)})")
+        files = cls(**{p: Path(v).expanduser() for p, v in given.items()})
+        for part in ("cert", "key", "ca"):
+            path = getattr(files, part)
+            if not path.is_file():
+                raise ConfigError(f"{names[part]}={str(path)!r}: expected a readable PEM file (not found)")
+        try:
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            probe.load_cert_chain(files.cert, files.key)
+            probe.load_verify_locations(cafile=str(files.ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"{names['cert']}/{names['key']}/{names['ca']}: the files do not load as a "
+                              f"certificate, its key and a CA: {exc}") from None
+        return files
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolManagerSettings:
     host: str = "127.0.0.1"
     port: int = 9200
@@ -180,11 +212,10 @@ class PoolManagerSettings:
     advertise_url: str | None = None
     orchestratord_api_key: str | None = None
     metrics_port: int | None = None
-    tls: "TlsFiles | None" = None
+    tls: TlsFiles | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "PoolManagerSettings":
-        from .tls import TlsFiles
 
         env = Env(environ, {"POOL_MANAGERD_BIND_ADDR": flags.get("bind"), "POOL_MANAGERD_RUNTIME_DIR": flags.get("runtime_dir")})
         host, port = env.address("POOL_MANAGERD_BIND_ADDR", "POOL_MANAGERD_ADDR", default="127.0.0.1:9200")
@@ -242,12 +273,11 @@ class OrchdSettings:
     retained_stream_bytes: int = 256 << 20
     listen_backlog: int = 1024
     access_log: bool = True
-    tls: "TlsFiles | None" = None
+    tls: TlsFiles | None = None
     tls_client_cert: str = "optional"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
-        from .tls import TlsFiles
 
         env = Env(environ, {"ORCHD_BIND_ADDR": flags.get("bind"), "ORCHD_POOL_MANAGERS": flags.get("pool_managers")})
         host, port = env.address("ORCHD_BIND_ADDR", "ORCHD_ADDR", default="127.0.0.1:8080")

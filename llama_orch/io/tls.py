@@ -24,16 +24,15 @@ import hashlib
 import logging
 import ssl
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import aiohttp
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import ConfigError
+from .config import TlsFiles
 
 log = logging.getLogger("llama_orch.tls")
 
@@ -41,36 +40,6 @@ log = logging.getLogger("llama_orch.tls")
 RELOAD_INTERVAL_S = 5.0
 #: The request key holding a verified client certificate's subject common name (None without one).
 PEER_NAME = web.RequestKey("tls_peer_name", object)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TlsFiles:
-    cert: Path
-    key: Path
-    ca: Path
-
-    @classmethod
-    def from_env(cls, prefix: str, environ: Mapping[str, str]) -> "TlsFiles | None":
-        """``{prefix}_TLS_CERT/KEY/CA``: all three or none; each must exist and the set must load."""
-        names = {part: f"{prefix}_TLS_{part.upper()}" for part in ("cert", "key", "ca")}
-        given = {part: environ.get(name, "") for part, name in names.items()}
-        if not any(given.values()):
-            return None
-        missing = [names[p] for p, v in given.items() if not v]
-        if missing:
-            raise ConfigError(f"{', '.join(missing)}: mTLS needs {names['cert']}, {names['key']} and "
-                                 f"{names['ca']} together (missing: {', '.join(missing)})")
-        files = cls(**{p: Path(v).expanduser() for p, v in given.items()})
-        for part in ("cert", "key", "ca"):
-            path = getattr(files, part)
-            if not path.is_file():
-                raise ConfigError(f"{names[part]}={str(path)!r}: expected a readable PEM file (not found)")
-        try:
-            TlsContexts(files)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(f"{names['cert']}/{names['key']}/{names['ca']}: the files do not load as a "
-                                 f"certificate, its key and a CA: {exc}") from None
-        return files
 
 
 class TlsContexts:

@@ -17,7 +17,7 @@ from support import eventually
 
 from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.io.certs import ensure_ca, issue, make_dev_certs
-from llama_orch.io.config import ConfigError, OrchdSettings, PoolManagerSettings
+from llama_orch.io.config import ConfigError, OrchdSettings, PoolManagerSettings, TlsFiles
 from llama_orch.io.handoff import Handoff, write_handoff
 from llama_orch.io.orchestratord.app import create_app as orchestratord_app
 from llama_orch.io.orchestratord.discovery import PoolDiscovery
@@ -25,7 +25,7 @@ from llama_orch.io.pool_managerd.manager import MANAGER
 from llama_orch.io.pool_managerd.manager import create_app as pool_managerd_app
 from llama_orch.io.provisioner.mock_engine import MockConfig
 from llama_orch.io.provisioner.mock_engine import create_app as mock_engine_app
-from llama_orch.io.tls import TlsContexts, TlsFiles, tls_failure
+from llama_orch.io.tls import TlsContexts, tls_failure
 
 
 def files(certs, name: str) -> TlsFiles:

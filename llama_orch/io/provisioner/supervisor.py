@@ -42,8 +42,8 @@ from ...core.events import (
     Tick,
 )
 from ...core.pool import PoolLifecycle, PoolPolicy, PoolState
-from ..config import ConfigError, Env, parse_address
-from ..tls import TlsContexts, TlsFiles
+from ..config import ConfigError, Env, TlsFiles, parse_address
+from ..tls import TlsContexts
 from ..tracing import Tracing, server_spans
 from ..tracing import setup as setup_tracing
 from ..daemon import prepare, spawn
