@@ -178,3 +178,23 @@ async def test_daemons_export_otlp_and_share_trace_ids_across_the_hop(tmp_path):
         assert {"task", "admission", "placement", "dispatch", "forward_to_engine"} <= {s.name for s in orchd.values()}
     finally:
         await runner.cleanup()
+
+
+def test_json_log_lines_carry_the_trace_and_span_of_the_current_span():
+    import json
+    import logging
+
+    from opentelemetry import trace
+
+    from llama_orch.io.daemon import JsonFormatter
+
+    tracing = setup("pool-managerd", exporter=InMemorySpanExporter())
+    record = logging.LogRecord("llama_orch.test", logging.INFO, __file__, 1, "inside %s", ("a span",), None)
+    span = tracing.start("get_status")
+    with trace.use_span(span, end_on_exit=True):
+        line = json.loads(JsonFormatter("pool-managerd").format(record))
+    context = span.get_span_context()
+    assert line["msg"] == "inside a span" and line["daemon"] == "pool-managerd"
+    assert (line["trace_id"], line["span_id"]) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+    outside = json.loads(JsonFormatter("pool-managerd").format(record))
+    assert "trace_id" not in outside  # no span current: no ids made up
