@@ -30,7 +30,8 @@ test-compiled:
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # The end-to-end tests of the daemons once more, every hop over mTLS (a development CA per run).
-TLS_E2E := tests/e2e/test_cluster.py tests/e2e/test_openai_client.py tests/e2e/test_worker_node.py tests/e2e/test_two_pools.py
+TLS_E2E := tests/e2e/test_cluster.py tests/e2e/test_openai_client.py tests/e2e/test_worker_node.py tests/e2e/test_two_pools.py \
+           tests/e2e/test_real_scrapes.py
 test-tls:
 	LLAMA_ORCH_TEST_TLS=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(TLS_E2E)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .types import Outcome
+from .types import Outcome, Priority
 
 
 class Command:
@@ -37,6 +37,7 @@ class Rejected(Command):
     retry_after_ms: int | None = None
     policy_label: str | None = None
     pool_id: str | None = None
+    engine: str | None = None  # the engine the task asked for (a metric label)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,6 +49,9 @@ class Dispatch(Command):
     attempt: int
     kv_warmth: bool
     engine_url: str | None = None
+    #: Pools placement chose among: those of the task's engine and model that were usable with a
+    #: free slot (1 for a pin).
+    candidates: int = 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +81,8 @@ class Finish(Command):
     kind: str  # "end" | "error"
     data: Mapping[str, Any] = field(default_factory=dict)
     pool_id: str | None = None
+    engine: str | None = None  # the task's engine and priority (metric labels; the task is gone by then)
+    priority: Priority | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

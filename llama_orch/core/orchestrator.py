@@ -38,7 +38,7 @@ import heapq
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .admission import Admission, QueuePolicy, ServiceTimeEstimator
@@ -201,7 +201,9 @@ class Orchestrator:
 
     # -- submission ---------------------------------------------------------------------------
 
-    def _reject(self, out: list[Command], rejected: Rejected) -> None:
+    def _reject(self, out: list[Command], rejected: Rejected, engine: str) -> None:
+        if rejected.engine is None:  # admission's refusals do not know the task's engine
+            rejected = replace(rejected, engine=engine)
         self.rejections[rejected.code] += 1
         self.outcomes[Outcome.REJECTED.value] += 1
         out.append(rejected)
@@ -209,12 +211,13 @@ class Orchestrator:
     def _on_submit(self, spec: TaskSpec, now: float, out: list[Command]) -> None:
         task_id = spec.task_id
         if task_id in self.tasks:
-            self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS",
-                                       message=f"task_id {task_id} is already in use"))
+            self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS", engine=spec.engine,
+                                       message=f"task_id {task_id} is already in use"), spec.engine)
             return
         overspend = self.sessions.refusal(spec)
         if overspend is not None:
-            self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS", message=overspend))
+            self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS", message=overspend,
+                                       engine=spec.engine), spec.engine)
             return
         placer = self.placer
         refusal = placer.check_submission(spec)
@@ -222,9 +225,9 @@ class Orchestrator:
             retry = self.admission.estimator.retry_after_ms(placer.slots()[1]) if refusal.http_status == 503 else None
             self._reject(out, Rejected(task_id=task_id, http_status=refusal.http_status, code=refusal.code,
                                        message=refusal.message, retriable=refusal.http_status == 503,
-                                       retry_after_ms=retry,
+                                       retry_after_ms=retry, engine=spec.engine,
                                        pool_id=spec.placement.pin_pool_id if spec.placement.mode is PlacementMode.PIN
-                                       else None))  # a pin_pool_id beside another mode names nothing
+                                       else None), spec.engine)  # a pin_pool_id beside another mode names nothing
             return
         free, total = placer.slots(spec)
         busy = free == 0 or self.admission.queue.is_full
@@ -232,7 +235,7 @@ class Orchestrator:
                                        next_slot_ms=self.next_slot_ms(now) if busy else None)
         decision = result.decision
         if isinstance(decision, Rejected):
-            self._reject(out, decision)
+            self._reject(out, decision, spec.engine)
             return
         task = Task(spec, now, queue_position=decision.queue_position, predicted_start_ms=decision.predicted_start_ms)
         self.tasks[task_id] = task
@@ -314,7 +317,7 @@ class Orchestrator:
             "queued_ms": int(now - task.submitted_at)}))
         task.engine_url = engine_url = placer.snapshot(pool_id).engine_url  # type: ignore[union-attr]
         out.append(Dispatch(task_id=task_id, pool_id=pool_id, attempt=task.attempts, kv_warmth=kv_warmth,
-                            engine_url=engine_url))
+                            engine_url=engine_url, candidates=placer.considered))
 
     def _release(self, task: Task) -> None:
         pool_id = task.pool_id
@@ -490,15 +493,18 @@ class Orchestrator:
         self.outcomes[outcome.value] += 1
         started = task.first_dispatched_at
         self.sessions.charge(task.spec, tokens_out=task.tokens_out, engine_ms=0.0 if started is None else now - started)
+        spec = task.spec
         if code is None:
-            out.append(Finish(task_id=task_id, outcome=outcome, kind="end", data=data or {}, pool_id=pool_id))
+            out.append(Finish(task_id=task_id, outcome=outcome, kind="end", data=data or {}, pool_id=pool_id,
+                              engine=spec.engine, priority=spec.priority))
             return
         err: dict = {"code": code, "message": message, "retriable": retriable}
         if retry_after_ms is not None:
             err["retry_after_ms"] = retry_after_ms
         if pool_id is not None:
             err["pool_id"] = pool_id
-        out.append(Finish(task_id=task_id, outcome=outcome, kind="error", data=err, pool_id=pool_id))
+        out.append(Finish(task_id=task_id, outcome=outcome, kind="error", data=err, pool_id=pool_id,
+                          engine=spec.engine, priority=spec.priority))
 
     # -- pools --------------------------------------------------------------------------------
 

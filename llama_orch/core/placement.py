@@ -160,6 +160,9 @@ class Placer:
         self._rr_last: dict[tuple[str, str], str] = {}
         self._picks: dict[tuple[str, bool], Pick] = {}  # see _chose
         self.free_total = 0  # free slots over all usable pools, kept by _index/_unindex
+        #: How many pools the last ``pick`` chose among (usable, a free slot, the task's engine and
+        #: model; 1 for a pin): what ``Dispatch.candidates`` reports.
+        self.considered = 0
 
     # -- pool table ---------------------------------------------------------------------------
 
@@ -446,6 +449,7 @@ class Placer:
         """
         placement = spec.placement
         if placement.mode is PlacementMode.PIN:
+            self.considered = 1
             p = self._pools.get(placement.pin_pool_id or "")
             if p is None:
                 return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=True,
@@ -457,7 +461,9 @@ class Placer:
         group_key = self._group_key(spec)
         group = self._groups.get(group_key)
         if group is None or not group.ranked:
+            self.considered = 0
             return NoPick(code="POOL_UNAVAILABLE", http_status=503, permanent=False, message="no free slot")
+        self.considered = len(group.ranked)
         avoid = placement.avoid_pools
         if session_pool is not None and session_pool not in avoid and session_pool not in exclude:
             p = self._pools.get(session_pool)

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import urlparse
 
+from ..core.quotas import QuotaPolicy
+from .client_auth import (ASYMMETRIC_ALGORITHMS, DEFAULT_REQUIRED_CLAIMS, ApiKey, OidcSettings, parse_api_keys,
+                          url_allowed)
+
 T = TypeVar("T")
 
 
@@ -240,6 +244,61 @@ class PoolManagerSettings:
         )
 
 
+def _oidc_settings(env: Env) -> "OidcSettings | None":
+    """``ORCHD_OIDC_*``: None unless both the issuer and the audience are set (one alone is an error)."""
+
+    def issuer(raw: str) -> str:
+        if not url_allowed(raw.strip()):
+            raise ValueError(raw)
+        return raw.strip()
+
+    def names(raw: str) -> tuple[str, ...]:
+        found = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+        if not found:
+            raise ValueError(raw)
+        return found
+
+    def algorithms(raw: str) -> tuple[str, ...]:
+        found = names(raw)
+        if any(a not in ASYMMETRIC_ALGORITHMS for a in found):
+            raise ValueError(raw)  # none and HS*: a public key must never verify an HMAC
+        return found
+
+    def claims(raw: str) -> tuple[str, ...]:
+        found = names(raw)
+        if "sub" not in found:
+            raise ValueError(raw)  # the principal
+        return found
+
+    def ca_file(raw: str) -> str:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise ValueError(raw)
+        return str(path)
+
+    url = env.get("ORCHD_OIDC_ISSUER", default=None, parse=issuer,
+                  expected="the https URL of the OIDC issuer (http only on a loopback address)")
+    audiences = env.get("ORCHD_OIDC_AUDIENCE", default=(), parse=names, expected="comma-separated audiences")
+    if url is None and not audiences:
+        return None
+    if url is None or not audiences:
+        missing, given = ("ORCHD_OIDC_ISSUER", "ORCHD_OIDC_AUDIENCE") if url is None else \
+            ("ORCHD_OIDC_AUDIENCE", "ORCHD_OIDC_ISSUER")
+        raise ConfigError(f"{given} is set but {missing} is not: OIDC needs both")
+    return OidcSettings(
+        issuer=url, audiences=audiences,
+        algorithms=env.get("ORCHD_OIDC_ALGORITHMS", default=("RS256", "ES256"), parse=algorithms,
+                           expected=f"comma-separated signature algorithms among {', '.join(ASYMMETRIC_ALGORITHMS)}"),
+        required_claims=env.get("ORCHD_OIDC_REQUIRED_CLAIMS", default=DEFAULT_REQUIRED_CLAIMS, parse=claims,
+                                expected="comma-separated claim names, sub among them"),
+        leeway_s=env.integer("ORCHD_OIDC_LEEWAY_MS", default=30_000, minimum=0) / 1000,
+        jwks_min_refresh_s=env.integer("ORCHD_OIDC_JWKS_MIN_REFRESH_MS", default=30_000, minimum=0) / 1000,
+        jwks_max_age_s=env.integer("ORCHD_OIDC_JWKS_MAX_AGE_MS", default=600_000, minimum=1000) / 1000,
+        timeout_s=env.integer("ORCHD_OIDC_TIMEOUT_MS", default=5000, minimum=1) / 1000,
+        ca_file=env.get("ORCHD_OIDC_CA", default=None, parse=ca_file, expected="an existing CA certificate file (PEM)"),
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OrchdSettings:
     host: str = "127.0.0.1"
@@ -264,7 +323,9 @@ class OrchdSettings:
     token_timeout_ms: int = 30_000
     stream_timeout_ms: int = 3_600_000
     profile: str = "cloud"
-    api_keys: tuple[str, ...] = ()
+    api_keys: "tuple[ApiKey, ...]" = ()
+    oidc: "OidcSettings | None" = None
+    quotas: QuotaPolicy = QuotaPolicy()
     metrics_port: int | None = None
     stream_buffer_frames: int = 4096
     stream_buffer_bytes: int = 1 << 20
@@ -281,21 +342,15 @@ class OrchdSettings:
 
         env = Env(environ, {"ORCHD_BIND_ADDR": flags.get("bind"), "ORCHD_POOL_MANAGERS": flags.get("pool_managers")})
         host, port = env.address("ORCHD_BIND_ADDR", "ORCHD_ADDR", default="127.0.0.1:8080")
-        if env.environ.get("ORCHD_OIDC_ISSUER") or env.environ.get("ORCHD_OIDC_AUDIENCE"):
-            # Refused rather than ignored: an operator who set OIDC must not believe it is enforced.
-            raise ConfigError("ORCHD_OIDC_ISSUER/ORCHD_OIDC_AUDIENCE: OIDC is not supported yet; use ORCHD_API_KEYS")
-
-        def keys(raw: str) -> tuple[str, ...]:
-            found = tuple(k.strip() for k in raw.split(",") if k.strip())
-            if not found or any(len(k) < 16 for k in found):
-                raise ValueError(raw)
-            return found
-
-        api_keys = env.get("ORCHD_API_KEYS", default=(), parse=keys,
-                           expected="comma-separated API keys of at least 16 characters each")
-        if not is_loopback(host) and not api_keys:
+        raw_keys = env.text("ORCHD_API_KEYS", default="")
+        try:
+            api_keys = parse_api_keys(raw_keys) if raw_keys else ()
+        except ValueError as exc:
+            raise ConfigError(f"ORCHD_API_KEYS: {exc}") from None  # never the value: it is the keys
+        oidc = _oidc_settings(env)
+        if not is_loopback(host) and not api_keys and oidc is None:
             raise ConfigError(f"ORCHD_BIND_ADDR={host}:{port}: a non-loopback address needs client auth configured "
-                              "(ORCHD_API_KEYS)")
+                              "(ORCHD_API_KEYS, or ORCHD_OIDC_ISSUER with ORCHD_OIDC_AUDIENCE)")
 
         def managers(raw: str) -> tuple[str, ...]:
             urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
@@ -354,6 +409,12 @@ class OrchdSettings:
             listen_backlog=env.integer("ORCHD_LISTEN_BACKLOG", default=1024, minimum=1),
             access_log=env.boolean("ORCHD_ACCESS_LOG", default=True),
             api_keys=api_keys,
+            oidc=oidc,
+            quotas=QuotaPolicy(
+                concurrent_tasks=env.get("ORCHD_QUOTA_CONCURRENT_TASKS", default=None, parse=_positive_int,
+                                         expected="an integer >= 1 (tasks queued or running per principal)"),
+                tasks_per_minute=env.get("ORCHD_QUOTA_TASKS_PER_MINUTE", default=None, parse=_positive_int,
+                                         expected="an integer >= 1 (tasks admitted per principal per minute)")),
             metrics_port=env.get("PROMETHEUS_METRICS_PORT", default=None, parse=_port, expected="a port number"),
             profile=env.get("ORCHD_PROFILE", default="cloud", parse=choice("cloud", "home"), expected="cloud or home"),
             tls=TlsFiles.from_env("ORCHD", env.environ),

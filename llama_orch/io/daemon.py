@@ -64,22 +64,18 @@ def _iso(created: float) -> str:
 
 
 def log_format(environ=None) -> str:
-    """``LOG_FORMAT``: text (the default) or json; anything else stops the daemon, named."""
-    from .config import ConfigError
-
+    """``LOG_FORMAT``: text (the default) or json; anything else is a ``ValueError`` naming it."""
     value = (os.environ if environ is None else environ).get("LOG_FORMAT", "text").strip().lower() or "text"
     if value not in LOG_FORMATS:
-        raise ConfigError(f"LOG_FORMAT={value!r}: expected text or json")
+        raise ValueError(f"LOG_FORMAT={value!r}: expected text or json")
     return value
 
 
 def prepare(prog: str) -> None:
     """Logging and the event loop of a daemon. A bad ``LOG_FORMAT`` exits with status 2, named."""
-    from .config import ConfigError
-
     try:
         fmt = log_format()
-    except ConfigError as exc:
+    except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if fmt == "json":

@@ -169,7 +169,7 @@ def test_a_thousand_readers_dropped_with_resets_then_the_cluster_still_serves(li
             await asyncio.sleep(0.05)
 
     run(live, drained())  # every task canceled once its readers were gone: nothing queued or running
-    canceled = driver.metrics.canceled.labels(reason="disconnect")._value.get()
+    canceled = driver.metrics.total(driver.metrics.canceled, reason="disconnect")
     assert canceled >= 90, f"only {canceled} of 100 tasks were canceled by their readers' resets"
     for _ in range(20):
         body = task(max_tokens=16)

@@ -189,7 +189,8 @@ class FastEngine:
             b"/health": {"status": "ok"},
             b"/props": {"default_generation_settings": {"n_ctx": c.ctx, "params": {}}, "total_slots": c.slots,
                         "model_path": c.model, "build_info": "fast-engine", "is_sleeping": False},
-            b"/slots": [{"id": i, "id_task": -1, "n_ctx": c.ctx, "is_processing": False} for i in range(c.slots)],
+            b"/slots": [{"id": i, "id_task": -1, "n_ctx": c.ctx, "is_processing": False, "n_prompt_tokens": 0}
+                        for i in range(c.slots)],
             b"/v1/models": {"object": "list", "data": [{"id": c.model, "object": "model", "created": 0,
                                                        "owned_by": "llamacpp"}]},
             b"/v2/pools": {"pools": [pool]},

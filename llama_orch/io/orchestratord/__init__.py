@@ -12,5 +12,7 @@ for the token stream. It never reads a handoff file or touches a GPU.
 Modules: ``app`` (routes, ``create_app``, ``main``), ``driver`` (``CoreDriver``, ``Stream``, the
 adapter sink), ``metrics``, ``openai_api`` (the ``/v1`` door), ``adapters`` (one per engine
 protocol), ``discovery`` (polling pool-managerds), ``nodes`` (``/v2/nodes/*``), ``wire`` (the
-``POST /v2/tasks`` schema), ``auth`` (API keys). ``python -m llama_orch.io.orchestratord`` runs it.
+``POST /v2/tasks`` schema), ``auth`` (principals from API keys and OIDC tokens), ``oidc`` (the
+issuer's keys, token checks), ``tenancy`` (who owns which session; quotas per principal).
+``python -m llama_orch.io.orchestratord`` runs it.
 """

@@ -5,8 +5,10 @@ forwarded to the owning pool-managerd, capabilities, version, metrics, the pool-
 probes) and mounts the rest: ``/v2/nodes/*`` (``nodes``), ``/v1/*`` (``openai_api``) and
 ``/openapi.json`` (``openapi_doc``). Handlers stay thin: parse, hand an event to the
 ``CoreDriver`` (``driver``), stream what comes back. Pools come from ``PoolDiscovery``; every
-non-204 response carries ``X-Correlation-Id`` (``http.correlation``). SIGTERM stops admission,
-lets admitted tasks finish within the grace, then cancels the rest.
+non-204 response carries ``X-Correlation-Id`` (``http.correlation``). Every request runs as a
+principal (``auth``); another principal's task or session is answered 404, as if there were none
+(``tenancy``). SIGTERM stops admission, lets admitted tasks finish within the grace, then cancels
+the rest.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from ...core.admission import QueuePolicy
 from ...core.commands import Rejected
 from ...core.events import TaskCanceled
 from ...core.orchestrator import Orchestrator, OrchestratorConfig
+from ...core.quotas import QuotaPolicy
 from ...core.placement import Strategy
 from ...core.sessions import BudgetPolicy
+from ..client_auth import ApiKey, OidcSettings
 from ..config import ConfigError, OrchdSettings
 from ..daemon import prepare, settle_gc
 from ..http import (
@@ -48,10 +52,12 @@ from ..tracing import Tracing, end, incoming_context
 from ..tracing import setup as setup_tracing
 from ..waits import within
 from .adapters import Timeouts
-from .auth import api_key_middleware
+from .auth import auth_middleware, principal_of
 from .discovery import PoolDiscovery, pool_stale_ms
 from .driver import DRIVER, SERVED_WORKLOADS, CoreDriver, Cursor, StreamLimits
+from .metrics import count_wire_rejections
 from .nodes import NODE_PATHS, add_node_routes
+from .oidc import OidcVerifier
 from .openai_api import add_openai_routes
 from .wire import WireError
 
@@ -78,7 +84,7 @@ def _rejection(decision: Rejected) -> web.Response:
 async def create_task(request: web.Request) -> web.Response:
     driver = request.app[DRIVER]
     try:
-        decision = driver.submit(await json_body(request), request[CORRELATION_ID])
+        decision = driver.submit(await json_body(request), request[CORRELATION_ID], principal=principal_of(request))
     except WireError as exc:
         return json_response({"code": "INVALID_PARAMS", "message": str(exc), "field": exc.field}, 400)
     if isinstance(decision, Rejected):
@@ -98,7 +104,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     driver = request.app[DRIVER]
     tid = request.match_info["task_id"]
     stream = driver.streams.get(tid)
-    if stream is None:
+    if stream is None or stream.owner != principal_of(request):  # another principal's: as if there were none
         return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
     verbose = request.query.get("verbose", "false").lower() in ("true", "1", "yes")
     last_id = request.headers.get("Last-Event-ID", "").strip()
@@ -141,7 +147,8 @@ async def task_events(request: web.Request) -> web.StreamResponse:
 async def cancel_task(request: web.Request) -> web.Response:
     driver = request.app[DRIVER]
     tid = request.match_info["task_id"]
-    if tid not in driver.streams:
+    stream = driver.streams.get(tid)
+    if stream is None or stream.owner != principal_of(request):
         return json_response({"code": "TASK_NOT_FOUND", "message": f"task {tid} not found"}, 404)
     driver.handle(TaskCanceled(task_id=tid, reason="client"))
     return web.Response(status=204)
@@ -258,9 +265,10 @@ def _budget_headers(view: dict) -> dict[str, str]:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    core = request.app[DRIVER].core
+    driver = request.app[DRIVER]
+    core = driver.core
     sid = request.match_info["session_id"]
-    if sid not in core.sessions:
+    if sid not in core.sessions or not driver.tenancy.owns_session(principal_of(request), sid):
         fail(404, "SESSION_NOT_FOUND", f"session {sid} not found")
     view = core.sessions.view(sid)
     resp = json_response(view)
@@ -270,8 +278,10 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     sid = request.match_info["session_id"]
-    if not request.app[DRIVER].core.forget_session(sid):
+    driver = request.app[DRIVER]
+    if not driver.tenancy.owns_session(principal_of(request), sid) or not driver.core.forget_session(sid):
         fail(404, "SESSION_NOT_FOUND", f"session {sid} not found")
+    driver.tenancy.session_deleted(sid)
     return web.Response(status=204)
 
 
@@ -303,19 +313,23 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_interval_ms: int = 5000,
                seed: int = 0, shutdown_grace_s: float = 30.0, timeouts: Timeouts = Timeouts(),
                node_stale_after_ms: float = 30_000.0, profile: str = "cloud",
-               api_keys: tuple[str, ...] = (), metrics_host: str = "127.0.0.1",
+               api_keys: tuple[str | ApiKey, ...] = (), oidc: OidcSettings | None = None,
+               quotas: QuotaPolicy | None = None, metrics_host: str = "127.0.0.1",
                metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits(),
                tune_gc: bool = False, tls: TlsContexts | None = None,
                tracing: Tracing | None = None) -> web.Application:
     """orchestratord's app. ``tune_gc`` (the daemon's, not a test's: it freezes the whole process's
-    heap) settles the garbage collector once the app is built (``daemon.settle_gc``)."""
-    middlewares = [correlation, *([incoming_context()] if tracing is not None else []),
+    heap) settles the garbage collector once the app is built (``daemon.settle_gc``). Client auth:
+    ``api_keys`` (``KEY`` or ``NAME=KEY``) and ``oidc``; neither: every request is ``anonymous``."""
+    verifier = OidcVerifier(oidc) if oidc is not None else None
+    authenticate = auth_middleware(api_keys, verifier)
+    middlewares = [count_wire_rejections(DRIVER), correlation, *([incoming_context()] if tracing is not None else []),
                    *([require_peer_certificate(NODE_PATHS)] if tls is not None else []),
-                   *([api_key_middleware(api_keys)] if api_keys else [])]
+                   *([authenticate] if authenticate is not None else [])]
     app = web.Application(middlewares=middlewares)
     app[PROFILE] = profile
     driver = app[DRIVER] = CoreDriver(Orchestrator(config, rng=random.Random(seed)), timeouts=timeouts,
-                                      limits=stream_limits, tls=tls, tracing=tracing)
+                                      limits=stream_limits, tls=tls, tracing=tracing, quotas=quotas)
     app[DISCOVERY] = PoolDiscovery(manager_urls, driver.handle, interval_ms=poll_interval_ms,
                                    on_check=driver.metrics.health_check, tls=tls, tracing=tracing)
     driver.poll_span_of = app[DISCOVERY].poll_span
@@ -327,6 +341,8 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
             settle_gc()  # before the GC is watched: the start-up collection is no pause under load
             driver.collect_when_idle = True
         await driver.start()
+        if verifier is not None:
+            await verifier.start()  # loads the issuer's keys in the background: never waits for it
         await app[DISCOVERY].start()
         reloader = asyncio.ensure_future(tls.watch()) if tls is not None else None
         yield
@@ -334,6 +350,8 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
             reloader.cancel()
         await app[DISCOVERY].stop()
         await driver.stop()
+        if verifier is not None:
+            await verifier.stop()
         if tracing is not None:
             tracing.shutdown()  # what is still batched goes out
 
@@ -402,6 +420,16 @@ def core_config(settings: OrchdSettings) -> tuple[OrchestratorConfig, Timeouts]:
     return config, timeouts
 
 
+def describe_auth(settings: OrchdSettings) -> str:
+    """Client auth in one line for the start-up log: principals and the issuer, never a key."""
+    parts = []
+    if settings.api_keys:
+        parts.append("API keys of " + ", ".join(k.principal for k in settings.api_keys))
+    if settings.oidc is not None:
+        parts.append(f"OIDC tokens of {settings.oidc.issuer} for {', '.join(settings.oidc.audiences)}")
+    return " and ".join(parts) or "none (loopback only; every client is the principal anonymous)"
+
+
 async def drain_before_closing(app: web.Application) -> None:
     """SIGTERM drains while the listening socket stays open, then exits. aiohttp's own handler
     closes the socket first, so a client arriving during the drain would meet a refused
@@ -446,9 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     tracing = setup_tracing("orchestratord")
     log.info("listening on %s://%s:%s, pool managers %s", "https" if tls else "http", settings.host, settings.port,
              ", ".join(settings.pool_managers))
+    log.info("client auth: %s; quotas per principal: %s concurrent tasks, %s tasks a minute", describe_auth(settings),
+             settings.quotas.concurrent_tasks or "unlimited", settings.quotas.tasks_per_minute or "unlimited")
     app = create_app(config, list(settings.pool_managers), poll_interval_ms=settings.poll_interval_ms,
                      shutdown_grace_s=settings.shutdown_grace_ms / 1000, timeouts=timeouts,
-                     profile=settings.profile, api_keys=settings.api_keys, metrics_host=settings.host,
+                     profile=settings.profile, api_keys=settings.api_keys, oidc=settings.oidc,
+                     quotas=settings.quotas, metrics_host=settings.host,
                      metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True,
                      tls=tls, tracing=tracing)
     app[DRIVER].task_log = settings.access_log

@@ -40,14 +40,17 @@ from ...core.events import (
 )
 from ...core.orchestrator import Orchestrator
 from ...core.placement import Strategy
+from ...core.quotas import QuotaPolicy
 from ...core.types import TaskSpec
 from ...ext.sse import frame_event
 from ..daemon import CORRELATION, FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
 from ..tls import TlsContexts, connector
 from ..tracing import Tracing, end, wall_ns_ago
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
+from .auth import ANONYMOUS
 from .metrics import OrchdMetrics
 from .prefix import prefix_chain, prompt_text
+from .tenancy import Tenancy
 from .wire import TaskPayload, parse_task_request
 
 log = logging.getLogger("llama_orch.orchestratord.tasks")
@@ -129,6 +132,7 @@ class Stream:
     limits: StreamLimits = StreamLimits()
     waiters: list[asyncio.Future] | None = None  # one future per waiting reader, resolved by the next change
     correlation_id: str = ""  # the submitting request's: on every log line about the task, and to the engine
+    owner: str = ANONYMOUS  # the principal that submitted it: only it may read or cancel the task
     admitted_at: float = 0.0  # loop time (ms) of the submission: the task-end line's total_ms
     span: Any = None  # the task's trace span (tracing on), ended with its terminal event
     attempt_spans: tuple | None = None  # (dispatch, forward_to_engine) of the attempt under way
@@ -274,8 +278,10 @@ def _with_id(frame: bytes, n: int) -> bytes:
 class CoreDriver:
     def __init__(self, core: Orchestrator, *, timeouts: Timeouts = Timeouts(),
                  limits: StreamLimits = StreamLimits(), tls: TlsContexts | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, quotas: QuotaPolicy | None = None) -> None:
         self.core = core
+        # who owns which session, and the quotas per principal (a session forgotten with its owner record)
+        self.tenancy = Tenancy(quotas, max_sessions=core.config.max_sessions, forget_session=core.forget_session)
         self.tls = tls
         self.tracing = tracing
         self.poll_span_of: Callable[[str], Any] = lambda pool_id: None  # the pool's last health check (tracing)
@@ -338,14 +344,17 @@ class CoreDriver:
 
     # -- events in, commands out --------------------------------------------------------------
 
-    def submit(self, body: object, correlation_id: str = "") -> Admitted | Rejected:
+    def submit(self, body: object, correlation_id: str = "", principal: str = ANONYMOUS) -> Admitted | Rejected:
         """A ``POST /v2/tasks`` body: validate (``WireError`` is the handler's 400), then admit."""
         spec, payload = parse_task_request(body)
-        return self.admit(spec, payload, correlation_id)
+        return self.admit(spec, payload, correlation_id, principal)
 
-    def admit(self, spec: TaskSpec, payload: TaskPayload, correlation_id: str = "") -> Admitted | Rejected:
+    def admit(self, spec: TaskSpec, payload: TaskPayload, correlation_id: str = "",
+              principal: str = ANONYMOUS) -> Admitted | Rejected:
         """Every front door ends here: one admission decision; when admitted, ``streams[task_id]``
-        carries the task's SSE frames until the terminal one."""
+        carries the task's SSE frames until the terminal one, and the task is ``principal``'s.
+        The principal's session ownership and quotas are checked first (``tenancy``), before the
+        task can take a queue slot; a quota slot taken is given back exactly once."""
         if spec.workload not in SERVED_WORKLOADS:
             return Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
                             message=f"workload: {spec.workload!r} is not served by this orchestrator (served: "
@@ -358,13 +367,17 @@ class CoreDriver:
         if spec.task_id in self.streams:
             return Rejected(task_id=spec.task_id, http_status=400, code="INVALID_PARAMS",
                             message=f"task_id {spec.task_id} is already in use")
+        refusal = self.tenancy.enter(spec, principal, self.now())
+        if refusal is not None:
+            return refusal
         config = self.core.config
         if config.placement_strategy is Strategy.PREFIX_AWARE and not spec.prefix:
             chain = prefix_chain(prompt_text(payload.prompt, payload.messages), config.prefix_block_tokens)
             if chain:
                 spec = dataclasses.replace(spec, prefix=chain)
         stream = self.streams[spec.task_id] = Stream(payload=payload, limits=self.limits,
-                                                     correlation_id=correlation_id, admitted_at=self.now())
+                                                     correlation_id=correlation_id, admitted_at=self.now(),
+                                                     owner=principal)
         tracing = self.tracing
         if tracing is not None:
             # a child of the client's traceparent (the current context: ``tracing_middleware``)
@@ -376,6 +389,7 @@ class CoreDriver:
                         and isinstance(c, (Admitted, Rejected)))
         if isinstance(decision, Rejected):
             self.streams.pop(spec.task_id, None)
+            self.tenancy.refused(spec.task_id, self.now())
         if tracing is not None:
             if isinstance(decision, Rejected):
                 end(admission, outcome="rejected", error=decision.code)
@@ -496,6 +510,7 @@ class CoreDriver:
             stream.note(f"Done: {tokens} tokens in {ms} ms{rate}.")
 
     def _finish(self, cmd: Finish) -> None:
+        self.tenancy.ended(cmd.task_id, self.now())  # first: whatever ended it, the quota slot comes back
         stream = self.streams.get(cmd.task_id)
         if stream is None:
             return

@@ -16,9 +16,13 @@ Decisions (they are part of the contract of this front door):
   that no known pool serves is a 404 ``model_not_found``. A model whose pools are all unready
   goes to the core, which answers 503 ``POOL_UNREADY``.
 - Session: the ``X-Session-Id`` header, else the ``user`` field; a UUID is used as it is and
-  any other string is mapped to a stable UUIDv5, so a user keeps one session (replica
-  affinity, token budget) across requests and orchestratord replicas. With neither, every
-  request is a session of its own (UUIDv4).
+  any other string is mapped to a stable UUIDv5 of the principal and the string, so a user keeps
+  one session (replica affinity, token budget) across requests and orchestratord replicas, and
+  two principals' ``user: "alice"`` are two sessions (``anonymous``, without client auth, maps
+  the string alone). With neither, every request is a session of its own (UUIDv4). A UUID that
+  another principal's session has is a 403 ``SESSION_FORBIDDEN`` (``tenancy``).
+- Every request is its principal's (``auth``): the same quotas as ``/v2/tasks`` (429
+  ``QUOTA_EXCEEDED``, a ``rate_limit_error``), and its task is the principal's through ``/v2``.
 - Priority: ``interactive``; ``X-Priority: batch`` puts the request in the batch class.
   Deadline: the ``X-Deadline-Ms`` header, 300000 ms by default.
 - ``max_completion_tokens``, else ``max_tokens``; by default 256 for chat (OpenAI has no
@@ -73,6 +77,7 @@ from ...core.placement import normalize_model_ref
 from ...core.types import Priority, TaskSpec
 from ...ext.sse import SSEParser
 from ..http import CORRELATION_ID, retry_headers
+from .auth import ANONYMOUS, principal_of
 from .driver import DRIVER, CoreDriver, Cursor, Stream
 from .wire import MAX_INT, TaskPayload, WireError, parse_sampling
 
@@ -256,13 +261,15 @@ def _refuse_unsupported(body: dict, chat: bool) -> None:
             raise _bad("suffix", "suffix (insertion) is not supported")
 
 
-def session_id_for(header: str | None, user: str | None) -> str:
+def session_id_for(header: str | None, user: str | None, principal: str = ANONYMOUS) -> str:
     for value in (header, user):
         if value:
             try:
                 return str(uuid.UUID(value))
             except ValueError:
-                return str(uuid.uuid5(SESSION_NAMESPACE, value))
+                # scoped by principal (a NUL cannot be in either), so principals never share a session by name
+                name = value if principal == ANONYMOUS else f"{principal}\0{value}"
+                return str(uuid.uuid5(SESSION_NAMESPACE, name))
     return str(uuid.uuid4())
 
 
@@ -311,7 +318,8 @@ def engine_for(placer: Any, model: str) -> str | None:
     return fallback
 
 
-def parse_request(request: web.Request, body: object, placer: Any, *, chat: bool) -> ParsedRequest:
+def parse_request(request: web.Request, body: object, placer: Any, *, chat: bool,
+                  principal: str = ANONYMOUS) -> ParsedRequest:
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object", code="INVALID_PARAMS")
     model = body.get("model")
@@ -346,7 +354,8 @@ def parse_request(request: web.Request, body: object, placer: Any, *, chat: bool
     engine = engine_for(placer, model)
     if engine is None:
         raise OpenAIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    spec = TaskSpec(task_id=str(uuid.uuid4()), session_id=session_id_for(request.headers.get("X-Session-Id"), user),
+    session_id = session_id_for(request.headers.get("X-Session-Id"), user, principal)
+    spec = TaskSpec(task_id=str(uuid.uuid4()), session_id=session_id,
                     model_ref=model, priority=_priority(request), engine=engine, workload="completion",
                     ctx=min(MAX_INT, prompt_tokens + max_tokens), max_tokens=max_tokens,
                     deadline_ms=_deadline_ms(request), prompt_tokens=prompt_tokens, seed=seed)
@@ -502,8 +511,9 @@ class OpenAIFrontDoor:
                 body = orjson.loads(await request.read())
             except orjson.JSONDecodeError:
                 raise OpenAIError(400, "the request body is not valid JSON", code="INVALID_PARAMS") from None
-            parsed = parse_request(request, body, driver.core.placer, chat=chat)
-            decision = driver.admit(parsed.spec, parsed.payload, request.get(CORRELATION_ID, ""))
+            principal = principal_of(request)
+            parsed = parse_request(request, body, driver.core.placer, chat=chat, principal=principal)
+            decision = driver.admit(parsed.spec, parsed.payload, request.get(CORRELATION_ID, ""), principal)
             if isinstance(decision, Rejected):
                 raise rejection_error(decision)
             task_id = decision.task_id

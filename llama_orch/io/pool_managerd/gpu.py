@@ -6,7 +6,8 @@ Owns the only conversation with NVML (``pynvml``). ``GpuDiscovery.discover()`` r
 ``/proc/meminfo`` together with a one-line reason. Discovery never logs and never raises for a
 missing driver: the caller decides how loudly to say so, and ``describe()`` gives it the line.
 ``select()`` resolves a ``CUDA_VISIBLE_DEVICES``-style mask against a snapshot and ``vram_of()``
-sums the memory of a selection.
+sums the memory of a selection; ``pool_devices()`` maps the pools' masks to their devices (and the
+devices no pool uses) for the per-device metrics, whose ``device`` label ``device_label()`` gives.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 DEFAULT_MEMINFO = "/proc/meminfo"
 _GIB = 1 << 30
@@ -210,6 +211,27 @@ def select(discovery: Discovery, device_mask: str) -> tuple[Device, ...]:
         if device not in chosen:
             chosen.append(device)
     return tuple(chosen)
+
+
+def device_label(device: Device) -> str:
+    """A device as a metric label: its NVML index, or ``cpu`` for the system-memory fallback."""
+    return "cpu" if device.kind == "cpu" else str(device.index)
+
+
+def pool_devices(discovery: Discovery, masks: Mapping[str, str]) -> tuple[dict[str, tuple[Device, ...]],
+                                                                         tuple[Device, ...]]:
+    """Each pool's devices (``masks``: pool id -> its device mask; a mask naming a device that was
+    not discovered gives none) and, apart, the devices no pool uses, in index order."""
+    per_pool: dict[str, tuple[Device, ...]] = {}
+    used: set[int] = set()
+    for pool_id, mask in masks.items():
+        try:
+            chosen = select(discovery, mask)
+        except ValueError:
+            chosen = ()
+        per_pool[pool_id] = chosen
+        used.update(d.index for d in chosen)
+    return per_pool, tuple(d for d in discovery.devices if d.index not in used)
 
 
 def vram_of(devices: Iterable[Device]) -> tuple[int, int]:

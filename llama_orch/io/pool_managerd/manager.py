@@ -58,7 +58,7 @@ from ..tls import TlsContexts, connector, describe_failure
 from ..tracing import Tracing, server_spans
 from ..tracing import setup as setup_tracing
 from ..waits import within
-from .gpu import GpuDiscovery, select, vram_of
+from .gpu import GpuDiscovery, device_label, pool_devices, select, vram_of
 
 log = logging.getLogger("llama_orch.pool_managerd")
 
@@ -73,6 +73,45 @@ class Pool:
     ctx_max: int
     model_ref: str
     generation: int = 0
+    kv_usage: float | None = None  # share of the engine's KV cache running requests hold (``/slots``)
+
+
+#: The labels of a pool's series: what its handoff says of its engine.
+POOL_LABELS = ("engine", "engine_version", "pool_id", "replica_id")
+NO_POOL = ("", "", "", "")  # the pool labels of a device no pool uses
+
+
+def pool_labels(handoff: Handoff) -> tuple[str, str, str, str]:
+    return handoff.engine, handoff.engine_version or "unknown", handoff.pool_id, handoff.replica_id or "unknown"
+
+
+def _forget(metric, labels: tuple[str, ...]) -> None:
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)
+
+
+def kv_cache_usage(slots: object) -> float | None:
+    """The share of an engine's KV cache (its slots' contexts together) that running requests hold,
+    from llama-server's ``/slots``: a running slot holds ``n_past`` tokens where it says so, else
+    ``n_prompt_tokens`` (which today's llama-server counts with the generated tokens); an idle
+    slot's kept prompt is there for reuse, not held. None when no slot says its context size."""
+    if not isinstance(slots, list):
+        return None
+    total = used = 0
+    for slot in slots:
+        if not isinstance(slot, dict):
+            continue
+        n_ctx = slot.get("n_ctx")
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx <= 0:
+            continue
+        total += n_ctx
+        if slot.get("is_processing"):
+            held = slot.get("n_past")
+            if not isinstance(held, int) or isinstance(held, bool):
+                held = slot.get("n_prompt_tokens")
+            if isinstance(held, int) and not isinstance(held, bool) and held > 0:
+                used += min(held, n_ctx)
+    return used / total if total else None
 
 
 class Metrics:
@@ -87,8 +126,48 @@ class Metrics:
         self.vram_free = Gauge("pool_vram_free_bytes", "Free VRAM of the pool's devices", ["pool_id"], registry=r)
         self.health = Counter("pool_health_checks", "Engine health checks", ["pool_id", "outcome"], registry=r)
         self.ready = Gauge("pool_ready", "1 when the pool is ready", ["pool_id"], registry=r)
-        self.gpu_util = Gauge("gpu_utilization", "GPU utilisation (%)", ["device"], registry=r)
-        self.vram_used = Gauge("vram_used_bytes", "VRAM in use", ["device"], registry=r)
+        self.gpu_util = Gauge("gpu_utilization", "GPU utilisation (%, NVML) of a device, by the pool that uses it",
+                              [*POOL_LABELS, "device"], registry=r)
+        self.vram_used = Gauge("vram_used_bytes", "Memory in use on a device (NVML; the system's for a CPU pool), by "
+                               "the pool that uses it", [*POOL_LABELS, "device"], registry=r)
+        self.kv_usage = Gauge("kv_cache_usage_ratio", "Share of the engine's KV cache (its slots' contexts) that "
+                              "running requests hold (llama-server's /slots)", POOL_LABELS, registry=r)
+        self._devices: set[tuple[str, ...]] = set()  # (pool labels..., device) of the device series set
+        self._kv: dict[str, tuple[str, ...]] = {}  # pool id -> the labels of its kv_cache_usage_ratio
+
+    def set_devices(self, discovery, handoffs) -> None:
+        """``gpu_utilization`` and ``vram_used_bytes``: a series per device per pool that uses it (its
+        mask's devices), one with empty pool labels per device no pool uses; a pool that moved
+        takes its series along (the old ones are removed)."""
+        by_pool = {h.pool_id: h for h in handoffs}
+        per_pool, spare = pool_devices(discovery, {pool_id: h.device_mask for pool_id, h in by_pool.items()})
+        rows = [(pool_labels(by_pool[pool_id]), d) for pool_id, devices in per_pool.items() for d in devices]
+        rows += [(NO_POOL, d) for d in spare]
+        now: set[tuple[str, ...]] = set()
+        for labels, d in rows:
+            key = (*labels, device_label(d))
+            now.add(key)
+            self.vram_used.labels(*key).set(d.vram_total_bytes - d.vram_free_bytes)
+            if d.utilization_pct is not None:
+                self.gpu_util.labels(*key).set(d.utilization_pct)
+            else:  # NVML cannot say (some boards, MIG): absent, not 0
+                _forget(self.gpu_util, key)
+        for key in self._devices - now:
+            _forget(self.vram_used, key)
+            _forget(self.gpu_util, key)
+        self._devices = now
+
+    def set_kv(self, handoff: Handoff, ratio: float | None) -> None:
+        """The pool's ``kv_cache_usage_ratio`` (None: unknown, no series), under its current labels."""
+        labels = pool_labels(handoff)
+        old = self._kv.pop(handoff.pool_id, None)
+        if old is not None and old != labels:
+            _forget(self.kv_usage, old)
+        if ratio is None:
+            _forget(self.kv_usage, labels)
+            return
+        self.kv_usage.labels(*labels).set(ratio)
+        self._kv[handoff.pool_id] = labels
 
 
 class PoolManager:
@@ -361,6 +440,7 @@ class PoolManager:
                 if isinstance(slots, list) and slots:
                     pool.slots_total = len(slots)
                     pool.slots_free = sum(1 for s in slots if not s.get("is_processing"))
+                    pool.kv_usage = kv_cache_usage(slots)
                     ctx = slots[0].get("n_ctx")
                     if isinstance(ctx, int) and ctx > 0:
                         pool.ctx_max = ctx
@@ -370,6 +450,7 @@ class PoolManager:
             pool.slots_total = int(props.get("total_slots") or pool.slots_total)
             pool.ctx_max = int((props.get("default_generation_settings") or {}).get("n_ctx") or pool.ctx_max)
             pool.slots_free = pool.slots_total
+            pool.kv_usage = None  # /slots is off: nobody says
 
     async def _stop_engine(self, pool: Pool) -> None:
         """A drained pool's engine is stopped by the provisioner that owns the process."""
@@ -465,10 +546,7 @@ class PoolManager:
     def apply_gpus(self, discovery) -> None:
         """Take a discovery in, on the loop: the pools and gauges are only touched from here."""
         self.discovery = discovery
-        for d in self.discovery.devices:
-            self.metrics.vram_used.labels(device=str(d.index)).set(d.vram_total_bytes - d.vram_free_bytes)
-            if d.utilization_pct is not None:
-                self.metrics.gpu_util.labels(device=str(d.index)).set(d.utilization_pct)
+        self.metrics.set_devices(discovery, [p.handoff for p in self.pools.values()])
         for pool in self.pools.values():
             self._update_gauges(pool)
 
@@ -495,6 +573,7 @@ class PoolManager:
         self.metrics.slots_free.labels(pool_id=pid).set(pool.slots_free if pool.lifecycle.ready else 0)
         self.metrics.vram_total.labels(pool_id=pid).set(total)
         self.metrics.vram_free.labels(pool_id=pid).set(free)
+        self.metrics.set_kv(pool.handoff, pool.kv_usage if pool.lifecycle.ready else None)
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -595,6 +674,8 @@ async def metrics(request: web.Request) -> web.Response:
     m = request.app[MANAGER]
     for pool in m.pools.values():
         m._update_gauges(pool)
+    if m.discovery is not None:  # the pools' devices as they are now (a pool may have moved since)
+        m.metrics.set_devices(m.discovery, [p.handoff for p in m.pools.values()])
     return web.Response(body=generate_latest(m.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

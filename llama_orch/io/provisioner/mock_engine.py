@@ -74,6 +74,10 @@ class MockEngine:
         # evaluated again (``timings.cache_n``; the prefill is charged for the rest).
         self.kept: list[list[str]] = [[] for _ in range(config.slots)]
         self.cached = [0] * config.slots
+        # Tokens each slot's KV cache holds (its prompt and what it generated so far) and those it
+        # generated, as llama-server's ``/slots`` reports them (``n_prompt_tokens``, ``n_decoded``).
+        self.held = [0] * config.slots
+        self.decoded = [0] * config.slots
         self.rng = random.Random(config.seed)
         self.prompt_tokens_total = 0
         self.predicted_total = 0
@@ -102,7 +106,12 @@ class MockEngine:
                                                           "owned_by": "llamacpp"}]})
 
     async def slots_state(self, request: web.Request) -> web.Response:
-        return json_response([{"id": i, "n_ctx": self.config.ctx, "is_processing": busy} for i, busy in enumerate(self.busy)])
+        # llama-server's shape (b1-0c1e570): ``n_prompt_tokens`` counts the tokens the slot holds,
+        # the generated ones included, while it runs and after
+        return json_response([{"id": i, "n_ctx": self.config.ctx, "speculative": False, "is_processing": busy,
+                               "n_prompt_tokens": self.held[i],
+                               "next_token": [{"has_next_token": busy, "n_decoded": self.decoded[i]}]}
+                              for i, busy in enumerate(self.busy)])
 
     async def metrics(self, request: web.Request) -> web.Response:
         busy = sum(self.busy)
@@ -203,6 +212,8 @@ class MockEngine:
             if common > best_common:
                 best, best_common = slot, common
         self.busy[best] = True
+        self.held[best] = max(1, len(prompt_words))
+        self.decoded[best] = 0
         # the last prompt token is always evaluated again (its logits start the generation)
         self.cached[best] = min(best_common, max(0, len(prompt_words) - 1))
         return best
@@ -216,6 +227,8 @@ class MockEngine:
         if not stream:
             await asyncio.sleep(self.prefill_s(prompt_tokens, self.cached[slot]) + len(words) / self.config.tokens_per_s)
             self.predicted_total += len(words)
+            self.held[slot] += len(words)
+            self.decoded[slot] = len(words)
             text = "".join(" " + w for w in words)
             return json_response(self._final(dialect, text, len(words), prompt_tokens, started, slot, stream=False))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -248,6 +261,8 @@ class MockEngine:
             if wait > 0:
                 await asyncio.sleep(wait)  # the simulated decode time: paced against the token's due time
             self.predicted_total += 1
+            self.held[slot] += 1
+            self.decoded[slot] += 1
             await resp.write(b"data: " + orjson.dumps(self._chunk(dialect, " " + word, i, slot)) + b"\n\n")
         final = self._final(dialect, "", len(words), prompt_tokens, started, slot, stream=True)
         if dialect == "openai-chat":
