@@ -18,11 +18,10 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import aiohttp
-from support import eventually
+from support import eventually, task_body
 
 CACHE = Path(os.environ.get("LLAMA_ORCH_CACHE_DIR", "~/.cache/llama-orch")).expanduser()
 TLS = os.environ.get("LLAMA_ORCH_TEST_TLS") == "1"
@@ -164,8 +163,4 @@ class Orchd:
 
 
 def task(**kw):
-    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
-            "model_ref": f"file:{CACHE / 'models' / 'tiny.gguf'}", "engine": "llamacpp", "ctx": 512,
-            "priority": "interactive", "max_tokens": 24, "deadline_ms": 60_000, "prompt": "hello llama"}
-    body.update(kw)
-    return body
+    return task_body(f"file:{CACHE / 'models' / 'tiny.gguf'}", **{"max_tokens": 24, "prompt": "hello llama", **kw})

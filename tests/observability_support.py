@@ -4,12 +4,10 @@ loopback; ``busy_scrapes`` runs a little of everything through it and returns bo
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from types import SimpleNamespace
 
 import orjson
-from support import eventually
+from support import eventually, task_body
 
 from llama_orch.core.orchestrator import OrchestratorConfig
 from llama_orch.ext.sse import SSEParser
@@ -79,11 +77,7 @@ def fake_gpus() -> GpuDiscovery:
 
 
 def task(**kw) -> dict:
-    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
-            "model_ref": MODEL, "engine": "llamacpp", "ctx": 1024, "priority": "interactive", "max_tokens": 8,
-            "deadline_ms": 60_000, "prompt": "hello there"}
-    body.update(kw)
-    return body
+    return task_body(MODEL, **{"ctx": 1024, "prompt": "hello there", **kw})
 
 
 async def events_of(client, task_id: str) -> list[tuple[str, dict]]:

@@ -42,6 +42,18 @@ def spec(task_id: str | None = None, **kw) -> TaskSpec:
     return TaskSpec(**base)
 
 
+def task_body(model: str, /, **kw) -> dict:
+    """A ``POST /v2/tasks`` body for ``model`` with fresh task and session ids; ``kw`` overrides any
+    field (``model_ref`` included)."""
+    import uuid
+
+    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
+            "model_ref": model, "engine": "llamacpp", "ctx": 512, "priority": "interactive", "max_tokens": 8,
+            "deadline_ms": 60_000, "prompt": "hello"}
+    body.update(kw)
+    return body
+
+
 class Ledger:
     """Feeds an orchestrator and checks every command against the task-life invariants."""
 

@@ -13,11 +13,10 @@ import json
 import logging
 import urllib.error
 import urllib.request
-import uuid
 
 import pytest
 from live_cluster import MODEL, LiveCluster
-from support import read_then_reset
+from support import read_then_reset, task_body
 
 from llama_orch.ext.sse import SSEParser
 from llama_orch.io.orchestratord.driver import DRIVER
@@ -47,11 +46,7 @@ def errors(caplog):
 
 
 def task(**kw) -> dict:
-    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
-            "model_ref": MODEL, "engine": "llamacpp", "ctx": 256, "priority": "interactive", "max_tokens": 8,
-            "deadline_ms": 30_000, "prompt": "hello"}
-    body.update(kw)
-    return body
+    return task_body(MODEL, **{"ctx": 256, "deadline_ms": 30_000, **kw})
 
 
 def post(url: str, data: bytes, content_type: str = "application/json") -> tuple[int, dict]:

@@ -8,7 +8,7 @@ import uuid
 import orjson
 import pytest
 from oidc_support import AUDIENCE, LoopbackIssuer
-from support import eventually
+from support import eventually, task_body
 
 from llama_orch.core.admission import QueuePolicy
 from llama_orch.core.orchestrator import OrchestratorConfig
@@ -59,11 +59,7 @@ async def cluster(aiohttp_server, aiohttp_client, tmp_path, *, slots=4, tokens_p
 
 
 def task(**kw) -> dict:
-    body = {"task_id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()), "workload": "completion",
-            "model_ref": MODEL, "engine": "llamacpp", "ctx": 2048, "priority": "interactive", "max_tokens": 8,
-            "deadline_ms": 120_000, "prompt": "hello"}
-    body.update(kw)
-    return body
+    return task_body(MODEL, **{"ctx": 2048, "deadline_ms": 120_000, **kw})
 
 
 async def events_of(client, tid, headers):
