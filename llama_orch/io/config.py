@@ -130,6 +130,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    found = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if not found:
+        raise ValueError(raw)
+    return found
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if not value >= 0 or value == float("inf"):
@@ -266,8 +273,8 @@ def _oidc_settings(env: Env) -> "OidcSettings | None":
 
     def claims(raw: str) -> tuple[str, ...]:
         found = names(raw)
-        if "sub" not in found:
-            raise ValueError(raw)  # the principal
+        if not set(DEFAULT_REQUIRED_CLAIMS) <= set(found):
+            raise ValueError(raw)  # sub is the principal; without exp a token never expires (PyJWT checks it when present)
         return found
 
     def ca_file(raw: str) -> str:
@@ -290,9 +297,10 @@ def _oidc_settings(env: Env) -> "OidcSettings | None":
         algorithms=env.get("ORCHD_OIDC_ALGORITHMS", default=("RS256", "ES256"), parse=algorithms,
                            expected=f"comma-separated signature algorithms among {', '.join(ASYMMETRIC_ALGORITHMS)}"),
         required_claims=env.get("ORCHD_OIDC_REQUIRED_CLAIMS", default=DEFAULT_REQUIRED_CLAIMS, parse=claims,
-                                expected="comma-separated claim names, sub among them"),
+                                expected="comma-separated claim names including exp, iss, aud and sub"),
         leeway_s=env.integer("ORCHD_OIDC_LEEWAY_MS", default=30_000, minimum=0) / 1000,
-        jwks_min_refresh_s=env.integer("ORCHD_OIDC_JWKS_MIN_REFRESH_MS", default=30_000, minimum=0) / 1000,
+        # at least a second: the bound on refetches a client sending unknown kids can cause
+        jwks_min_refresh_s=env.integer("ORCHD_OIDC_JWKS_MIN_REFRESH_MS", default=30_000, minimum=1000) / 1000,
         jwks_max_age_s=env.integer("ORCHD_OIDC_JWKS_MAX_AGE_MS", default=600_000, minimum=1000) / 1000,
         timeout_s=env.integer("ORCHD_OIDC_TIMEOUT_MS", default=5000, minimum=1) / 1000,
         ca_file=env.get("ORCHD_OIDC_CA", default=None, parse=ca_file, expected="an existing CA certificate file (PEM)"),
@@ -336,6 +344,7 @@ class OrchdSettings:
     access_log: bool = True
     tls: TlsFiles | None = None
     tls_client_cert: str = "optional"
+    tls_node_names: tuple[str, ...] = ("pool-managerd",)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **flags: object) -> "OrchdSettings":
@@ -421,4 +430,6 @@ class OrchdSettings:
             # optional: the port is also the clients', who bring API keys or tokens, not certificates
             tls_client_cert=env.get("ORCHD_TLS_CLIENT_CERT", default="optional", parse=choice("optional", "required"),
                                     expected="optional or required"),
+            tls_node_names=env.get("ORCHD_TLS_NODE_NAMES", default=("pool-managerd",), parse=_names,
+                                   expected="comma-separated certificate common names"),
         )

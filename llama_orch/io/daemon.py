@@ -5,8 +5,11 @@ the lab's); and what supervisors of daemons read when one fails: the tail of its
 Logs are human text by default, or JSON lines with ``LOG_FORMAT=json`` (one object per line:
 ``ts``, ``level``, ``daemon``, ``logger``, ``msg``, and the record's context: ``correlation_id``
 (of the request being served, from ``CORRELATION``), and whatever the call site passed in
-``extra``: ``task_id``, ``pool_id``, ``replica_id``, ``outcome``, timings in ``*_ms``; the trace and
-span ids when tracing is on). A log aggregator filters on those fields instead of parsing text.
+``extra``: ``task_id``, ``pool_id``, ``replica_id``, ``outcome``, timings in ``*_ms``; with tracing
+on, the trace and span ids of the span current where the line is written: a request's server span,
+an engine call's ``forward_to_engine``, or the client's own ids while orchestratord admits; a
+task's end line names its task's trace). A log aggregator filters on those fields instead of
+parsing text.
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ class JsonFormatter(logging.Formatter):
         correlation = CORRELATION.get()
         if correlation is not None:
             line["correlation_id"] = correlation
-        for key, value in record.__dict__.items():
-            if key not in _RECORD_FIELDS:
-                line[key] = value
         ids = trace_ids()
         if ids is not None:
             line["trace_id"], line["span_id"] = ids
+        for key, value in record.__dict__.items():  # the call site's fields win: it knows its task
+            if key not in _RECORD_FIELDS:
+                line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()

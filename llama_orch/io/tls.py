@@ -38,8 +38,6 @@ log = logging.getLogger("llama_orch.tls")
 
 #: How often the certificate files are checked for a change (seconds).
 RELOAD_INTERVAL_S = 5.0
-#: The request key holding a verified client certificate's subject common name (None without one).
-PEER_NAME = web.RequestKey("tls_peer_name", object)
 
 
 class TlsContexts:
@@ -55,6 +53,10 @@ class TlsContexts:
         self.server.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
         self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server and its host name
         self.client.minimum_version = ssl.TLSVersion.TLSv1_2
+        # engines: an OpenAI-compatible one may sit behind a public certificate, so the system's
+        # CAs are trusted there too, besides the cluster's (the daemons' hops trust the cluster's only)
+        self.engines = ssl.create_default_context()
+        self.engines.minimum_version = ssl.TLSVersion.TLSv1_2
         self.reloads = {"ok": 0, "failed": 0}
         self.handshake_failures: dict[str, int] = {}  # peer role -> failures seen by this daemon as a client
         self.not_after: float | None = None
@@ -82,7 +84,7 @@ class TlsContexts:
             probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             probe.load_cert_chain(snapshot["cert"], snapshot["key"])
             probe.load_verify_locations(cafile=str(snapshot["ca"]))
-            for ctx in (self.server, self.client):
+            for ctx in (self.server, self.client, self.engines):
                 ctx.load_cert_chain(snapshot["cert"], snapshot["key"])
                 ctx.load_verify_locations(cafile=str(snapshot["ca"]))
             self.not_after = certificate_not_after(snapshot["cert"])
@@ -128,6 +130,11 @@ def connector(tls: TlsContexts | None, **kwargs) -> aiohttp.TCPConnector:
     return aiohttp.TCPConnector(ssl=tls.client if tls is not None else True, **kwargs)
 
 
+def engine_connector(tls: TlsContexts | None, **kwargs) -> aiohttp.TCPConnector:
+    """``connector`` for engine URLs: the cluster's CA and the system's trusted."""
+    return aiohttp.TCPConnector(ssl=tls.engines if tls is not None else True, **kwargs)
+
+
 def describe_failure(tls: TlsContexts | None, peer: str, exc: BaseException) -> str:
     """``last_error`` text for a failed call to ``peer``: a TLS failure says so (and is counted),
     anything else is the exception's type and message."""
@@ -135,16 +142,27 @@ def describe_failure(tls: TlsContexts | None, peer: str, exc: BaseException) -> 
     return text if text is not None else f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
-def require_peer_certificate(paths: tuple[str, ...]):
+def require_peer_certificate(paths: tuple[str, ...], names: tuple[str, ...]):
     """Middleware: the routes under ``paths`` (those only nodes call) need a client certificate
-    the handshake verified; everyone else authenticates as clients do."""
+    the handshake verified whose common name is one of ``names``: any certificate of the CA is
+    not enough (an operator's or a scraper's must not register a node); everyone else
+    authenticates as clients do."""
+    allowed = frozenset(names)
 
     @web.middleware
     async def check(request: web.Request, handler):
-        if request.path.startswith(paths) and peer_name(request) is None:
-            raise web.HTTPForbidden(
-                text='{"code":"PEER_CERTIFICATE_REQUIRED","message":"this route is for pool-managerd nodes: '
-                     'present a client certificate from the cluster CA"}', content_type="application/json")
+        if request.path.startswith(paths):
+            name = peer_name(request)
+            if name is None:
+                raise web.HTTPForbidden(
+                    text='{"code":"PEER_CERTIFICATE_REQUIRED","message":"this route is for pool-managerd nodes: '
+                         'present a client certificate from the cluster CA"}', content_type="application/json")
+            if name not in allowed:
+                log.warning("TLS: %s %s refused to a peer certificate named %r (node names: %s)", request.method,
+                            request.path, name[:64], ", ".join(sorted(allowed)))
+                raise web.HTTPForbidden(
+                    text='{"code":"PEER_NOT_A_NODE","message":"this route is for pool-managerd nodes: the client '
+                         'certificate\'s common name is not one of ORCHD_TLS_NODE_NAMES"}', content_type="application/json")
         return await handler(request)
 
     return check

@@ -11,7 +11,8 @@ instrumented place checks one attribute for None.
 Each daemon owns its provider (not the process-global one), so tests can run several daemons in
 one process, each with its own exporter. W3C ``traceparent`` goes out on every hop (``inject``)
 and is taken from every request (``extract``). Attributes carry ids, pools, engines and
-outcomes; never prompts, tokens, keys or tokens of auth (``SECRET_FREE``: tested).
+outcomes; never prompts, generated tokens, API keys or bearer tokens (``test_secrets`` greps every
+exported span for them).
 
 The span tree of one task (orchestratord): ``task`` (from the client's ``traceparent``) with
 ``admission``, ``placement`` (linked to the last ``pool_health_check`` of the chosen pool, whose

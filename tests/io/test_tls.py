@@ -165,6 +165,12 @@ async def test_orchestratord_node_routes_need_a_client_certificate_and_clients_d
                 async with client.request(method, f"{url}{path}", json={}) as r:
                     assert r.status == 403, path
                     assert (await r.json())["code"] == "PEER_CERTIFICATE_REQUIRED"
+        # an operator's or a scraper's certificate from the same CA is no node's: it cannot register one
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(certs, "client"))) as tool:
+            async with tool.post(f"{url}/v2/nodes/register", json={}) as r:
+                assert r.status == 403 and (await r.json())["code"] == "PEER_NOT_A_NODE"
+            async with tool.get(f"{url}/v2/pools") as r:
+                assert r.status == 200
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(certs, "pool-managerd"))) as node:
             async with node.post(f"{url}/v2/nodes/register", json={}) as r:
                 assert r.status == 400  # past the certificate check: the body is what is wrong now

@@ -35,7 +35,7 @@ from ...core.placement import Strategy
 from ...core.sessions import BudgetPolicy
 from ..client_auth import ApiKey, OidcSettings
 from ..config import ConfigError, OrchdSettings
-from ..daemon import prepare, settle_gc
+from ..daemon import prepare, settle_gc, spawn
 from ..http import (
     AccessLogger,
     CORRELATION_ID,
@@ -207,8 +207,7 @@ async def _forward(request: web.Request, action: str) -> web.Response:
     driver = request.app[DRIVER]
     url = f"{snap.manager_url}/v2/pools/{snap.pool_id}/{action}"
     try:
-        assert driver.session is not None
-        async with driver.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        async with request.app[DISCOVERY].session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
             return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         fail(503, "POOL_UNAVAILABLE", f"pool-managerd {snap.manager_url}: "
@@ -317,6 +316,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
                quotas: QuotaPolicy | None = None, metrics_host: str = "127.0.0.1",
                metrics_port: int | None = None, stream_limits: StreamLimits = StreamLimits(),
                tune_gc: bool = False, tls: TlsContexts | None = None,
+               tls_node_names: tuple[str, ...] = ("pool-managerd",),
                tracing: Tracing | None = None) -> web.Application:
     """orchestratord's app. ``tune_gc`` (the daemon's, not a test's: it freezes the whole process's
     heap) settles the garbage collector once the app is built (``daemon.settle_gc``). Client auth:
@@ -324,7 +324,7 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
     verifier = OidcVerifier(oidc) if oidc is not None else None
     authenticate = auth_middleware(api_keys, verifier)
     middlewares = [count_wire_rejections(DRIVER), correlation, *([incoming_context()] if tracing is not None else []),
-                   *([require_peer_certificate(NODE_PATHS)] if tls is not None else []),
+                   *([require_peer_certificate(NODE_PATHS, tls_node_names)] if tls is not None else []),
                    *([authenticate] if authenticate is not None else [])]
     app = web.Application(middlewares=middlewares)
     app[PROFILE] = profile
@@ -344,10 +344,12 @@ def create_app(config: OrchestratorConfig, manager_urls: list[str], *, poll_inte
         if verifier is not None:
             await verifier.start()  # loads the issuer's keys in the background: never waits for it
         await app[DISCOVERY].start()
-        reloader = asyncio.ensure_future(tls.watch()) if tls is not None else None
+        watchers: set[asyncio.Task] = set()
+        if tls is not None:
+            spawn(tls.watch(), watchers, log)  # a crash of the watcher is logged at once
         yield
-        if reloader is not None:
-            reloader.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         await app[DISCOVERY].stop()
         await driver.stop()
         if verifier is not None:
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                      profile=settings.profile, api_keys=settings.api_keys, oidc=settings.oidc,
                      quotas=settings.quotas, metrics_host=settings.host,
                      metrics_port=settings.metrics_port, stream_limits=stream_limits(settings), tune_gc=True,
-                     tls=tls, tracing=tracing)
+                     tls=tls, tls_node_names=settings.tls_node_names, tracing=tracing)
     app[DRIVER].task_log = settings.access_log
     app.on_startup.append(drain_before_closing)
     web.run_app(app, host=settings.host, port=settings.port, print=None, ssl_context=tls.server if tls else None,

@@ -89,6 +89,12 @@ class PoolDiscovery:
         self.tracing = tracing
         self._task: asyncio.Task | None = None
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session for pool-managerds (the cluster's CA only, with mTLS): polls, drain, reload."""
+        assert self._session is not None
+        return self._session
+
     async def start(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(connector=connector(self.tls))
@@ -187,6 +193,9 @@ class PoolDiscovery:
             for pool_id in claimed:
                 del pools[pool_id]
             snapshots = [snapshot_from_status(p, manager.url) for p in pools.values()]
+        except asyncio.CancelledError:
+            end(span, outcome="canceled")  # discovery stopping: the span ends rather than lingering
+            raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as exc:
             error = describe_failure(self.tls, "pool-managerd", exc)
             end(span, outcome="error", error=error[:MAX_ATTRIBUTE])

@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 import aiohttp
 import orjson
 from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 
 from ...core.commands import Admitted, CloseUpstream, Dispatch, EmitEvent, Finish, ForwardTokens, Rejected
@@ -44,7 +46,7 @@ from ...core.quotas import QuotaPolicy
 from ...core.types import TaskSpec
 from ...ext.sse import frame_event
 from ..daemon import CORRELATION, FULL_COLLECTION_IDLE_S, FULL_COLLECTION_MIN_INTERVAL_S
-from ..tls import TlsContexts, connector
+from ..tls import TlsContexts, engine_connector
 from ..tracing import Tracing, end, wall_ns_ago
 from .adapters import HttpAdapter, LlamaCppAdapter, MockAdapter, OpenAIAdapter, Timeouts, UpstreamRequest, adapter_for
 from .auth import ANONYMOUS
@@ -314,9 +316,10 @@ class CoreDriver:
     async def start(self) -> None:
         # One pooled session for every upstream: keep-alive connections per engine.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect_s)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector(self.tls))
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=engine_connector(self.tls))
         # a request whose pooled connection the engine had closed goes again on a new one
-        self.fresh_session = aiohttp.ClientSession(timeout=timeout, connector=connector(self.tls, force_close=True))
+        self.fresh_session = aiohttp.ClientSession(timeout=timeout,
+                                                   connector=engine_connector(self.tls, force_close=True))
         self.adapters = {"llamacpp": LlamaCppAdapter(self.session, self.timeouts, self.fresh_session),
                          "openai": OpenAIAdapter(self.session, self.timeouts, self.fresh_session), "mock": MockAdapter()}
         self.metrics.watch_gc(True)
@@ -369,6 +372,7 @@ class CoreDriver:
                             message=f"task_id {spec.task_id} is already in use")
         refusal = self.tenancy.enter(spec, principal, self.now())
         if refusal is not None:
+            self.metrics.observe(self.core, (refusal,), self.now())  # counted as the core's refusals are
             return refusal
         config = self.core.config
         if config.placement_strategy is Strategy.PREFIX_AWARE and not spec.prefix:
@@ -385,11 +389,21 @@ class CoreDriver:
                 "task_id": spec.task_id, "priority": spec.priority.value, "engine": spec.engine,
                 "correlation_id": correlation_id or None})
             admission = tracing.start("admission", parent=stream.span)
-        decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
-                        and isinstance(c, (Admitted, Rejected)))
+        try:
+            decision = next(c for c in self.handle(TaskSubmitted(spec=spec)) if getattr(c, "task_id", None) == spec.task_id
+                            and isinstance(c, (Admitted, Rejected)))
+        except BaseException:  # a broken invariant in the core: give back what this admission took, then say so
+            self.streams.pop(spec.task_id, None)
+            self.tenancy.refused(spec.task_id, self.now())
+            if tracing is not None:
+                end(admission, outcome="error", error="INTERNAL")
+                end(stream.span, outcome="error", error="INTERNAL")
+            raise
         if isinstance(decision, Rejected):
             self.streams.pop(spec.task_id, None)
             self.tenancy.refused(spec.task_id, self.now())
+        else:
+            self.tenancy.admitted(spec, principal)  # the session is the principal's once a task of it is in
         if tracing is not None:
             if isinstance(decision, Rejected):
                 end(admission, outcome="rejected", error=decision.code)
@@ -650,10 +664,13 @@ class CoreDriver:
             messages=payload.messages, max_tokens=task.spec.max_tokens, seed=task.spec.seed,
             sampling=payload.sampling, start_index=task.tokens_out, correlation_id=stream.correlation_id,
             trace_headers=trace_headers)
-        # Its own context: a dispatch may happen while another request is served (a cancel frees
-        # the slot this task takes), and the adapter's log lines must carry this task's correlation id.
-        context = contextvars.copy_context()
+        # A context of its own, not the current one: a dispatch may happen while another request is
+        # served (a cancel frees the slot this task takes), and the adapter's log lines must carry
+        # this task's correlation id and trace, not that request's.
+        context = contextvars.Context()
         context.run(CORRELATION.set, stream.correlation_id or None)
+        if stream.attempt_spans is not None:
+            context.run(otel_context.attach, trace.set_span_in_context(stream.attempt_spans[1]))
         stream.upstream = asyncio.get_running_loop().create_task(
             adapter.stream(request, _TaskSink(self, cmd, stream)), context=context)
 

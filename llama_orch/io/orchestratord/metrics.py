@@ -18,10 +18,12 @@ Labels (the ones dashboards filter by) and where their values come from:
   routes (bad JSON, schema errors: the wire layer's 400s; the driver's own refusals, a duplicate
   task id or a shutting-down daemon; an unknown ``/v1`` model) are counted by the middleware
   ``count_wire_rejections`` in ``tasks_rejected_total{engine="unknown"}``, by the envelope's
-  code. Authentication failures are not submissions and are not counted there.
+  code. Authentication failures are not submissions and are not counted there; the driver's
+  tenancy refusals (403 ``SESSION_FORBIDDEN``, 429 ``QUOTA_EXCEEDED``) go through ``observe``.
 
-The hot path (one ``ForwardTokens`` per upstream read) costs two dictionary lookups and one
-``inc``: each pool's label values and its ``tokens_out`` child are built once per snapshot.
+The hot path (one ``ForwardTokens`` per upstream read) costs four dictionary lookups (the task,
+its pool's snapshot, the pool's cached series) and one ``inc``: each pool's label values and its
+``tokens_out`` child are built once per snapshot.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ CANCEL_REASONS = frozenset({"client", "disconnect", "shutdown", "internal"})
 #: Codes a refused submission's envelope may carry (the contract's); anything else is ``other``.
 REJECT_REASONS = frozenset({
     "INVALID_PARAMS", "DEADLINE_UNMET", "ADMISSION_REJECT", "QUEUE_FULL_DROP_LRU", "POOL_UNREADY",
-    "POOL_UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED", "REPLICA_EXHAUSTED", "DECODE_TIMEOUT", "WORKER_RESET",
+    "POOL_UNAVAILABLE", "INTERNAL", "QUOTA_EXCEEDED", "SESSION_FORBIDDEN", "REPLICA_EXHAUSTED", "DECODE_TIMEOUT",
+    "WORKER_RESET",
 })
 #: The routes that submit tasks: their refusals before the core count in ``tasks_rejected_total``.
 SUBMISSION_ROUTES = frozenset({"/v2/tasks", "/v1/chat/completions", "/v1/completions"})
-#: Not counted as refused submissions: no principal submitted anything (authentication).
+#: Not counted here as refused submissions: no principal submitted anything (authentication). The
+#: driver's own 403 (``SESSION_FORBIDDEN``) and 429 (``QUOTA_EXCEEDED``) are counted by ``observe``.
 _NOT_SUBMISSIONS = frozenset({401, 403})
 _AUTH_CODES = frozenset({"MISSING_TOKEN", "BAD_TOKEN", "AUTH_UNAVAILABLE"})
 
@@ -275,7 +279,7 @@ class OrchdMetrics:
                 pool = self._known_pool(core, cmd.pool_id) if cmd.pool_id else ANY_POOL
                 self.child(self.orchd_enqueued, pool, "rejected").inc()
                 self.child(self.orchd_rejected, pool, reason).inc()
-                if cmd.http_status == 429:
+                if cmd.http_status == 429 and cmd.code != "QUOTA_EXCEEDED":  # a principal's quota is no full queue
                     policy = cmd.policy_label if cmd.policy_label in ("reject", "drop-lru") else "reject"
                     self.child(self.backpressure, engine, policy).inc()
             elif kind is Dispatch:

@@ -303,16 +303,16 @@ class OidcVerifier:
                 await self._refresh()  # the first load has not begun or is under way: wait for it, not a 503
             if not self.loaded:
                 wait = max(0.0, (self._next_load_at or 0.0) - self._clock()) or 1.0
-                return _unavailable(f"the OIDC issuer's keys are not loaded yet ({self.last_error or 'loading'}); "
-                                    "retry shortly", wait)
+                # the detail (the issuer's URLs, the error) is in the log: an unauthenticated caller gets none
+                return _unavailable("the OIDC issuer's keys are not loaded yet; retry shortly", wait)
         key = self._key(kid, alg)
         if key is None:
             if self._may_refresh() and await self._refresh():
                 key = self._key(kid, alg)
             if key is None:
                 if self._failed:
-                    return _unavailable(f"the token's key is not cached and the OIDC issuer did not answer "
-                                        f"({self.last_error}); retry shortly", settings.jwks_min_refresh_s)
+                    return _unavailable("the token's key is not cached and the OIDC issuer did not answer; retry "
+                                        "shortly", settings.jwks_min_refresh_s)
                 return _refused("TOKEN_UNKNOWN_KEY", "the token is signed with a key the issuer does not publish "
                                                      "(unknown kid)")
         elif self._loaded_at is not None and self._clock() - self._loaded_at >= settings.jwks_max_age_s \

@@ -43,27 +43,34 @@ class Tenancy:
         return self._session_owners.get(session_id) == principal
 
     def enter(self, spec: TaskSpec, principal: str, now_ms: float) -> Rejected | None:
-        """May ``principal`` submit ``spec``? None: yes, a quota slot is taken and the session is
-        theirs; else the refusal, with nothing taken."""
-        owners = self._session_owners
-        sid = spec.session_id
-        owner = owners.get(sid)
+        """May ``principal`` submit ``spec``? None: yes, and a quota slot is taken (``admitted``
+        then records the session as theirs; ``refused`` gives the slot back); else the refusal,
+        with nothing taken."""
+        owner = self._session_owners.get(spec.session_id)
         if owner is not None and owner != principal:
-            return Rejected(task_id=spec.task_id, http_status=403, code="SESSION_FORBIDDEN",
-                            message=f"session_id {sid} belongs to another principal; use a session id of your own")
+            return Rejected(task_id=spec.task_id, http_status=403, code="SESSION_FORBIDDEN", engine=spec.engine,
+                            message=f"session_id {spec.session_id} belongs to another principal; use a session id of "
+                                    "your own")
         exceeded = self.quotas.acquire(principal, spec.task_id, now_ms)
         if exceeded is not None:
             return Rejected(task_id=spec.task_id, http_status=429, code="QUOTA_EXCEEDED", message=exceeded.message,
-                            retriable=True, retry_after_ms=exceeded.retry_after_ms, policy_label=exceeded.quota)
-        if owner is None:
-            owners[sid] = principal
-            if len(owners) > self.max_sessions:
-                old, _ = owners.popitem(last=False)
-                if self.forget_session is not None:
-                    self.forget_session(old)
-        else:
-            owners.move_to_end(sid)
+                            retriable=True, retry_after_ms=exceeded.retry_after_ms, policy_label=exceeded.quota,
+                            engine=spec.engine)
         return None
+
+    def admitted(self, spec: TaskSpec, principal: str) -> None:
+        """Admission took the task: its session is ``principal``'s (a refused submission claims no
+        session id)."""
+        owners = self._session_owners
+        sid = spec.session_id
+        if sid in owners:
+            owners.move_to_end(sid)
+            return
+        owners[sid] = principal
+        if len(owners) > self.max_sessions:
+            old, _ = owners.popitem(last=False)
+            if self.forget_session is not None:
+                self.forget_session(old)
 
     def refused(self, task_id: str, now_ms: float) -> None:
         """Admission did not take the task: its slot and its rate token come back."""

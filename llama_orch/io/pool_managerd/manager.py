@@ -461,8 +461,7 @@ class PoolManager:
                 async with self.session.post(url, timeout=aiohttp.ClientTimeout(total=60), headers=headers) as resp:
                     status = resp.status
             if status >= 300:
-                    log.warning("pool %s: provisioner refused to stop the engine: HTTP %s",
-                                pool.handoff.pool_id, resp.status)
+                log.warning("pool %s: provisioner refused to stop the engine: HTTP %s", pool.handoff.pool_id, status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             log.warning("pool %s: could not ask the provisioner to stop the engine: %s", pool.handoff.pool_id,
                         describe_failure(self.tls, "engine-provisioner", exc))

@@ -736,7 +736,9 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
         await runner.cleanup()
         return 2
     log.info("control API on %s://%s:%s", "https" if tls else "http", host, port)
-    reloader = asyncio.ensure_future(tls.watch()) if tls is not None else None
+    watchers: set[asyncio.Task] = set()
+    if tls is not None:
+        spawn(tls.watch(), watchers, log)  # a crash of the watcher is logged at once
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -755,8 +757,8 @@ async def _serve(specs: list[PoolSpec], settings: ProvisionerSettings) -> int:
             await asyncio.gather(starting, return_exceptions=True)
     finally:
         log.info("stopping engines")
-        if reloader is not None:
-            reloader.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         await provisioner.stop()
         await runner.cleanup()
         if tracing is not None:

@@ -154,7 +154,8 @@ async def test_an_unreachable_issuer_is_503_not_401_and_start_does_not_wait(issu
     await eventually(lambda: verifier.last_error is not None, timeout=10, what="the first load failed")
     verdict = await verifier.verify(issuer.token("ec-1"))
     assert verdict.status == 503 and verdict.code == "AUTH_UNAVAILABLE" and verdict.retry_after_ms >= 1000
-    assert "HTTP 503" in verdict.message
+    assert "HTTP 503" in verifier.last_error  # the detail is the log's (and the operator's)
+    assert issuer.url not in verdict.message and "HTTP" not in verdict.message  # not an unauthenticated caller's
     issuer.down = False  # the issuer is back: the background load retries
 
     async def accepted():

@@ -98,6 +98,8 @@ async def test_tasks_and_sessions_belong_to_the_principal_that_made_them(aiohttp
     assert (await unknown.json())["code"] == "TASK_NOT_FOUND"
     stolen = await client.post("/v2/tasks", json=task(session_id=sid), headers=BOB)
     assert stolen.status == 403 and (await stolen.json())["code"] == "SESSION_FORBIDDEN"
+    scrape = await (await client.get("/metrics")).text()
+    assert 'tasks_rejected_total{engine="llamacpp",reason="SESSION_FORBIDDEN"} 1.0' in scrape
     # the owner's task was neither canceled nor its session touched by any of that
     events = await events_of(client, tid, ALICE)
     assert events[-1][0] == "end" and not events[-1][1].get("canceled") and events[-1][1]["tokens_out"] == 40
@@ -147,11 +149,17 @@ def test_session_owners_are_bounded_and_a_dropped_owner_takes_its_session_along(
         return TaskSpec(task_id=f"t{n}", session_id=session, model_ref=MODEL, priority=Priority.INTERACTIVE, ctx=64,
                         max_tokens=8, deadline_ms=1000)
     assert tenancy.enter(spec(0, "s0"), "alice", 0.0) is None
+    assert tenancy.session_owner("s0") is None  # not before admission took the task
+    tenancy.admitted(spec(0, "s0"), "alice")
     refused = tenancy.enter(spec(1, "s-other"), "alice", 0.0)  # over her quota: nothing claimed
     assert refused.code == "QUOTA_EXCEEDED" and tenancy.session_owner("s-other") is None
     tenancy.ended("t0", 0.0)
+    assert tenancy.enter(spec(7, "s-refused"), "bob", 0.0) is None
+    tenancy.refused("t7", 0.0)  # admission refused it (a full queue, say): the id stays free
+    assert tenancy.session_owner("s-refused") is None
     for n in range(1, 6):
         assert tenancy.enter(spec(n, f"s{n}"), "bob", 0.0) is None
+        tenancy.admitted(spec(n, f"s{n}"), "bob")
         tenancy.ended(f"t{n}", 0.0)
     assert [tenancy.session_owner(f"s{n}") for n in range(6)] == [None, None, None, "bob", "bob", "bob"]
     assert forgotten == ["s0", "s1", "s2"]  # the core forgets them too: no session outlives its owner record
@@ -177,7 +185,9 @@ async def test_the_concurrent_quota_is_a_429_naming_it_and_per_principal(aiohttp
     assert client.driver.tenancy.quotas.running("alice") == 1
     assert (await client.post("/v2/tasks", json=task(), headers=ALICE)).status == 202
     metrics = await (await client.get("/metrics")).text()
-    assert 'tasks_rejected_total{engine="unknown",reason="QUOTA_EXCEEDED"} 1.0' in metrics  # counted once
+    assert 'tasks_rejected_total{engine="llamacpp",reason="QUOTA_EXCEEDED"} 1.0' in metrics  # once, by its engine
+    assert 'engine="unknown",reason="QUOTA_EXCEEDED"' not in metrics  # not counted a second time as a wire refusal
+    assert "admission_backpressure_events_total{" not in metrics  # a principal's quota is not a full queue
 
 
 async def test_the_tasks_per_minute_quota_counts_admitted_tasks_only(aiohttp_server, aiohttp_client, tmp_path):
@@ -339,6 +349,10 @@ def test_client_auth_and_quota_settings_are_read_from_the_environment():
      "ORCHD_OIDC_ALGORITHMS"),
     ({"ORCHD_OIDC_ISSUER": "https://idp.example", "ORCHD_OIDC_AUDIENCE": "a", "ORCHD_OIDC_REQUIRED_CLAIMS": "exp"},
      "ORCHD_OIDC_REQUIRED_CLAIMS"),
+    ({"ORCHD_OIDC_ISSUER": "https://idp.example", "ORCHD_OIDC_AUDIENCE": "a",
+      "ORCHD_OIDC_REQUIRED_CLAIMS": "sub,iss,aud"}, "ORCHD_OIDC_REQUIRED_CLAIMS"),  # no exp: tokens that never expire
+    ({"ORCHD_OIDC_ISSUER": "https://idp.example", "ORCHD_OIDC_AUDIENCE": "a", "ORCHD_OIDC_JWKS_MIN_REFRESH_MS": "0"},
+     "ORCHD_OIDC_JWKS_MIN_REFRESH_MS"),
     ({"ORCHD_QUOTA_CONCURRENT_TASKS": "0"}, "ORCHD_QUOTA_CONCURRENT_TASKS"),
     ({"ORCHD_QUOTA_TASKS_PER_MINUTE": "lots"}, "ORCHD_QUOTA_TASKS_PER_MINUTE"),
     ({"ORCHD_API_KEYS": f"alice={ALICE_KEY},alice={BOB_KEY}"}, "principal 'alice'"),
