@@ -201,9 +201,7 @@ class Orchestrator:
 
     # -- submission ---------------------------------------------------------------------------
 
-    def _reject(self, out: list[Command], rejected: Rejected, engine: str) -> None:
-        if rejected.engine is None:  # admission's refusals do not know the task's engine
-            rejected = replace(rejected, engine=engine)
+    def _reject(self, out: list[Command], rejected: Rejected) -> None:
         self.rejections[rejected.code] += 1
         self.outcomes[Outcome.REJECTED.value] += 1
         out.append(rejected)
@@ -212,12 +210,12 @@ class Orchestrator:
         task_id = spec.task_id
         if task_id in self.tasks:
             self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS", engine=spec.engine,
-                                       message=f"task_id {task_id} is already in use"), spec.engine)
+                                       message=f"task_id {task_id} is already in use"))
             return
         overspend = self.sessions.refusal(spec)
         if overspend is not None:
             self._reject(out, Rejected(task_id=task_id, http_status=400, code="INVALID_PARAMS", message=overspend,
-                                       engine=spec.engine), spec.engine)
+                                       engine=spec.engine))
             return
         placer = self.placer
         refusal = placer.check_submission(spec)
@@ -227,7 +225,7 @@ class Orchestrator:
                                        message=refusal.message, retriable=refusal.http_status == 503,
                                        retry_after_ms=retry, engine=spec.engine,
                                        pool_id=spec.placement.pin_pool_id if spec.placement.mode is PlacementMode.PIN
-                                       else None), spec.engine)  # a pin_pool_id beside another mode names nothing
+                                       else None))  # a pin_pool_id beside another mode names nothing
             return
         free, total = placer.slots(spec)
         busy = free == 0 or self.admission.queue.is_full
@@ -235,7 +233,7 @@ class Orchestrator:
                                        next_slot_ms=self.next_slot_ms(now) if busy else None)
         decision = result.decision
         if isinstance(decision, Rejected):
-            self._reject(out, decision, spec.engine)
+            self._reject(out, replace(decision, engine=spec.engine))  # admission does not know the engine
             return
         task = Task(spec, now, queue_position=decision.queue_position, predicted_start_ms=decision.predicted_start_ms)
         self.tasks[task_id] = task

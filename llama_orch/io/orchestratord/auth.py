@@ -31,7 +31,7 @@ import orjson
 from aiohttp import web
 
 from ..client_auth import ApiKey, parse_api_keys
-from ..http import retry_headers
+from ..http import error_body, retry_headers
 from .oidc import OidcVerifier, TokenRefused
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/openapi.json"})
@@ -55,16 +55,12 @@ def _looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
 
-def _refusal(path: str, status: int, code: str, message: str, retry_after_ms: int | None = None) -> web.Response:
-    if path.startswith("/v1/"):
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        body: dict = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        if retry_after_ms is not None:
-            body["error"].update(retriable=True, retry_after_ms=retry_after_ms)
-    else:
-        body = {"code": code, "message": message}
-        if retry_after_ms is not None:
-            body.update(retriable=True, retry_after_ms=retry_after_ms)
+def _refusal(request: web.Request, status: int, code: str, message: str,
+             retry_after_ms: int | None = None) -> web.Response:
+    path = request.path
+    body = error_body(request, status, code, message)  # ours, or OpenAI's shape on /v1
+    if retry_after_ms is not None:
+        (body["error"] if path.startswith("/v1/") else body).update(retriable=True, retry_after_ms=retry_after_ms)
     if status == 401:
         # RFC 6750: a presented token that failed is "invalid_token"; none presented, no error
         challenge = 'Bearer realm="llama-orch"' + ('' if code == "MISSING_TOKEN" else ', error="invalid_token"')
@@ -102,9 +98,9 @@ def auth_middleware(api_keys: Iterable[str | ApiKey] = (), oidc: OidcVerifier | 
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if not header:
-            return _refusal(path, 401, "MISSING_TOKEN", f"this endpoint needs Authorization: Bearer {what}")
+            return _refusal(request, 401, "MISSING_TOKEN", f"this endpoint needs Authorization: Bearer {what}")
         if scheme.lower() != "bearer" or not token:
-            return _refusal(path, 401, "BAD_TOKEN", f"expected Authorization: Bearer {what}")
+            return _refusal(request, 401, "BAD_TOKEN", f"expected Authorization: Bearer {what}")
         given = _digest(token)
         # compare with every key, not stopping at a match, so timing says nothing about which
         principal = None
@@ -113,11 +109,11 @@ def auth_middleware(api_keys: Iterable[str | ApiKey] = (), oidc: OidcVerifier | 
                 principal = name
         if principal is None:
             if oidc is None or not _looks_like_jwt(token):
-                return _refusal(path, 401, "BAD_TOKEN", "the API key is not valid" if oidc is None else
+                return _refusal(request, 401, "BAD_TOKEN", "the API key is not valid" if oidc is None else
                                 "the bearer token is neither a known API key nor a JWT")
             verdict = await oidc.verify(token)
             if isinstance(verdict, TokenRefused):
-                return _refusal(path, verdict.status, verdict.code, verdict.message, verdict.retry_after_ms)
+                return _refusal(request, verdict.status, verdict.code, verdict.message, verdict.retry_after_ms)
             principal = verdict.principal
         request[PRINCIPAL] = principal
         return await handler(request)

@@ -31,7 +31,7 @@ import logging
 import math
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import aiohttp
@@ -59,7 +59,6 @@ LOAD_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Verified:
     subject: str
-    claims: Mapping[str, Any] = field(repr=False)
 
     @property
     def principal(self) -> str:
@@ -352,4 +351,4 @@ class OidcVerifier:
         if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_CHARS:
             return _refused("TOKEN_MISSING_CLAIM", f"the token's sub must be a string of 1 to {MAX_SUBJECT_CHARS} "
                                                    "characters")
-        return Verified(subject=subject, claims=claims)
+        return Verified(subject=subject)
