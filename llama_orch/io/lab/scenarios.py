@@ -144,7 +144,9 @@ def scenarios(lab: LabCluster) -> list[Scenario]:
         Scenario(name="bandwidth-gpu1", title="gpu1 sends at 16 kbit/s (tc tbf), 8 s",
                  fault=_net(lambda lab: topo.bandwidth("gpu1", "16kbit")),
                  heal=_net(lambda lab: topo.bandwidth_clear("gpu1")), target=gpu1[0], fault_s=8.0, broken=tuple(gpu1),
-                 proves=("no token for",)),
+                 # the slow link still carries pool-managerd's polls, so gpu1 looks ready: routing away waits
+                 # for the between-token limit (2 s) to fail streams there, then the breaker (4.2-4.5 s seen)
+                 proves=("no token for",), route_away_bound_s=6.0),
     ]
     if lab.config.latency_host:
         slow = lab.config.latency_host
